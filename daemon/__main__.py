@@ -1,0 +1,3 @@
+from daemon.cli import run_main
+
+run_main()
