@@ -70,6 +70,7 @@ class UploadConfig:
     retry_max_seconds: float = 60.0
     duplicate_window_hours: float = 24.0
     lease_seconds: float = 300.0
+    lookup_delay_seconds: float = 10.0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,74 @@
+"""The optional health listener: ``/healthz``, ``/readyz`` and ``/metrics``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from daemon.metrics import Metrics
+
+
+@dataclass
+class HealthState:
+    """What the probes report; the service keeps it current."""
+
+    recovered: bool = False
+    watching: bool = False
+    paused_reason: Callable[[], str | None] = lambda: None
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.recovered:
+            return False, "recovering jobs left in processing/"
+        if not self.watching:
+            return False, "inbox watcher not running"
+        reason = self.paused_reason()
+        if reason is not None:
+            return False, f"uploads paused: {reason}"
+        return True, "ready"
+
+
+def create_app(state: HealthState, metrics: Metrics) -> web.Application:
+    """The health application; served by :class:`HealthServer`."""
+
+    async def healthz(_request: web.Request) -> web.Response:
+        # Answering at all proves the event loop is alive.
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        ok, why = state.ready()
+        return web.json_response({"ready": ok, "reason": why}, status=200 if ok else 503)
+
+    async def metrics_view(_request: web.Request) -> web.Response:
+        response = web.Response(body=metrics.render())
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    return app
+
+
+class HealthServer:
+    """Runs the health application on ``host:port`` until closed."""
+
+    def __init__(self, app: web.Application, host: str, port: int) -> None:
+        self._runner = web.AppRunner(app, access_log=None)
+        self._host = host
+        self._port = port
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self._port
+
+    async def close(self) -> None:
+        await self._runner.cleanup()

@@ -1,0 +1,38 @@
+"""Prometheus metrics of one daemon, in a registry of its own (tests run several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    """Every metric the daemon exports. Labels never carry file names or secrets."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.files = Counter("ipqs_bulkd_files", "Files finished, by type and outcome",
+                             ["type", "outcome", "reason"], registry=r)
+        self.uploads = Counter("ipqs_bulkd_uploads", "Upload requests sent, by method",
+                               ["method"], registry=r)
+        self.upload_bytes = Counter("ipqs_bulkd_upload_bytes", "Bytes uploaded", registry=r)
+        self.retries = Counter("ipqs_bulkd_retries", "Retries of IPQS calls, by cause",
+                               ["operation", "cause"], registry=r)
+        self.adopted = Counter("ipqs_bulkd_adopted_uploads",
+                               "Uploads whose answer was lost, found again by the list API",
+                               registry=r)
+        self.in_flight = Gauge("ipqs_bulkd_jobs_in_flight", "Jobs in processing, by stage",
+                               ["stage"], registry=r)
+        self.queue_depth = Gauge("ipqs_bulkd_inbox_pending",
+                                 "Files noticed in inboxes, not yet claimed", registry=r)
+        self.oldest_pending = Gauge("ipqs_bulkd_inbox_oldest_seconds",
+                                    "Age of the oldest file waiting in an inbox", registry=r)
+        self.api_latency = Histogram(
+            "ipqs_bulkd_api_seconds", "Latency of IPQS API calls", ["operation"], registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+        self.breaker_open = Gauge("ipqs_bulkd_uploads_paused",
+                                  "1 while uploads are paused by an account error", registry=r)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,96 @@
+"""Config loading: defaults, file, environment, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.cli import main
+from daemon.config import Config, ConfigError, load_config
+
+FAKE_KEY = "fake-key-for-tests-0000"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_file_documents_exactly_the_defaults() -> None:
+    example = Path(__file__).parent.parent / "config.example.toml"
+    assert load_config(example, {}) == Config()
+
+
+def test_environment_overrides_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[api]\nkey = "from-file"\n[upload]\nconcurrency = 2\n')
+    config = load_config(path, {"IPQS_API_KEY": FAKE_KEY, "IPQS_BULKD_UPLOAD_CONCURRENCY": "7",
+                                "IPQS_BULKD_SPOOL_TYPES": "email, url",
+                                "IPQS_BULKD_WATCH_FORCE_POLLING": "yes"})
+    assert config.api.key == FAKE_KEY
+    assert config.upload.concurrency == 7
+    assert config.spool.types == ("email", "url")
+    assert config.watch.force_polling is True
+
+
+def test_key_file_and_credentials_directory(tmp_path: Path) -> None:
+    (tmp_path / "api-key").write_text(FAKE_KEY + "\n")
+    path = write(tmp_path, '[api]\nkey_file = "api-key"\n')
+    config = load_config(path, {"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert config.api.key == FAKE_KEY
+
+
+@pytest.mark.parametrize(("text", "named"), [
+    ("[api]\nkee = 'x'\n", "api.kee"),
+    ("[upload]\nconcurrency = 'four'\n", "upload.concurrency"),
+    ("[upload]\nconcurrency = 0\n", "upload.concurrency"),
+    ("[spool]\ntypes = ['email', 'fax']\n", "spool.types"),
+    ("[results]\nsets = []\n", "results.sets"),
+    ("[api]\nkey_in = 'query'\n", "api.key_in"),
+    ("[api]\nbase_url = 'ftp://x'\n", "api.base_url"),
+    ("[poll]\nfactor = nan\n", "poll.factor"),
+    ("[api]\nkey_file = '/nonexistent/key'\n", "api.key_file"),
+    ("[nope]\n", "[nope]"),
+    ("not toml ][", "not valid TOML"),
+])
+def test_errors_name_the_key(tmp_path: Path, text: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        load_config(write(tmp_path, text), {})
+
+
+def test_bad_env_value_names_key_and_variable() -> None:
+    with pytest.raises(ConfigError, match=r"watch.force_polling.*IPQS_BULKD_WATCH_FORCE_POLLING"):
+        load_config(None, {"IPQS_BULKD_WATCH_FORCE_POLLING": "maybe"})
+
+
+def test_key_is_never_in_repr_or_dump(tmp_path: Path) -> None:
+    config = load_config(None, {"IPQS_API_KEY": FAKE_KEY})
+    assert FAKE_KEY not in repr(config)
+    assert FAKE_KEY not in str(config.as_dict())
+
+
+def test_check_config_prints_redacted(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IPQS_API_KEY", FAKE_KEY)
+    path = write(tmp_path, '[spool]\nroot = "/srv/spool"\n')
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert 'root = "/srv/spool"' in out
+    assert FAKE_KEY not in out
+    assert 'key = "<redacted>"' in out
+
+
+def test_config_error_is_one_line_exit_2(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "[upload]\nconcurrency = -1\n")
+    assert main(["check-config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "upload.concurrency" in err
+
+
+def test_missing_explicit_config_is_an_error(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "--config", str(tmp_path / "absent.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,153 @@
+"""The folder protocol, on real folders: claims, records, placement without overwrite."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+from daemon.spool import FINISHING, Job, Owner, Spool, upload_name
+
+
+def make_spool(root: Path, **kw: object) -> Spool:
+    spool = Spool(root, ("email", "url"), **kw)  # type: ignore[arg-type]
+    spool.prepare()
+    return spool
+
+
+def drop(spool: Spool, name: str, data: bytes = b"a@example.com\n") -> Path:
+    path = spool.inbox("email") / name
+    path.write_bytes(data)
+    return path
+
+
+def test_claim_moves_input_and_writes_record_first(tmp_path: Path) -> None:
+    spool = make_spool(tmp_path)
+    job = spool.claim("email", drop(spool, "list.csv"), "multipart")
+    assert job is not None
+    assert not (spool.inbox("email") / "list.csv").exists()
+    assert spool.input_path(job).read_bytes() == b"a@example.com\n"
+    saved = spool.load(spool.job_dir(job))
+    assert saved is not None and saved.source == "list.csv"
+    assert job.file_name.startswith("list-")
+
+
+def test_only_one_of_many_claimers_wins(tmp_path: Path) -> None:
+    spool = make_spool(tmp_path)
+    path = drop(spool, "contested.csv")
+    others = [Spool(tmp_path, ("email",), owner=Owner("h", n, "t")) for n in range(8)]
+    won: list[Job] = []
+    barrier = threading.Barrier(len(others))
+
+    def claim(s: Spool) -> None:
+        barrier.wait()
+        job = s.claim("email", path, "multipart")
+        if job is not None:
+            won.append(job)
+
+    threads = [threading.Thread(target=claim, args=(s,)) for s in others]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1
+    # The losers left no job folders behind.
+    assert [p.name for p in spool.jobs()] == [won[0].job]
+
+
+def test_finish_never_overwrites(tmp_path: Path) -> None:
+    spool = make_spool(tmp_path)
+    records = []
+    for content in (b"one@example.com\n", b"two@example.com\n", b"three@example.com\n"):
+        job = spool.claim("email", drop(spool, "same.csv", content), "multipart")
+        assert job is not None
+        spool.inspect(job)
+        job.outcome = "done"
+        records.append(spool.finish(job))
+    done = spool.root / "done" / "email"
+    assert sorted(p.name for p in done.iterdir()) == [
+        "same-1.csv", "same-1.csv.json", "same-2.csv", "same-2.csv.json", "same.csv",
+        "same.csv.json"]
+    assert (done / "same.csv").read_bytes() == b"one@example.com\n"
+    assert (done / "same-2.csv").read_bytes() == b"three@example.com\n"
+    record = json.loads(records[2].read_text())
+    assert record["source"] == "same.csv" and record["bytes"] == len(b"three@example.com\n")
+    assert list(spool.jobs()) == []
+
+
+def test_finish_resumes_after_crash_halfway(tmp_path: Path) -> None:
+    spool = make_spool(tmp_path)
+    job = spool.claim("email", drop(spool, "x.csv"), "multipart")
+    assert job is not None
+    job.outcome = "done"
+    job.final_name = "x.csv"
+    job.state = FINISHING
+    spool.save(job)
+    # The crash happened after the input was linked into done/ but before the record.
+    os.link(spool.input_path(job), spool.root / "done" / "email" / "x.csv")
+    reloaded = spool.load(spool.job_dir(job))
+    assert reloaded is not None
+    record = spool.finish(reloaded)
+    assert record.name == "x.csv.json"
+    assert sorted(p.name for p in (spool.root / "done" / "email").iterdir()) == [
+        "x.csv", "x.csv.json"]
+
+
+def test_inspect_finds_certain_refusals(tmp_path: Path) -> None:
+    spool = make_spool(tmp_path)
+    cases = {
+        b"": "empty",
+        b"\n \r\n": "no rows",
+        b"a@b.c\x00\n": "binary",
+        b"caf\xe9@example.com\n": "not UTF-8",
+        b"\xef\xbb\xbfa@example.com\r\nb@example.com": None,
+    }
+    for n, (data, problem) in enumerate(cases.items()):
+        job = spool.claim("email", drop(spool, f"f{n}.csv", data), "multipart")
+        assert job is not None
+        found = spool.inspect(job)
+        assert (found is None) if problem is None else (problem in (found or "")), (data, found)
+        assert job.bytes == len(data)
+
+
+def test_duplicate_marker_is_exclusive_and_expires(tmp_path: Path) -> None:
+    spool = make_spool(tmp_path)
+    first = Job(job="j1", type="email", source="a.csv", file_name="a", method="multipart",
+                sha256="ab" * 32)
+    second = Job(job="j2", type="email", source="b.csv", file_name="b", method="multipart",
+                 sha256="ab" * 32)
+    assert spool.mark(first, 3600) is None
+    earlier = spool.mark(second, 3600)
+    assert earlier is not None and earlier["job"] == "j1"
+    assert spool.mark(first, 3600) is None  # our own marker is not a duplicate
+    # Expired: the window is shorter than the marker's age.
+    marker = spool.markers / first.sha256  # type: ignore[operator]
+    os.utime(marker, (0, 0))
+    data = json.loads(marker.read_text())
+    data["created"] = 0
+    marker.write_text(json.dumps(data))
+    assert spool.mark(second, 3600) is None
+    assert json.loads(marker.read_text())["job"] == "j2"
+    assert spool.mark(second, 0) is None  # window 0 turns the check off
+
+
+def test_orphaned_by_dead_pid_or_stale_heartbeat(tmp_path: Path) -> None:
+    me = make_spool(tmp_path)
+    job = Job(job="j", type="email", source="a.csv", file_name="a", method="multipart")
+    job.owner = f"{me.owner.host}:999999999:dead"
+    assert me.orphaned(job)
+    other = Spool(tmp_path, ("email",), owner=Owner("otherhost", 1, "tok"), lease_seconds=60)
+    other.heartbeat()
+    job.owner = other.owner.name
+    assert not me.orphaned(job)
+    beat = tmp_path / "processing" / ".owners" / other.owner.name
+    os.utime(beat, (0, 0))
+    me.lease_seconds = 60
+    assert me.orphaned(job)
+
+
+def test_upload_name_is_safe_and_unique() -> None:
+    assert upload_name("My List (v2).csv", "20260101T000000-abcd1234") == "My_List__v2-abcd1234"
+    assert upload_name("\n\u00e9.csv", "x-ffff") == "file-ffff"
+    assert len(upload_name("a" * 255, "x-1234")) < 100
