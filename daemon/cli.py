@@ -1,0 +1,173 @@
+"""The command line: the only place that configures logging or chooses an exit status.
+
+Exit statuses: 0 success; 1 a batch (``run --once``) had a failed file; 2 a usage or
+configuration error, with one line that names the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from daemon import __version__
+from daemon.config import Config, ConfigError, default_config_path, load_config
+from daemon.logs import add_secret, configure
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+SANDBOX_SPOOL = Path("ipqs-spool")
+
+log = structlog.get_logger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from daemon.sandbox import add_arguments as add_sandbox_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="ipqs-bulkd",
+        description="Submit CSV files dropped into inbox/<type>/ to the IPQualityScore Bulk "
+                    "CSV API, and file them under done/ or failed/ with a JSON record.")
+    parser.add_argument("--version", action="version", version=f"ipqs-bulkd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run", help="run the daemon in the foreground",
+        description="Watch the inboxes and process files until SIGTERM/SIGINT.")
+    _add_config(run)
+    run.add_argument("--once", action="store_true",
+                     help="process the files present now (and any left in processing/), then "
+                          "exit: 0 if all ended in done/, 1 if any ended in failed/")
+    run.add_argument("--sandbox", action="store_true",
+                     help="start the built-in IPQS emulator on loopback and use it (no key "
+                          "needed; spool in ./ipqs-spool unless configured)")
+
+    sandbox = commands.add_parser(
+        "sandbox", help="run the local IPQS Bulk CSV API emulator",
+        description="A faithful local emulator of the IPQS Bulk CSV API, with fault knobs.")
+    add_sandbox_arguments(sandbox)
+
+    check = commands.add_parser("check-config", help="validate and print the effective config")
+    _add_config(check)
+    return parser
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, metavar="PATH",
+                        help="config file (default: $IPQS_BULKD_CONFIG, else "
+                             "/etc/ipqs-bulkd/config.toml)")
+
+
+def _load(ns: argparse.Namespace, *, sandbox: bool = False) -> Config:
+    """The config from --config, $IPQS_BULKD_CONFIG or the default path.
+
+    The default path may be absent (defaults + environment apply); an explicit one may not.
+    """
+    explicit = ns.config or (Path(os.environ["IPQS_BULKD_CONFIG"])
+                             if os.environ.get("IPQS_BULKD_CONFIG") else None)
+    path = explicit or default_config_path(os.environ)
+    if explicit is None and not path.exists():
+        config = load_config(None, os.environ)
+        if sandbox and "IPQS_BULKD_SPOOL_ROOT" not in os.environ:
+            config = dataclasses.replace(
+                config, spool=dataclasses.replace(config.spool, root=SANDBOX_SPOOL.resolve()))
+        return config
+    return load_config(path, os.environ)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        if ns.command == "sandbox":
+            return _sandbox(ns)
+        config = _load(ns, sandbox=getattr(ns, "sandbox", False))
+        if ns.command == "check-config":
+            return _check_config(config)
+        return _run(config, once=ns.once, sandbox=ns.sandbox)
+    except ConfigError as exc:
+        print(f"ipqs-bulkd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def run_main() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+def _check_config(config: Config) -> int:
+    if not config.api.key:
+        print("# warning: no API key (set api.key, api.key_file or IPQS_API_KEY)",
+              file=sys.stderr)
+    for section, values in config.as_dict().items():
+        print(f"[{section}]")
+        for key, value in values.items():
+            text = oct(value) if key == "file_mode" else json.dumps(value)
+            print(f"{key} = {text}")
+        print()
+    return EXIT_OK
+
+
+def _run(config: Config, *, once: bool, sandbox: bool) -> int:
+    if not config.api.key and not sandbox:
+        raise ConfigError("config key api.key is empty: set api.key, api.key_file or "
+                          "IPQS_API_KEY (or try `ipqs-bulkd run --sandbox`)")
+    configure(config.log.level, config.log.format)
+    if config.api.key:
+        add_secret(config.api.key)
+    return asyncio.run(_serve(config, once=once, sandbox=sandbox))
+
+
+async def _serve(config: Config, *, once: bool, sandbox: bool) -> int:
+    from daemon.service import Service
+
+    runner: web.AppRunner | None = None
+    if sandbox:
+        runner, config = await _start_sandbox(config)
+    service = Service(config)
+    service.install_signal_handlers()
+    try:
+        return await service.run(once=once)
+    finally:
+        service.remove_signal_handlers()
+        if runner is not None:
+            await runner.cleanup()
+
+
+async def _start_sandbox(config: Config) -> tuple[web.AppRunner, Config]:
+    """Start the emulator on a free loopback port and point the config at it."""
+    from daemon.sandbox import TEST_KEY, SandboxSettings, create_app
+
+    runner = web.AppRunner(create_app(SandboxSettings()), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    api = dataclasses.replace(config.api, base_url=f"http://127.0.0.1:{port}/api",
+                              key=config.api.key or TEST_KEY)
+    config = dataclasses.replace(config, api=api)
+    inbox = config.spool.root / "inbox"
+    print(f"ipqs-bulkd: sandbox IPQS at http://127.0.0.1:{port}; drop CSV files into "
+          f"{inbox}/<type>/ (types: {', '.join(config.spool.types)}); results appear in "
+          f"{config.spool.root}/done/. Ctrl-C stops.", file=sys.stderr, flush=True)
+    return runner, config
+
+
+def _sandbox(ns: argparse.Namespace) -> int:
+    from daemon.sandbox import create_app, settings_from_args
+
+    configure("info", "auto")
+    settings = settings_from_args(ns)
+    print(f"ipqs-bulkd: sandbox listening on http://{ns.host}:{ns.port}/api", file=sys.stderr,
+          flush=True)
+    web.run_app(create_app(settings), host=ns.host, port=ns.port, print=None,
+                access_log=None)
+    return EXIT_OK

@@ -1,0 +1,185 @@
+"""Follows submitted jobs until IPQS finishes them, then fetches their results.
+
+One scheduler loop holds every submitted job in a heap ordered by its next status check, so
+ten thousand jobs at IPQS are ten thousand small heap entries, not ten thousand tasks. The
+interval per job starts short and grows by ``poll.factor`` up to ``poll.max_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import structlog
+
+from daemon.aio import wait_any
+from daemon.api import CsvJob
+from daemon.errors import AccountError, RejectedError, TransientError
+from daemon.pipeline import Pipeline
+from daemon.spool import FETCHED, Job, utcnow
+
+log = structlog.get_logger(__name__)
+
+RUNNING_STATES = ("NEW", "PROCESSING", "QUEUED", "PENDING")
+FINISHED = "FINISHED"
+_MAX_LINK_REFRESHES = 3
+
+
+@dataclass(order=True)
+class _Entry:
+    due: float
+    seq: int
+    job: Job = field(compare=False)
+    interval: float = field(compare=False)
+
+
+class Poller:
+    """Status checks and result downloads for every submitted job."""
+
+    def __init__(self, pipe: Pipeline, *, concurrency: int = 8,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.pipe = pipe
+        self.clock = clock
+        self._heap: list[_Entry] = []
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def track(self, job: Job) -> None:
+        """Follow this submitted job from now on."""
+        self.pipe.started(job)
+        cfg = self.pipe.config.poll
+        self._push(job, cfg.initial_seconds, cfg.initial_seconds)
+
+    def waiting(self) -> int:
+        return len(self._heap) + len(self._tasks)
+
+    def _push(self, job: Job, delay: float, interval: float) -> None:
+        heapq.heappush(self._heap, _Entry(self.clock() + delay, next(self._seq), job, interval))
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Check due jobs until the stop event is set; in-flight checks are then cancelled
+        (their state is on disk, so the next start resumes them)."""
+        stop = self.pipe.stop
+        try:
+            while not stop.is_set():
+                await self._start_due()
+                timeout = self._heap[0].due - self.clock() if self._heap else None
+                self._wake.clear()
+                await wait_any(self._wake, stop, within=timeout)
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _start_due(self) -> None:
+        while self._heap and self._heap[0].due <= self.clock():
+            await self._slots.acquire()
+            entry = heapq.heappop(self._heap)
+            task = asyncio.create_task(self._visit(entry), name=f"poll-{entry.job.job}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _visit(self, entry: _Entry) -> None:
+        job = entry.job
+        structlog.contextvars.bind_contextvars(job=job.job, source=job.source)
+        try:
+            await self._check(entry)
+        except (TransientError, AccountError) as exc:
+            delay = min(max(entry.interval, getattr(exc, "retry_after", None) or 0) * 2,
+                        self.pipe.config.poll.max_seconds)
+            log.warning("status_retry", error=str(exc), wait=round(delay, 2))
+            self.pipe.metrics.retries.labels("status", getattr(exc, "cause", "account")).inc()
+            self._push(job, delay, entry.interval)
+        except OSError as exc:
+            log.error("results_write_failed", error=str(exc))
+            self._push(job, self.pipe.config.poll.max_seconds, entry.interval)
+        finally:
+            self._slots.release()
+            structlog.contextvars.unbind_contextvars("job", "source")
+
+    async def _check(self, entry: _Entry) -> None:
+        job, pipe, cfg = entry.job, self.pipe, self.pipe.config.poll
+        if job.state == FETCHED:
+            await pipe.finish(job, "done")
+            return
+        assert job.id is not None
+        with pipe.metrics.api_latency.labels("status").time():
+            answer = await pipe.client.status(job.id)
+        if answer.status != job.status:
+            log.info("status_changed", id=job.id, status=answer.status)
+            job.status = answer.status
+        job.invalid_records = answer.invalid_records
+        if answer.aborted is True or (answer.status not in (*RUNNING_STATES, FINISHED)
+                                      and answer.status is not None):
+            await pipe.finish(job, "failed", "aborted",
+                              f"IPQS reported status {answer.status!r} (aborted={answer.aborted})")
+        elif answer.status == FINISHED:
+            await self._fetch(job, answer)
+        elif self._overdue(job):
+            await pipe.finish(job, "failed", "timeout",
+                              f"IPQS did not finish the job within {cfg.deadline_hours:g} h "
+                              "(poll.deadline_hours)")
+        else:
+            interval = min(entry.interval * cfg.factor, cfg.max_seconds)
+            self._push(job, entry.interval, interval)
+
+    def _overdue(self, job: Job) -> bool:
+        if job.submitted_at is None:
+            return False
+        started = datetime.fromisoformat(job.submitted_at.replace("Z", "+00:00")).timestamp()
+        return time.time() - started > self.pipe.config.poll.deadline_hours * 3600
+
+    async def _fetch(self, job: Job, answer: CsvJob) -> None:
+        """Download every configured, non-empty result set, then finish the job."""
+        pipe = self.pipe
+        folder = pipe.spool.results_dir(job)
+        job.finished_at = job.finished_at or utcnow()
+        await asyncio.to_thread(folder.mkdir, exist_ok=True)
+        try:
+            for name in pipe.config.results.sets:
+                answer = await self._download(job, name, answer)
+        except RejectedError as exc:
+            await pipe.finish(job, "failed", "rejected",
+                              f"results could not be downloaded: {exc.message}")
+            return
+        job.state = FETCHED
+        await pipe.save(job)
+        await pipe.finish(job, "done")
+
+    async def _download(self, job: Job, name: str, answer: CsvJob) -> CsvJob:
+        """Fetch one set; a refused link (expired, used) is replaced by asking again."""
+        pipe = self.pipe
+        assert job.id is not None
+        for refresh in range(_MAX_LINK_REFRESHES + 1):
+            link = answer.downloads.get(name)
+            if link is None:
+                log.info("result_set_empty", set=name)
+                return answer
+            try:
+                async for attempt in pipe.retrying("download"):
+                    with attempt:
+                        if attempt.retry_state.attempt_number > 1:
+                            # A failed transfer may have used the one-time link up.
+                            answer = await pipe.client.status(job.id)
+                            link = answer.downloads.get(name) or link
+                        with pipe.metrics.api_latency.labels("download").time():
+                            size = await pipe.client.download(
+                                link, pipe.spool.results_dir(job) / name)
+                job.results[name] = name
+                log.info("results_downloaded", set=name, bytes=size)
+                return answer
+            except RejectedError as exc:
+                if refresh == _MAX_LINK_REFRESHES:
+                    raise
+                log.info("download_link_refused", set=name, error=exc.message)
+                answer = await pipe.client.status(job.id)
+        raise AssertionError("unreachable: the loop returns or raises")

@@ -1,0 +1,282 @@
+"""Wires the stages together: recovery at start, the running daemon, and its shutdown.
+
+Shutdown has two stages. The first SIGTERM or SIGINT stops claiming new files, lets uploads
+under way finish within ``service.shutdown_seconds``, and cancels what is left (every job's
+state is on disk, so the next start resumes it without a second upload). A second signal
+exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from daemon.aio import wait_any
+from daemon.api import IpqsClient
+from daemon.config import Config
+from daemon.errors import IpqsError
+from daemon.health import HealthServer, HealthState, create_app
+from daemon.notify import Notifier
+from daemon.pipeline import Pipeline
+from daemon.poller import Poller
+from daemon.spool import CLAIMED, FINISHING, SUBMITTED, UPLOADING, Job, Spool
+from daemon.uploader import Uploader
+from daemon.watcher import Watcher, WatchSettings
+
+log = structlog.get_logger(__name__)
+
+
+def make_client(config: Config) -> IpqsClient:
+    api = config.api
+    return IpqsClient(api.base_url, api.key, key_in=api.key_in,
+                      connect_timeout=api.connect_timeout, read_timeout=api.read_timeout,
+                      ca_bundle=api.ca_bundle, download_hosts=api.download_hosts,
+                      max_download_bytes=api.max_download_bytes)
+
+
+class Service:
+    """One running daemon over one spool."""
+
+    def __init__(self, config: Config, *, client: IpqsClient | None = None,
+                 notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.stop = asyncio.Event()
+        self.spool = Spool(config.spool.root, config.spool.types,
+                           file_mode=config.spool.file_mode,
+                           lease_seconds=config.upload.lease_seconds)
+        self.pipe = Pipeline(config, self.spool, client or make_client(config), self.stop)
+        self.watcher = Watcher({t: self.spool.inbox(t) for t in config.spool.types},
+                               WatchSettings(**vars(config.watch)), self.stop)
+        self.poller = Poller(self.pipe)
+        self.uploader = Uploader(self.pipe, self.watcher.queue, self.watcher.done_with,
+                                 self.poller)
+        self.health = HealthState(paused_reason=lambda: self.pipe.breaker.reason)
+        self.health_server: HealthServer | None = None
+        self.notifier = notifier or Notifier()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._signals = 0
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    async def run(self, *, once: bool = False) -> int:
+        """Run until stopped (or, with ``once``, until the files present are finished).
+
+        Returns the exit status: 0, or 1 when a file of a ``--once`` batch failed.
+        """
+        await asyncio.to_thread(self.spool.prepare)
+        await self._start_health()
+        try:
+            await self._learn_newest_id()
+            await self.recover()
+            self.health.recovered = True
+            if once:
+                return await self._run_once()
+            await self._run_forever()
+            return 0
+        finally:
+            await self._shutdown()
+
+    async def _run_forever(self) -> None:
+        self._spawn(self.watcher.run(), "watcher")
+        self._spawn(self.uploader.run(), "uploader")
+        self._spawn(self.poller.run(), "poller")
+        self._spawn(self._housekeeping(), "housekeeping")
+        self._spawn(self.watchdog(), "watchdog")
+        self.health.watching = True
+        self.notifier.send(READY="1", STATUS="watching inboxes")
+        log.info("daemon_ready", root=str(self.config.spool.root),
+                 types=list(self.config.spool.types))
+        await self.stop.wait()
+
+    async def _run_once(self) -> int:
+        self._spawn(self.uploader.run(), "uploader")
+        self._spawn(self.poller.run(), "poller")
+        self._spawn(self.watchdog(), "watchdog")
+        self.health.watching = True
+        self.notifier.send(READY="1", STATUS="processing one batch")
+        await self.watcher.scan_once()
+        await self.watcher.drain_settled()
+        while not self.stop.is_set():
+            if self.pipe.breaker.paused:
+                log.error("batch_stopped", reason=self.pipe.breaker.reason)
+                self.stop.set()
+                return 1
+            if self._batch_finished():
+                break
+            await wait_any(self.pipe.idle, self.stop, within=0.2)
+        log.info("batch_finished", **self.pipe.outcomes)
+        self.stop.set()
+        return 1 if self.pipe.outcomes["failed"] or self.spool_has_jobs() else 0
+
+    def _batch_finished(self) -> bool:
+        return (self.watcher.queue.empty() and self.uploader.busy == 0
+                and not self.pipe.active and self.poller.waiting() == 0
+                and self.watcher.pending_count() == 0)
+
+    def spool_has_jobs(self) -> bool:
+        return any(True for _ in self.spool.jobs())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("stage_crashed", stage=task.get_name(), error=repr(task.exception()))
+            self.stop.set()
+
+    async def _shutdown(self) -> None:
+        self.stop.set()
+        self.notifier.send(STOPPING="1", STATUS="finishing uploads under way")
+        if self._tasks:
+            grace = self.config.service.shutdown_seconds
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                log.warning("shutdown_cancel", stage=task.get_name())
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        self.watcher.close()
+        await asyncio.to_thread(self.spool.release)
+        await self.pipe.client.close()
+        if self.health_server is not None:
+            await self.health_server.close()
+        log.info("daemon_stopped")
+
+    # -- signals --------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def remove_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("shutdown_requested", signal=sig.name,
+                     grace=self.config.service.shutdown_seconds)
+            self.stop.set()
+            return
+        log.warning("shutdown_forced", signal=sig.name)
+        raise SystemExit(130 if sig == signal.SIGINT else 143)
+
+    # -- recovery -------------------------------------------------------------------------
+
+    async def _learn_newest_id(self) -> None:
+        """The newest job id before we send anything: lookups page back to it, no further."""
+        try:
+            self.uploader.newest_id = await self.pipe.client.newest_id()
+        except IpqsError as exc:  # an unknown floor only makes lookups page further
+            log.warning("newest_id_unknown", error=str(exc))
+
+    async def recover(self) -> None:
+        """Resume every job in processing/ that is ours to run (ours, or its owner died)."""
+        job_dirs = await asyncio.to_thread(lambda: list(self.spool.jobs()))
+        resumed = 0
+        for job_dir in job_dirs:
+            if job_dir.name in self.pipe.active:
+                continue
+            job = await asyncio.to_thread(self.spool.load, job_dir)
+            if job is None:
+                await asyncio.to_thread(self._broken_job, job_dir)
+                continue
+            if not await asyncio.to_thread(self.spool.orphaned, job):
+                continue
+            await asyncio.to_thread(self.spool.adopt, job)
+            await self._resume(job)
+            resumed += 1
+        if resumed:
+            log.info("jobs_recovered", count=resumed)
+
+    async def _resume(self, job: Job) -> None:
+        log.info("job_resumed", job=job.job, state=job.state, id=job.id)
+        if job.state in (CLAIMED, UPLOADING):
+            if job.state == CLAIMED and not await asyncio.to_thread(
+                    self.spool.input_path(job).exists):
+                # Crash between writing the record and the claiming rename: the input is
+                # still in its inbox (or was never there); only the folder goes.
+                await asyncio.to_thread(self.spool.discard_dir, self.spool.job_dir(job))
+                return
+            self.pipe.started(job)
+            self._spawn(self.uploader.process(job), f"resume-{job.job}")
+        elif job.state == FINISHING:
+            self.pipe.started(job)
+            self._spawn(self.pipe.finish(job, job.outcome or "failed", job.reason, job.error),
+                        f"resume-{job.job}")
+        else:  # SUBMITTED or FETCHED
+            if job.state == SUBMITTED and job.id is None:
+                job.state = UPLOADING
+            self.poller.track(job)
+
+    def _broken_job(self, job_dir: Path) -> None:
+        """A job folder without a readable record: fail its input, never resend it blindly."""
+        files = [p for p in job_dir.iterdir() if p.is_file() and not p.name.startswith(".")
+                 and p.name != "job.json"]
+        if not files:
+            log.warning("empty_job_removed", job=job_dir.name)
+            self.spool.discard_dir(job_dir)
+            return
+        job = Job(job=job_dir.name, type=self.config.spool.types[0], source=files[0].name,
+                  file_name="", method="multipart", owner=self.spool.owner.name,
+                  outcome="failed", reason="invalid-input",
+                  error="the job record was unreadable; not re-sent, to avoid paying twice")
+        self.spool.finish(job)
+
+    async def _housekeeping(self) -> None:
+        """Heartbeat our lease, and take over jobs left behind (by us or a dead daemon)."""
+        every = min(self.config.upload.lease_seconds / 3, 60.0)
+        while not self.stop.is_set():
+            await asyncio.to_thread(self.spool.heartbeat)
+            await self.recover()
+            self._report()
+            await wait_any(self.stop, within=every)
+
+    def _report(self) -> None:
+        pending = self.watcher.pending_count()
+        m = self.pipe.metrics
+        m.queue_depth.set(pending + self.watcher.queue.qsize())
+        m.oldest_pending.set(self.watcher.oldest_pending_age() or 0)
+        m.breaker_open.set(1 if self.pipe.breaker.paused else 0)
+        m.in_flight.labels("uploading").set(len(self.pipe.active) - self.poller.waiting())
+        m.in_flight.labels("at_ipqs").set(self.poller.waiting())
+        status = (f"inbox {pending}, uploading {len(self.pipe.active) - self.poller.waiting()}, "
+                  f"at IPQS {self.poller.waiting()}, done {self.pipe.outcomes['done']}, "
+                  f"failed {self.pipe.outcomes['failed']}")
+        if self.pipe.breaker.paused:
+            status += f"; PAUSED: {self.pipe.breaker.reason}"
+        self.notifier.send(STATUS=status)
+
+    async def _start_health(self) -> None:
+        cfg = self.config.health
+        if not cfg.enabled:
+            return
+        self.health_server = HealthServer(create_app(self.health, self.pipe.metrics),
+                                          cfg.host, cfg.port)
+        try:
+            await self.health_server.start()
+        except OSError as exc:
+            log.error("health_listener_failed", host=cfg.host, port=cfg.port, error=str(exc))
+            self.health_server = None
+
+    async def watchdog(self) -> None:
+        """Ping systemd's watchdog from the event loop, at half its timeout."""
+        seconds = self.notifier.watchdog_seconds
+        if not seconds:
+            return
+        while not self.stop.is_set():
+            self.notifier.send(WATCHDOG="1")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), seconds / 2)
+

@@ -1,0 +1,299 @@
+"""Upload workers: claim a settled file, check it, send it to IPQS once, record the id.
+
+The rule that keeps users from paying twice: the job is saved as ``uploading`` before any
+POST, and an upload whose answer may have been lost (:class:`LostAnswerError`, or a restart
+after ``uploading`` was saved) is looked up through the list API by its unique
+``file_name`` before anything is sent again. Only "surely absent" (two lookups, some
+seconds apart) allows a new POST.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import structlog
+
+from daemon import retry
+from daemon.api import CsvJob
+from daemon.errors import AccountError, LostAnswerError, RejectedError, TransientError
+from daemon.pipeline import Pipeline
+from daemon.spool import CLAIMED, SUBMITTED, UPLOADING, Job, utcnow
+from daemon.watcher import Candidate
+
+log = structlog.get_logger(__name__)
+
+URL_SUFFIX = ".url"
+_URL_SCHEMES = ("http", "https", "ftp")
+_MAX_URL_FILE = 8192
+
+
+class Tracker(Protocol):
+    """Where submitted jobs go next (the poller)."""
+
+    def track(self, job: Job) -> None: ...
+
+
+class _Paused(Exception):
+    """The account refused the upload; the job went back to the inbox."""
+
+
+class Uploader:
+    """``upload.concurrency`` workers taking settled files from the watcher's queue."""
+
+    def __init__(self, pipe: Pipeline, queue: asyncio.Queue[Candidate],
+                 done_with: Callable[[Path], None], tracker: Tracker) -> None:
+        self.pipe = pipe
+        self.queue = queue
+        self.done_with = done_with
+        self.tracker = tracker
+        self.newest_id: int | None = None
+        # Files taken from the queue and not yet submitted or finished (for --once).
+        self.busy = 0
+        # Resumed jobs share the workers' limit on concurrent uploads.
+        self._slots = asyncio.Semaphore(pipe.config.upload.concurrency)
+
+    async def run(self) -> None:
+        """Run the workers until the stop event is set."""
+        async with asyncio.TaskGroup() as group:
+            for n in range(self.pipe.config.upload.concurrency):
+                group.create_task(self._worker(), name=f"upload-worker-{n}")
+
+    async def _worker(self) -> None:
+        stop = self.pipe.stop
+        while not stop.is_set():
+            if not await self.pipe.breaker.acquire(stop):
+                return
+            candidate = await _get_or_stop(self.queue, stop)
+            if candidate is None:
+                self.pipe.breaker.release()
+                return
+            self.busy += 1
+            try:
+                await self._take(candidate)
+            finally:
+                self.busy -= 1
+
+    async def _take(self, candidate: Candidate) -> None:
+        try:
+            job = await asyncio.to_thread(self.pipe.spool.claim, candidate.type,
+                                          candidate.path, self._method(candidate.path))
+        finally:
+            self.done_with(candidate.path)
+        if job is None:
+            self.pipe.breaker.release()
+            return
+        await self.process(job, permitted=True)
+
+    def _method(self, path: Path) -> str:
+        if path.name.lower().endswith(URL_SUFFIX):
+            return "url"
+        return self.pipe.config.upload.method
+
+    # -- one job ---------------------------------------------------------------------------
+
+    async def process(self, job: Job, *, permitted: bool = False) -> None:
+        """Take a claimed or half-uploaded job to ``submitted`` (or to failed/)."""
+        pipe = self.pipe
+        pipe.started(job)
+        structlog.contextvars.bind_contextvars(job=job.job, source=job.source)
+        try:
+            if job.state == CLAIMED and not await self._check(job):
+                pipe.breaker.release()
+                return
+            if permitted:
+                await self._submit(job)
+                return
+            async with self._slots:
+                if not await pipe.breaker.acquire(pipe.stop):
+                    pipe.forget(job)
+                    return
+                await self._submit(job)
+        except _Paused:
+            pass
+        except AccountError as exc:
+            # Refused during a lookup: the upload may exist, so the job stays in processing/
+            # until the account works again (the recovery sweep picks it up).
+            pipe.breaker.failure(exc.message)
+            pipe.forget(job)
+        except (TransientError, OSError) as exc:
+            # Only when stopping (transient errors are retried until then) or on disk
+            # trouble: the job stays in processing/ and the next start resumes it.
+            pipe.breaker.release()
+            log.warning("upload_interrupted", error=str(exc), state=job.state)
+            pipe.forget(job)
+        finally:
+            structlog.contextvars.unbind_contextvars("job", "source")
+
+    async def _check(self, job: Job) -> bool:
+        """Inspect the claimed input; False if the job ended here (invalid or duplicate)."""
+        pipe = self.pipe
+        problem = await asyncio.to_thread(pipe.spool.inspect, job)
+        if problem is None and job.method == "url":
+            problem = _url_problem(pipe.spool.input_path(job))
+        if problem is not None:
+            await pipe.finish(job, "failed", "invalid-input", problem)
+            return False
+        window = pipe.config.upload.duplicate_window_hours * 3600
+        earlier = await asyncio.to_thread(pipe.spool.mark, job, window)
+        if earlier is not None:
+            job.id = None
+            await pipe.finish(job, "failed", "duplicate",
+                              f"the same content was taken as job {earlier.get('job')} "
+                              f"(IPQS id {earlier.get('id')}) within "
+                              f"{pipe.config.upload.duplicate_window_hours:g} h")
+            return False
+        return True
+
+    async def _submit(self, job: Job) -> None:
+        pipe = self.pipe
+        while True:
+            if await self._changed(job):
+                await pipe.finish(job, "failed", "invalid-input",
+                                  "the file changed or vanished after it was claimed")
+                return
+            if job.state == UPLOADING:
+                found = await self._lookup(job)
+                if found is not None:
+                    pipe.metrics.adopted.inc()
+                    log.warning("upload_adopted", id=found.id, file_name=job.file_name)
+                    await self._submitted(job, found)
+                    return
+            try:
+                answer = await self._upload_once(job)
+            except LostAnswerError as exc:
+                log.warning("upload_answer_lost", error=str(exc))
+                continue
+            except RejectedError as exc:
+                pipe.breaker.success()
+                await asyncio.to_thread(pipe.spool.unmark, job)
+                await pipe.finish(job, "failed", "rejected", exc.message)
+                return
+            except AccountError as exc:
+                await self._pause(job, exc)
+                raise _Paused from None
+            await self._submitted(job, answer)
+            return
+
+    async def _upload_once(self, job: Job) -> CsvJob:
+        """Save ``uploading``, then POST (retrying what surely never arrived)."""
+        pipe = self.pipe
+        job.state = UPLOADING
+        job.upload_started_at = utcnow()
+        job.floor_id = self.newest_id
+        job.uploads += 1
+        await pipe.save(job)
+        async for attempt in pipe.retrying("upload", retry_lost_answers=False):
+            with attempt:
+                return await self._send(job)
+        raise AssertionError("unreachable: the retry loop returns or raises")
+
+    async def _send(self, job: Job) -> CsvJob:
+        pipe = self.pipe
+        path = pipe.spool.input_path(job)
+        client = pipe.client
+        pipe.metrics.uploads.labels(job.method).inc()
+        with pipe.metrics.api_latency.labels("upload").time():
+            if job.method == "url":
+                url = (await asyncio.to_thread(path.read_text, "utf-8")).strip()
+                return await client.upload_url(job.type, url, job.file_name)
+            if job.method == "json":
+                rows = await asyncio.to_thread(_read_rows, path)
+                return await client.upload_rows(job.type, rows, job.file_name)
+            answer, sent_sha = await client.upload_file(job.type, path, job.file_name)
+        pipe.metrics.upload_bytes.inc(job.bytes or 0)
+        if sent_sha != job.sha256:
+            job.warning = "the file changed while it was being uploaded"
+        return answer
+
+    async def _changed(self, job: Job) -> bool:
+        try:
+            size = (await asyncio.to_thread(self.pipe.spool.input_path(job).stat)).st_size
+        except FileNotFoundError:
+            return True
+        return size != job.bytes
+
+    async def _lookup(self, job: Job) -> CsvJob | None:
+        """Is the job at IPQS already? Two "absent" answers, some seconds apart, say no."""
+        pipe = self.pipe
+        delay = pipe.config.upload.lookup_delay_seconds
+        for check in range(2):
+            await retry.stoppable_sleep(pipe.stop)(delay if check else min(delay, 1.0))
+            async for attempt in pipe.retrying("lookup"):
+                with attempt:
+                    found = await pipe.client.find(job.file_name, job.type, floor_id=job.floor_id)
+            if found is not None:
+                return found
+            if pipe.stop.is_set():
+                raise TransientError("stopping before the lookup was confirmed", cause="stop")
+        log.info("upload_not_found", file_name=job.file_name)
+        return None
+
+    async def _submitted(self, job: Job, answer: CsvJob) -> None:
+        pipe = self.pipe
+        job.id = answer.id
+        job.status = answer.status
+        job.state = SUBMITTED
+        job.submitted_at = utcnow()
+        if answer.id is not None:
+            self.newest_id = max(self.newest_id or 0, answer.id)
+        await pipe.save(job)
+        await asyncio.to_thread(pipe.spool.update_mark, job)
+        pipe.breaker.success()
+        log.info("file_submitted", id=job.id, file_name=job.file_name, method=job.method)
+        self.tracker.track(job)
+
+    async def _pause(self, job: Job, exc: AccountError) -> None:
+        """Account trouble: nothing was created, so the file goes back to its inbox."""
+        pipe = self.pipe
+        pipe.breaker.failure(exc.message)
+        await asyncio.to_thread(pipe.spool.unmark, job)
+        if await asyncio.to_thread(pipe.spool.unclaim, job):
+            log.info("file_returned_to_inbox", reason=exc.message)
+        else:
+            job.state = CLAIMED
+            await pipe.save(job)
+        pipe.forget(job)
+
+
+async def _get_or_stop(queue: asyncio.Queue[Candidate], stop: asyncio.Event) -> Candidate | None:
+    if not queue.empty():
+        return queue.get_nowait()
+    getter = asyncio.ensure_future(queue.get())
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([getter, stopper], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not getter.done():
+            getter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await getter
+    return getter.result() if getter.done() and not getter.cancelled() else None
+
+
+def _url_problem(path: Path) -> str | None:
+    """Why a ``.url`` file is not exactly one http, https or ftp URL (None if it is)."""
+    data = path.read_bytes()[: _MAX_URL_FILE + 1]
+    if len(data) > _MAX_URL_FILE:
+        return "a .url file must hold one URL, not a large file"
+    lines = [line.strip() for line in data.decode("utf-8", "replace").splitlines()
+             if line.strip()]
+    if len(lines) != 1:
+        return f"a .url file must hold exactly one URL, found {len(lines)} lines"
+    parts = urlsplit(lines[0])
+    if parts.scheme.lower() not in _URL_SCHEMES or not parts.hostname:
+        return "a .url file must hold an http, https or ftp URL"
+    if any(c.isspace() for c in lines[0]):
+        return "the URL in the .url file contains whitespace"
+    return None
+
+
+def _read_rows(path: Path) -> list[list[str]]:
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        return [row for row in csv.reader(fh) if any(cell.strip() for cell in row)]
