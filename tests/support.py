@@ -1,0 +1,139 @@
+"""Helpers for end-to-end tests: a real sandbox on loopback, a daemon over a real spool."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestServer
+
+from daemon import ALL_TYPES
+from daemon.config import (
+    Config,
+    HealthConfig,
+    PollConfig,
+    SpoolConfig,
+    UploadConfig,
+    WatchConfig,
+    load_config,
+)
+from daemon.sandbox import SANDBOX, SandboxSettings, SandboxState, create_app
+from daemon.service import Service
+
+#: Obviously fake; the sandbox accepts any non-empty key by default.
+FAKE_KEY = "fake-key-for-tests-0000"
+
+
+@dataclass
+class Sandbox:
+    server: TestServer
+    state: SandboxState
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    @property
+    def api_base(self) -> str:
+        return self.url + "/api"
+
+    def uploads(self) -> list[dict[str, Any]]:
+        return list(self.state.uploads)
+
+
+def quick_settings(tmp_path: Path, **kw: Any) -> SandboxSettings:
+    """A sandbox that finishes jobs at once, keeping its files under ``tmp_path``."""
+    base: dict[str, Any] = {"new_seconds": 0, "processing_seconds": 0, "per_row_seconds": 0,
+                            "spool_dir": tmp_path / "sandbox"}
+    base.update(kw)
+    return SandboxSettings(**base)
+
+
+@asynccontextmanager
+async def sandbox_server(settings: SandboxSettings) -> AsyncIterator[Sandbox]:
+    app = create_app(settings)
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        yield Sandbox(server, app[SANDBOX])
+    finally:
+        await server.close()
+
+
+def daemon_config(root: Path, api_base: str, **sections: dict[str, Any]) -> Config:
+    """Config for a test daemon: fast timings everywhere, health listener off."""
+    config = load_config(None, {"IPQS_API_KEY": FAKE_KEY})
+    config = dataclasses.replace(
+        config,
+        api=dataclasses.replace(config.api, base_url=api_base, read_timeout=10.0),
+        spool=SpoolConfig(root=root, types=ALL_TYPES),
+        watch=WatchConfig(settle_seconds=0.05, quiet_seconds=1.0, writer_check="proc",
+                          rescan_seconds=2.0),
+        upload=UploadConfig(retry_initial_seconds=0.01, retry_max_seconds=0.1,
+                            lookup_delay_seconds=0.05),
+        poll=PollConfig(initial_seconds=0.02, max_seconds=0.2, factor=1.5),
+        health=HealthConfig(enabled=False),
+    )
+    for name, values in sections.items():
+        config = dataclasses.replace(
+            config, **{name: dataclasses.replace(getattr(config, name), **values)})
+    return config
+
+
+async def run_once(config: Config) -> int:
+    return await Service(config).run(once=True)
+
+
+@asynccontextmanager
+async def running(config: Config) -> AsyncIterator[Service]:
+    """A daemon running in the background of the test's event loop."""
+    service = Service(config)
+    task = asyncio.create_task(service.run())
+    try:
+        await wait_for(lambda: service.health.watching or task.done(), what="daemon ready")
+        yield service
+    finally:
+        service.stop.set()
+        await asyncio.wait_for(task, timeout=30)
+
+
+async def wait_for(predicate: Callable[[], bool], *, timeout: float = 30.0,
+                   what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def records(root: Path, outcome: str, file_type: str = "email") -> dict[str, dict[str, Any]]:
+    folder = root / outcome / file_type
+    if not folder.exists():
+        return {}
+    return {p.name[:-5]: json.loads(p.read_text()) for p in folder.glob("*.json")}
+
+
+def drop(root: Path, file_type: str, name: str, data: bytes) -> Path:
+    """Write elsewhere, then rename into the inbox: how files should be dropped."""
+    inbox = root / "inbox" / file_type
+    inbox.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".staging-{name}"
+    tmp.write_bytes(data)
+    tmp.rename(inbox / name)
+    return inbox / name
+
+
+def emails(n: int, seed: str = "") -> bytes:
+    return "".join(f"user{i}{seed}@example.com\n" for i in range(n)).encode()
