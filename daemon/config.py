@@ -71,6 +71,8 @@ class UploadConfig:
     duplicate_window_hours: float = 24.0
     lease_seconds: float = 300.0
     lookup_delay_seconds: float = 10.0
+    pause_initial_seconds: float = 5.0
+    pause_max_seconds: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import signal
 from collections.abc import Coroutine
 from pathlib import Path
@@ -23,7 +25,7 @@ from daemon.config import Config
 from daemon.errors import IpqsError
 from daemon.health import HealthServer, HealthState, create_app
 from daemon.notify import Notifier
-from daemon.pipeline import Pipeline
+from daemon.pipeline import Breaker, Pipeline
 from daemon.poller import Poller
 from daemon.spool import CLAIMED, FINISHING, SUBMITTED, UPLOADING, Job, Spool
 from daemon.uploader import Uploader
@@ -50,7 +52,9 @@ class Service:
         self.spool = Spool(config.spool.root, config.spool.types,
                            file_mode=config.spool.file_mode,
                            lease_seconds=config.upload.lease_seconds)
-        self.pipe = Pipeline(config, self.spool, client or make_client(config), self.stop)
+        self.pipe = Pipeline(config, self.spool, client or make_client(config), self.stop,
+                             breaker=Breaker(config.upload.pause_initial_seconds,
+                                             config.upload.pause_max_seconds))
         self.watcher = Watcher({t: self.spool.inbox(t) for t in config.spool.types},
                                WatchSettings(**vars(config.watch)), self.stop)
         self.poller = Poller(self.pipe)
@@ -170,7 +174,10 @@ class Service:
             self.stop.set()
             return
         log.warning("shutdown_forced", signal=sig.name)
-        raise SystemExit(130 if sig == signal.SIGINT else 143)
+        # Every job's state is already on disk; threads busy hashing or writing would
+        # otherwise hold up a normal exit.
+        logging.shutdown()
+        os._exit(130 if sig == signal.SIGINT else 143)
 
     # -- recovery -------------------------------------------------------------------------
 
