@@ -202,28 +202,9 @@ class Spool:
     def inspect(self, job: Job) -> str | None:
         """Fill in sha256, size and line count of the claimed input, in one streamed pass,
         and say what makes it certainly unacceptable to IPQS (None when nothing does)."""
-        digest = hashlib.sha256()
-        decoder = codecs.getincrementaldecoder("utf-8")()
-        size = lines = 0
-        last = b"\n"
-        problem: str | None = None
-        text_seen = False
-        with self.input_path(job).open("rb") as fh:
-            while chunk := fh.read(_HASH_CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-                lines += chunk.count(b"\n")
-                last = chunk[-1:]
-                if problem is None:
-                    problem = _check_text(chunk, decoder)
-                text_seen = text_seen or bool(chunk.replace(_BOM, b"").strip())
-        job.sha256, job.bytes = digest.hexdigest(), size
-        job.rows = lines + (last != b"\n")
-        if problem is None and size > 0:
-            problem = _check_text(b"", decoder, final=True)
-        if problem is None and not text_seen:
-            problem = "the file is empty" if size == 0 else "the file holds no rows"
-        return problem
+        facts = inspect_file(self.input_path(job))
+        job.sha256, job.bytes, job.rows = facts.sha256, facts.bytes, facts.rows
+        return facts.problem
 
     # -- records --------------------------------------------------------------------------
 
@@ -391,6 +372,57 @@ class Spool:
         with contextlib.suppress(FileNotFoundError):
             job_dir.rmdir()
         _fsync_dir(job_dir.parent)
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What one streamed pass over a file tells: its digest, size, rows, and a problem."""
+
+    sha256: str
+    bytes: int
+    rows: int
+    problem: str | None
+
+
+def inspect_file(path: Path) -> FileFacts:
+    """sha256, size and line count of ``path`` in one streamed pass, and what makes it
+    certainly unacceptable to IPQS as CSV (``problem`` is None when nothing does)."""
+    digest = hashlib.sha256()
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    size = lines = 0
+    last = b"\n"
+    problem: str | None = None
+    text_seen = False
+    with path.open("rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+            if problem is None:
+                problem = _check_text(chunk, decoder)
+            text_seen = text_seen or bool(chunk.replace(_BOM, b"").strip())
+    if problem is None and size > 0:
+        problem = _check_text(b"", decoder, final=True)
+    if problem is None and not text_seen:
+        problem = "the file is empty" if size == 0 else "the file holds no rows"
+    return FileFacts(digest.hexdigest(), size, lines + (last != b"\n"), problem)
+
+
+def place_no_clobber(src: Path, folder: Path, name: str, *, tries: int = 10000) -> Path:
+    """Move ``src`` into ``folder`` as ``name``, or ``stem-1.ext``, ``stem-2.ext``... (the
+    suffix goes before the first dot, as in done/), whichever is free. Never replaces a
+    file: placement is by ``link()``, so it holds against other writers too. Returns the
+    new path."""
+    if not os.path.lexists(src):
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(src))
+    stem, dot, ext = name.partition(".")
+    for n in range(tries):
+        dst = folder / (name if n == 0 else f"{stem}-{n}{dot}{ext}")
+        if not os.path.lexists(dst) and _link_no_clobber(src, dst):
+            _fsync_dir(folder)
+            return dst
+    raise OSError(errno.EEXIST, f"no free name for {name} in {folder}")
 
 
 def _check_text(chunk: bytes, decoder: codecs.IncrementalDecoder, *,
