@@ -1,0 +1,29 @@
+"""The sandbox: a local emulator of the IPQualityScore Bulk CSV API, with fault knobs.
+
+``create_app(settings)`` returns an aiohttp application that answers like IPQS (see
+``/work/shared/ipqs-api.md``) on ``/api/{json|xml}/csv/...`` and ``/download``, and offers
+``/_sandbox/...`` admin endpoints to loopback peers. ``app[SANDBOX]`` is the live state:
+``.settings``, ``.faults`` (change it freely), ``.uploads`` (the upload log),
+``.advance(seconds)`` (the clock), ``.stats``.
+
+Each module's docstring lists the fidelity assumptions it makes where IPQS documents
+nothing: :mod:`.answers` (failure bodies, XML), :mod:`.receive` (parameters, methods),
+:mod:`.handlers` (names, status fields, list, dead links), :mod:`.state` (ids, lifecycle,
+tokens), :mod:`.results` (header rows, result sets), :mod:`.faults` (fault order).
+"""
+
+from daemon.sandbox.app import create_app
+from daemon.sandbox.options import add_arguments, settings_from_args
+from daemon.sandbox.settings import TEST_KEY, Faults, SandboxSettings
+from daemon.sandbox.state import SANDBOX, SandboxState
+
+__all__ = [
+    "SANDBOX",
+    "TEST_KEY",
+    "Faults",
+    "SandboxSettings",
+    "SandboxState",
+    "add_arguments",
+    "create_app",
+    "settings_from_args",
+]

@@ -1,0 +1,92 @@
+"""What the sandbox is started with: timing knobs, the accepted key and the fault knobs.
+
+``SandboxSettings`` is read once when the app is created. ``Faults`` is the exception: the
+running sandbox keeps its own copy (``state.faults``) that tests and the admin endpoint
+change at runtime, while ``settings.faults`` stays what ``/_sandbox/reset`` returns to.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+#: A key for tests. Deliberately not 32 alphanumerics, so it can never be mistaken for,
+#: or scanned as, a real IPQS key.
+TEST_KEY = "sandbox-test-key-not-a-real-key"
+
+#: The API operations the rate faults and the latency can be aimed at.
+OPERATIONS = frozenset({"upload", "status", "list", "download"})
+
+#: Knobs that are probabilities from 0 to 1.
+RATE_KNOBS = (
+    "error_5xx_rate",
+    "rate_limit_403_rate",
+    "rate_limit_429_rate",
+    "drop_rate",
+    "lost_answer_rate",
+)
+
+
+@dataclass
+class Faults:
+    """Fault knobs; mutable at runtime. Every ``*_rate`` is a probability from 0 to 1.
+
+    The order in which they act on a request is documented in :mod:`daemon.sandbox.faults`.
+    """
+
+    latency_ms: float = 0
+    error_5xx_rate: float = 0
+    rate_limit_403_rate: float = 0
+    rate_limit_429_rate: float = 0
+    retry_after_seconds: float = 1
+    drop_rate: float = 0
+    lost_answer_rate: float = 0
+    credits: int | None = None
+    invalid_key: bool = False
+    outage: bool = False
+    operations: frozenset[str] = OPERATIONS
+    seed: int | None = None
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first knob that is out of range."""
+        for name in RATE_KNOBS:
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be between 0 and 1")
+        for name in ("latency_ms", "retry_after_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.credits is not None and self.credits < 0:
+            raise ValueError("credits must not be negative")
+        unknown = self.operations - OPERATIONS
+        if unknown:
+            raise ValueError(f"operations has unknown names: {', '.join(sorted(unknown))}")
+
+    def as_json(self) -> dict[str, object]:
+        """The knobs as a JSON-ready dict (``operations`` as a sorted list)."""
+        data: dict[str, object] = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["operations"] = sorted(self.operations)
+        return data
+
+
+@dataclass
+class SandboxSettings:
+    """How the sandbox behaves. Every duration is in seconds of the sandbox clock.
+
+    ``public_url`` is the base that ``status_url`` and download links start with (no
+    ``/api``); by default it is taken from each request (``scheme://host``). ``spool_dir``
+    gets ``jobs/`` and ``incoming/`` folders, emptied at start; by default a temporary
+    directory removed at shutdown.
+    """
+
+    key: str | None = None
+    new_seconds: float = 0.5
+    processing_seconds: float = 1.0
+    per_row_seconds: float = 0.001
+    link_ttl_seconds: float = 900
+    public_url: str | None = None
+    fetch_urls: bool = False
+    spool_dir: Path | None = None
+    clock: Callable[[], float] = field(default=time.monotonic)
+    faults: Faults = field(default_factory=Faults)
