@@ -13,15 +13,17 @@ fetched at once.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import io
 import json
 import os
 import ssl
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -100,6 +102,10 @@ def _as_str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _open_no_follow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
 class _UploadFile(io.FileIO):
     """A file opened for upload that counts, hashes and reports what aiohttp reads.
 
@@ -109,7 +115,10 @@ class _UploadFile(io.FileIO):
     """
 
     def __init__(self, path: Path, progress: Callable[[int], None] | None) -> None:
-        super().__init__(path, "rb")
+        super().__init__(path, "rb", opener=_open_no_follow)
+        if not stat.S_ISREG(os.fstat(self.fileno()).st_mode):
+            self.close()
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
         self.sent = 0
         self.size = os.fstat(self.fileno()).st_size
         self.sha256 = hashlib.sha256()
@@ -292,7 +301,7 @@ class IpqsClient:
         ids = [j.id for j in page.csvs if j.id is not None]
         return max(ids) if ids else None
 
-    async def download(self, url: str, dest: Path) -> int:
+    async def download(self, url: str, dest: Path, *, mode: int = 0o640) -> int:
         """Fetch a one-time result link into ``dest``: temporary file, length check, rename.
 
         A refused link (expired, used) raises :class:`RejectedError`; the caller asks for
@@ -303,7 +312,7 @@ class IpqsClient:
         try:
             async with self.session.get(url, ssl=self._ssl) as resp:
                 await self._check_download_response(resp)
-                written = await self._stream_to(resp, tmp)
+                written = await self._stream_to(resp, tmp, mode)
             await asyncio.to_thread(os.replace, tmp, dest)
             return written
         except aiohttp.ClientError as exc:
@@ -329,9 +338,9 @@ class IpqsClient:
             raise RejectedError(f"result file of {resp.content_length} bytes exceeds "
                                 "api.max_download_bytes")
 
-    async def _stream_to(self, resp: aiohttp.ClientResponse, tmp: Path) -> int:
+    async def _stream_to(self, resp: aiohttp.ClientResponse, tmp: Path, mode: int) -> int:
         written = 0
-        fh = await asyncio.to_thread(open, tmp, "wb")
+        fh = await asyncio.to_thread(_create, tmp, mode)
         try:
             async for chunk in resp.content.iter_chunked(_CHUNK):
                 written += len(chunk)
@@ -411,6 +420,10 @@ class IpqsClient:
         return self.scrub(message if isinstance(message, str) and message else default)
 
     def _network_error(self, exc: aiohttp.ClientError, op: str, *, sent: bool) -> IpqsError:
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+            # Not going to heal by retrying: a setting is wrong. Pause, say why.
+            return AccountError(f"{op}: TLS verification of the IPQS host failed "
+                                f"({type(exc).__name__}); check api.ca_bundle and proxies")
         # Connection-phase failures (refused, DNS, connect timeout) never carried a request.
         if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
             return TransientError(f"{op}: cannot connect to IPQS ({type(exc).__name__})",
@@ -432,6 +445,13 @@ def _retry_after(value: str | None) -> float | None:
         return max(0.0, float(value)) if value is not None else None
     except ValueError:
         return None
+
+
+def _create(path: Path, mode: int) -> BinaryIO:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 mode)
+    os.fchmod(fd, mode)  # O_CREAT's mode is cut by the umask; the setting is meant exactly
+    return os.fdopen(fd, "wb")
 
 
 def _flush_and_sync(fh: Any) -> None:

@@ -287,6 +287,8 @@ def _check(key: str, value: Any) -> None:
         raise ConfigError(f"config key {key} must be a positive number, got {value!r}")
     if key == "api.base_url" and not value.startswith(("http://", "https://")):
         raise ConfigError(f"config key api.base_url must be an http(s) URL, got {value!r}")
+    if key == "api.ca_bundle" and value and not os.access(value, os.R_OK):
+        raise ConfigError(f"config key api.ca_bundle: cannot read {value}")
     if key == "spool.file_mode" and not 0 <= value <= 0o777:
         raise ConfigError(f"config key spool.file_mode must be a permission mode, got {value!r}")
 

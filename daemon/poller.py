@@ -173,7 +173,8 @@ class Poller:
                             link = answer.downloads.get(name) or link
                         with pipe.metrics.api_latency.labels("download").time():
                             size = await pipe.client.download(
-                                link, pipe.spool.results_dir(job) / name)
+                                link, pipe.spool.results_dir(job) / name,
+                                mode=pipe.spool.file_mode)
                 job.results[name] = name
                 log.info("results_downloaded", set=name, bytes=size)
                 return answer

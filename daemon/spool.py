@@ -27,12 +27,13 @@ import json
 import os
 import secrets
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import structlog
 
@@ -74,6 +75,7 @@ class Job:
     sha256: str | None = None
     bytes: int | None = None
     rows: int | None = None
+    mtime_ns: int | None = None
     id: int | None = None
     status: str | None = None
     invalid_records: int | None = None
@@ -202,15 +204,32 @@ class Spool:
     def inspect(self, job: Job) -> str | None:
         """Fill in sha256, size and line count of the claimed input, in one streamed pass,
         and say what makes it certainly unacceptable to IPQS (None when nothing does)."""
-        facts = inspect_file(self.input_path(job))
+        path = self.input_path(job)
+        before = path.lstat()
+        facts = inspect_file(path)
         job.sha256, job.bytes, job.rows = facts.sha256, facts.bytes, facts.rows
+        job.mtime_ns = before.st_mtime_ns
+        if facts.problem is None and before.st_nlink > 1 and not hardlinks_protected():
+            # Without fs.protected_hardlinks anyone could link in a file they may not
+            # read; with it, a hard link only shares what its maker could read anyway.
+            return ("the file has other hard links and fs.protected_hardlinks is off: "
+                    "copy it into the inbox instead of linking it")
         return facts.problem
+
+    def changed(self, job: Job) -> bool:
+        """Has the input changed (size or mtime) since :meth:`inspect`, or vanished?"""
+        try:
+            now = self.input_path(job).lstat()
+        except FileNotFoundError:
+            return True
+        return (now.st_size, now.st_mtime_ns) != (job.bytes, job.mtime_ns)
 
     # -- records --------------------------------------------------------------------------
 
     def save(self, job: Job) -> None:
         """Write the job's state atomically; on return it survives a crash."""
-        data = json.dumps(dataclasses.asdict(job), indent=2, ensure_ascii=False).encode()
+        # ASCII JSON: names that are not valid UTF-8 survive as \udcXX escapes.
+        data = json.dumps(dataclasses.asdict(job), indent=2).encode()
         _atomic_write(self.job_dir(job) / JOB_FILE, data, self.file_mode)
 
     def load(self, job_dir: Path) -> Job | None:
@@ -325,9 +344,9 @@ class Spool:
         return outcome_dir / f"{job.final_name}.json"
 
     def _free_name(self, folder: Path, job: Job) -> str:
-        stem, dot, ext = job.source.partition(".")
+        stem, dot, ext = _fit_name(job.source).partition(".")
         for n in range(0, 100000):
-            name = job.source if n == 0 else f"{stem}-{n}{dot}{ext}"
+            name = f"{stem}{dot}{ext}" if n == 0 else f"{stem}-{n}{dot}{ext}"
             names = [name, f"{name}.json", *(f"{name}.{s}.csv" for s in job.results)]
             if not any(os.path.lexists(folder / n2) for n2 in names):
                 return name
@@ -351,7 +370,7 @@ class Spool:
                 return False
         public = dict(job.record())
         public["results"] = {s: f"{name}.{s}.csv" for s in job.results}
-        data = json.dumps(public, indent=2, ensure_ascii=False).encode() + b"\n"
+        data = json.dumps(public, indent=2).encode() + b"\n"
         record = folder / f"{name}.json"
         if not _exclusive_write(record, data, self.file_mode):
             existing = _read_json(record)
@@ -393,7 +412,7 @@ def inspect_file(path: Path) -> FileFacts:
     last = b"\n"
     problem: str | None = None
     text_seen = False
-    with path.open("rb") as fh:
+    with open_regular(path) as fh:
         while chunk := fh.read(_HASH_CHUNK):
             digest.update(chunk)
             size += len(chunk)
@@ -407,6 +426,36 @@ def inspect_file(path: Path) -> FileFacts:
     if problem is None and not text_seen:
         problem = "the file is empty" if size == 0 else "the file holds no rows"
     return FileFacts(digest.hexdigest(), size, lines + (last != b"\n"), problem)
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Open ``path`` for reading only if it is a regular file, never through a symlink.
+
+    ``O_NOFOLLOW`` refuses a symlink swapped in at the last moment; ``O_NONBLOCK`` keeps a
+    fifo from hanging the open, and the ``fstat`` then turns it (or a device) away.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class NotRegularFileError(OSError):
+    """A path that should be a plain file is a fifo, socket, device or folder."""
+
+
+def hardlinks_protected() -> bool:
+    """Does the kernel stop users from hard-linking files they may not read?"""
+    try:
+        return Path("/proc/sys/fs/protected_hardlinks").read_text().strip() == "1"
+    except OSError:
+        return False
 
 
 def place_no_clobber(src: Path, folder: Path, name: str, *, tries: int = 10000) -> Path:
@@ -434,6 +483,21 @@ def _check_text(chunk: bytes, decoder: codecs.IncrementalDecoder, *,
     except UnicodeDecodeError:
         return "the file is not UTF-8 text"
     return None
+
+
+# Room for what a placed name gets: "-99999" and the longest suffix, ".pristine.csv".
+_NAME_MAX = 255 - len("-99999") - len(".pristine.csv")
+
+
+def _fit_name(name: str) -> str:
+    """``name`` shortened (in bytes, keeping the end of its extensions) so that every file
+    placed beside it still has a legal name."""
+    raw = os.fsencode(name)
+    if len(raw) <= _NAME_MAX:
+        return name
+    stem, dot, ext = raw.partition(b".")
+    tail = (dot + ext)[-(_NAME_MAX // 2):] if dot else b""
+    return os.fsdecode(stem[: _NAME_MAX - len(tail)] or b"file") + os.fsdecode(tail)
 
 
 def upload_name(source: str, job_id: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -31,6 +31,7 @@ log = structlog.get_logger(__name__)
 URL_SUFFIX = ".url"
 _URL_SCHEMES = ("http", "https", "ftp")
 _MAX_URL_FILE = 8192
+_MAX_CELL = 64 * 1024 * 1024
 
 
 class Tracker(Protocol):
@@ -76,6 +77,9 @@ class Uploader:
             self.busy += 1
             try:
                 await self._take(candidate)
+            except Exception:
+                # A bug must cost one file its progress, never the daemon its workers.
+                log.exception("upload_worker_error", path=str(candidate.path))
             finally:
                 self.busy -= 1
 
@@ -103,7 +107,10 @@ class Uploader:
         pipe.started(job)
         structlog.contextvars.bind_contextvars(job=job.job, source=job.source)
         try:
-            if job.state == CLAIMED and not await self._check(job):
+            if job.state == CLAIMED and job.sha256 is None and not await self._inspect(job):
+                pipe.breaker.release()
+                return
+            if job.state == CLAIMED and not await self._check_duplicate(job):
                 pipe.breaker.release()
                 return
             if permitted:
@@ -130,15 +137,30 @@ class Uploader:
         finally:
             structlog.contextvars.unbind_contextvars("job", "source")
 
-    async def _check(self, job: Job) -> bool:
-        """Inspect the claimed input; False if the job ended here (invalid or duplicate)."""
+    async def _inspect(self, job: Job) -> bool:
+        """Hash and check the claimed input (once: the claim-time facts are kept, so a later
+        change is caught); False if the job ended here as invalid input."""
         pipe = self.pipe
-        problem = await asyncio.to_thread(pipe.spool.inspect, job)
-        if problem is None and job.method == "url":
-            problem = _url_problem(pipe.spool.input_path(job))
+        try:
+            problem = await asyncio.to_thread(pipe.spool.inspect, job)
+            if problem is None and job.method == "url":
+                problem = await asyncio.to_thread(_url_problem, pipe.spool.input_path(job))
+            elif problem is None and job.method == "json":
+                problem = await asyncio.to_thread(_rows_problem, pipe.spool.input_path(job))
+        except FileNotFoundError:
+            problem = "the file vanished after it was claimed"
+        except OSError as exc:
+            # Unreadable, a symlink or fifo swapped in, ...: never retried, never followed.
+            problem = f"the file cannot be read as a regular file: {exc.strerror or exc}"
         if problem is not None:
             await pipe.finish(job, "failed", "invalid-input", problem)
             return False
+        await pipe.save(job)
+        return True
+
+    async def _check_duplicate(self, job: Job) -> bool:
+        """Take the content's duplicate marker; False if the job ended here as a duplicate."""
+        pipe = self.pipe
         window = pipe.config.upload.duplicate_window_hours * 3600
         earlier = await asyncio.to_thread(pipe.spool.mark, job, window)
         if earlier is not None:
@@ -153,7 +175,7 @@ class Uploader:
     async def _submit(self, job: Job) -> None:
         pipe = self.pipe
         while True:
-            if await self._changed(job):
+            if await asyncio.to_thread(pipe.spool.changed, job):
                 await pipe.finish(job, "failed", "invalid-input",
                                   "the file changed or vanished after it was claimed")
                 return
@@ -211,12 +233,6 @@ class Uploader:
             job.warning = "the file changed while it was being uploaded"
         return answer
 
-    async def _changed(self, job: Job) -> bool:
-        try:
-            size = (await asyncio.to_thread(self.pipe.spool.input_path(job).stat)).st_size
-        except FileNotFoundError:
-            return True
-        return size != job.bytes
 
     async def _lookup(self, job: Job) -> CsvJob | None:
         """Is the job at IPQS already? Two "absent" answers, some seconds apart, say no."""
@@ -294,6 +310,20 @@ def _url_problem(path: Path) -> str | None:
     return None
 
 
-def _read_rows(path: Path) -> list[list[str]]:
+def _rows_problem(path: Path) -> str | None:
+    """Why the file cannot be sent as JSON rows (None if it can)."""
+    try:
+        rows = sum(1 for _ in _iter_rows(path))
+    except (csv.Error, UnicodeDecodeError) as exc:
+        return f"the file cannot be read as CSV rows: {exc}"
+    return None if rows else "the file holds no rows"
+
+
+def _iter_rows(path: Path) -> Iterator[list[str]]:
+    csv.field_size_limit(max(csv.field_size_limit(), _MAX_CELL))
     with path.open(encoding="utf-8-sig", newline="") as fh:
-        return [row for row in csv.reader(fh) if any(cell.strip() for cell in row)]
+        yield from (row for row in csv.reader(fh) if any(cell.strip() for cell in row))
+
+
+def _read_rows(path: Path) -> list[list[str]]:
+    return list(_iter_rows(path))

@@ -129,7 +129,7 @@ def drop(root: Path, file_type: str, name: str, data: bytes) -> Path:
     """Write elsewhere, then rename into the inbox: how files should be dropped."""
     inbox = root / "inbox" / file_type
     inbox.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".staging-{name}"
+    tmp = root / f".staging-{abs(hash(name))}"
     tmp.write_bytes(data)
     tmp.rename(inbox / name)
     return inbox / name
