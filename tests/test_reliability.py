@@ -245,8 +245,8 @@ async def test_two_daemons_on_one_spool_take_each_file_once(tmp_path: Path) -> N
             expected = drop_many(root, 40)
             await wait_for(lambda: len(records(root, "done")) == len(expected),
                            what="40 files done by two daemons")
+        # Each file finished by exactly one of them (how they share is up to timing).
         assert one.pipe.outcomes["done"] + two.pipe.outcomes["done"] == 40
-        assert one.pipe.outcomes["done"] > 0 and two.pipe.outcomes["done"] > 0
         assert_each_done_once(root, sandbox, expected)
 
 
