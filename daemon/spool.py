@@ -122,11 +122,26 @@ class Owner:
 
     @classmethod
     def current(cls) -> Owner:
-        return cls(socket.gethostname(), os.getpid(), secrets.token_hex(4))
+        return cls(_host_identity(), os.getpid(), secrets.token_hex(4))
 
     @property
     def name(self) -> str:
         return f"{self.host}:{self.pid}:{self.token}"
+
+
+def _host_identity() -> str:
+    """The host name plus the pid namespace: two containers may share a host name, and a
+    pid means something only inside its own namespace."""
+    host = socket.gethostname().replace(":", "_")
+    try:
+        return f"{host}-{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return host
+
+
+def new_job_id() -> str:
+    """A job id that sorts by time: ``YYYYmmddTHHMMSS-<8 hex>``."""
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
 
 
 class Spool:
@@ -166,14 +181,16 @@ class Spool:
 
     # -- claim ----------------------------------------------------------------------------
 
-    def claim(self, file_type: str, path: Path, method: str) -> Job | None:
+    def claim(self, file_type: str, path: Path, method: str,
+              job_id: str | None = None) -> Job | None:
         """Take ``path`` out of the inbox into a new job folder, or None if it is gone.
 
         The job record is written before the rename, so a crash in between leaves a job
         folder without its input, which :meth:`recover` removes. Renaming is what makes a
-        claim exclusive: of several daemons, exactly one rename succeeds.
+        claim exclusive: of several daemons, exactly one rename succeeds. ``job_id`` (from
+        :func:`new_job_id`) lets the caller register the job before its folder exists.
         """
-        job_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
+        job_id = job_id or new_job_id()
         job = Job(job=job_id, type=file_type, source=path.name,
                   file_name=upload_name(path.name, job_id), method=method,
                   claimed_at=utcnow(), owner=self.owner.name)

@@ -23,7 +23,7 @@ from daemon import retry
 from daemon.api import CsvJob
 from daemon.errors import AccountError, LostAnswerError, RejectedError, TransientError
 from daemon.pipeline import Pipeline
-from daemon.spool import CLAIMED, SUBMITTED, UPLOADING, Job, utcnow
+from daemon.spool import CLAIMED, SUBMITTED, UPLOADING, Job, new_job_id, utcnow
 from daemon.watcher import Candidate
 
 log = structlog.get_logger(__name__)
@@ -84,12 +84,20 @@ class Uploader:
                 self.busy -= 1
 
     async def _take(self, candidate: Candidate) -> None:
+        # Registered before its folder exists, so the recovery sweep never mistakes a
+        # claim under way for a job left behind.
+        job_id = new_job_id()
+        self.pipe.active.add(job_id)
         try:
             job = await asyncio.to_thread(self.pipe.spool.claim, candidate.type,
-                                          candidate.path, self._method(candidate.path))
+                                          candidate.path, self._method(candidate.path), job_id)
+        except BaseException:
+            self.pipe.active.discard(job_id)
+            raise
         finally:
             self.done_with(candidate.path)
         if job is None:
+            self.pipe.active.discard(job_id)
             self.pipe.breaker.release()
             return
         await self.process(job, permitted=True)
