@@ -60,12 +60,19 @@ def is_ignored(name: str) -> bool:
 class WatchSettings:
     """How the watcher decides that a file is complete (the ``[watch]`` config section)."""
 
+    #: Size, mtime and inode must stay unchanged this long when writers are visible.
     settle_seconds: float = 0.2
+    #: ... and this long when they are not ("quiet", or /proc only partly readable).
     quiet_seconds: float = 5.0
+    #: "auto" | "proc" | "quiet"; see :class:`Watcher`.
     writer_check: str = "auto"
+    #: Full rescan period: events get lost on overflow, on NFS and across restarts.
     rescan_seconds: float = 60.0
+    #: Poll instead of inotify, for NFS/SMB mounts where inotify sees nothing.
     force_polling: bool = False
+    #: Polling interval when ``force_polling``.
     poll_delay_ms: int = 500
+    #: Bound of the hand-off queue.
     queue_size: int = 64
 
 
@@ -112,6 +119,9 @@ class _Pending:
     seen: _Seen
     first_seen: float
     last_change: float
+    # Seconds the file had already been still when this version of it was first seen
+    # (from its mtime): a file renamed in long after it was written needs no quiet wait.
+    credit: float = 0.0
 
     def candidate(self) -> Candidate:
         seen = self.seen
@@ -437,7 +447,6 @@ class Watcher:
         means nothing wrote in between. Events make us look sooner, so that a write
         restarts the window from when it happened, not from when the window ran out.
         """
-        window = self._window()  # the /proc pass may just have lengthened it
         ready = []
         for entry in checked:
             if self._pending.get(entry.path) is not entry:
@@ -445,11 +454,12 @@ class Watcher:
             seen = observed.seen[entry.path]
             if seen is None or seen.kind != "regular":
                 self._drop(entry.path, seen)
-            elif seen != entry.seen:
-                entry.seen, entry.last_change = seen, now  # written to or replaced
+            elif seen != entry.seen:  # written to or replaced
+                entry.seen, entry.last_change, entry.credit = seen, now, self._credit(seen)
             elif seen.key in observed.writers:
                 entry.last_change = now  # its window starts when the writer lets go
-            elif entry in due and now - entry.last_change >= window:
+            # The window is taken afresh: the /proc pass may just have lengthened it.
+            elif entry in due and now - entry.last_change >= self._window(entry):
                 ready.append(entry)
         return ready
 
@@ -465,14 +475,13 @@ class Watcher:
         room = self._hand_off_room()
         if not room:
             return []
-        window = self._window()
-        due = (e for e in self._pending.values() if now >= e.last_change + window)
+        due = (e for e in self._pending.values() if now >= e.last_change + self._window(e))
         return list(itertools.islice(due, room))
 
     def _next_due(self) -> float | None:
         if not self._pending or not self._hand_off_room():
             return None  # a consumer taking from the queue wakes us
-        earliest = min(e.last_change for e in self._pending.values()) + self._window()
+        earliest = min(e.last_change + self._window(e) for e in self._pending.values())
         return max(earliest - self._clock(), 0.0) + _DUE_SLACK
 
     def _hand_off(self, ready: list[_Pending]) -> None:
@@ -492,10 +501,26 @@ class Watcher:
                 waited=round(self._clock() - entry.first_seen, 3),
             )
 
-    def _window(self) -> float:
-        if self._visible and self._settings.writer_check != "quiet":
-            return self._settings.settle_seconds
-        return self._settings.quiet_seconds
+    def _window(self, entry: _Pending | None = None) -> float:
+        """How long ``entry`` must stay unchanged before it is handed on.
+
+        With writers visible, the settle window. Otherwise the quiet window, less the time
+        the file had already been still (by its mtime) when first seen, and never less
+        than the settle window.
+        """
+        settings = self._settings
+        if self._visible and settings.writer_check != "quiet":
+            return settings.settle_seconds
+        credit = entry.credit if entry is not None else 0.0
+        return max(settings.settle_seconds, settings.quiet_seconds - credit)
+
+    def _credit(self, seen: _Seen) -> float:
+        """How long the file has been still by its mtime; none on network file systems
+        (``force_polling``), whose clocks may differ from ours."""
+        if self._settings.force_polling:
+            return 0.0
+        still = time.time() - seen.mtime_ns / 1e9
+        return min(max(still, 0.0), self._settings.quiet_seconds)
 
     def _set_visible(self, visible: bool) -> None:
         if self._settings.writer_check != "auto" or visible == self._visible:
@@ -532,7 +557,7 @@ class Watcher:
             self._turned_away()
             return False
         self._reported.discard(path)
-        self._pending[path] = _Pending(type_, path, seen, now, now)
+        self._pending[path] = _Pending(type_, path, seen, now, now, self._credit(seen))
         log.debug("file_noticed", type=type_, path=str(path), size=seen.size)
         return True
 
@@ -661,8 +686,8 @@ def _validate(settings: WatchSettings) -> None:
         raise ValueError(f"writer_check must be one of {', '.join(_WRITER_CHECKS)}")
     if settings.queue_size < 1:
         raise ValueError("queue_size must be at least 1")  # 0 would make it unbounded
-    if settings.settle_seconds <= 0 or settings.quiet_seconds <= 0:
-        raise ValueError("settle_seconds and quiet_seconds must be positive")
+    if min(settings.settle_seconds, settings.quiet_seconds, settings.rescan_seconds) <= 0:
+        raise ValueError("settle_seconds, quiet_seconds and rescan_seconds must be positive")
 
 
 def _accept_change(change: watchfiles.Change, path: str) -> bool:
@@ -756,6 +781,10 @@ def _fd_key(fd: os.DirEntry[str]) -> _Key | None:
         st = fd.stat()  # follows the fd link to the open file; opens nothing
     except FileNotFoundError:
         return None  # closed meanwhile
+    except PermissionError:
+        # The fd list was readable but this one link is not (seen for some container
+        # init processes): its target is nothing we can read, so not one of our files.
+        return None
     return (st.st_dev, st.st_ino)
 
 

@@ -148,17 +148,24 @@ async def test_renamed_in_file_is_queued_once_and_fast(inboxes: dict[str, Path])
 async def test_done_with_lets_a_reappearing_file_be_offered_again(
     inboxes: dict[str, Path],
 ) -> None:
-    watcher, stop = make(inboxes)
+    watcher, stop = make(inboxes)  # rescan in 30 s: events and done_with must do it
     async with running(watcher, stop):
         await until(inboxes["phone"].is_dir)
         drop(inboxes["phone"], "a.csv")
         first = await take(watcher)
+        assert watcher.in_flight_count() == 1
         first.path.unlink()  # what a claim does
+        drop(inboxes["phone"], "a.csv", b"phone\n15551234567\n")  # before done_with
+        await assert_nothing_more(watcher, 0.3)  # still in flight: not offered twice
         watcher.done_with(first.path)
-        drop(inboxes["phone"], "a.csv", b"phone\n15551234567\n")
+        assert watcher.in_flight_count() == 0
         second = await take(watcher)
         assert second.path == first.path
         assert second.size == len(b"phone\n15551234567\n")
+        second.path.unlink()
+        watcher.done_with(second.path)
+        drop(inboxes["phone"], "a.csv", b"phone\n")  # after done_with: a plain new file
+        assert (await take(watcher)).size == len(b"phone\n")
 
 
 async def test_ignored_names_are_never_queued(inboxes: dict[str, Path]) -> None:
@@ -460,6 +467,8 @@ def test_settings_are_validated(inboxes: dict[str, Path]) -> None:
         Watcher(inboxes, replace(FAST, writer_check="sometimes"), asyncio.Event())
     with pytest.raises(ValueError, match="queue_size"):
         Watcher(inboxes, replace(FAST, queue_size=0), asyncio.Event())
+    with pytest.raises(ValueError, match="rescan_seconds"):
+        Watcher(inboxes, replace(FAST, rescan_seconds=0), asyncio.Event())
 
 
 # -- names --------------------------------------------------------------------------------------
@@ -478,3 +487,47 @@ def test_temporary_and_hidden_names_are_ignored(name: str, suffix: str) -> None:
 def test_ordinary_csv_names_are_not_ignored(stem: str) -> None:
     assert not is_ignored(stem + ".csv")
     assert not is_ignored(stem + ".url")
+
+
+QUIET = replace(FAST, writer_check="quiet", quiet_seconds=3.0)
+
+
+async def test_quiet_mode_takes_a_long_still_file_at_once(inboxes: dict[str, Path]) -> None:
+    # Written a minute ago, renamed in now: it has been quiet far longer than the window.
+    watcher, stop = make(inboxes, QUIET)
+    async with running(watcher, stop):
+        await until(inboxes["email"].is_dir)
+        staged = inboxes["email"].parent / "staged.csv"
+        staged.write_bytes(b"a@example.com\n")
+        old = time.time() - 60
+        os.utime(staged, (old, old))
+        started = time.monotonic()
+        staged.rename(inboxes["email"] / "old.csv")
+        candidate = await take(watcher, within=2.0)
+        assert candidate.path.name == "old.csv"
+        assert time.monotonic() - started < QUIET.quiet_seconds
+
+
+async def test_quiet_mode_waits_the_window_for_a_fresh_file(inboxes: dict[str, Path]) -> None:
+    watcher, stop = make(inboxes, QUIET)
+    async with running(watcher, stop):
+        await until(inboxes["email"].is_dir)
+        started = time.monotonic()
+        drop(inboxes["email"], "fresh.csv")  # mtime: just now
+        await take(watcher, within=QUIET.quiet_seconds + 3)
+        assert time.monotonic() - started >= QUIET.quiet_seconds - 0.2
+
+
+async def test_quiet_mode_gives_no_mtime_credit_with_polling(inboxes: dict[str, Path]) -> None:
+    # Network file systems: the server's clock is not ours, so mtimes are not trusted.
+    settings = replace(QUIET, force_polling=True, poll_delay_ms=50)
+    watcher, stop = make(inboxes, settings)
+    async with running(watcher, stop):
+        await until(inboxes["email"].is_dir)
+        staged = inboxes["email"].parent / "staged.csv"
+        staged.write_bytes(b"a@example.com\n")
+        os.utime(staged, (time.time() - 60, time.time() - 60))
+        started = time.monotonic()
+        staged.rename(inboxes["email"] / "old.csv")
+        await take(watcher, within=settings.quiet_seconds + 3)
+        assert time.monotonic() - started >= settings.quiet_seconds - 0.2
