@@ -53,12 +53,21 @@ class SpoolConfig:
 
 @dataclass(frozen=True)
 class WatchConfig:
+    """How the watcher decides that a file is complete (see :mod:`daemon.watcher`)."""
+
+    #: Size, mtime and inode must stay unchanged this long when writers are visible.
     settle_seconds: float = 0.2
+    #: ... and this long when they are not ("quiet", or /proc only partly readable).
     quiet_seconds: float = 5.0
+    #: "auto" | "proc" | "quiet".
     writer_check: str = "auto"
+    #: Full rescan period: events get lost on overflow, on NFS and across restarts.
     rescan_seconds: float = 60.0
+    #: Poll instead of inotify, for NFS/SMB mounts where inotify sees nothing.
     force_polling: bool = False
+    #: Polling interval when ``force_polling``.
     poll_delay_ms: int = 500
+    #: Bound of the hand-off queue.
     queue_size: int = 64
 
 

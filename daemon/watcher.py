@@ -30,6 +30,8 @@ from pathlib import Path
 import structlog
 import watchfiles
 
+from daemon.config import WatchConfig
+
 log = structlog.get_logger(__name__)
 
 _IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~")
@@ -56,24 +58,8 @@ def is_ignored(name: str) -> bool:
     return name.startswith(".") or name.lower().endswith(_IGNORED_SUFFIXES)
 
 
-@dataclass(frozen=True)
-class WatchSettings:
-    """How the watcher decides that a file is complete (the ``[watch]`` config section)."""
-
-    #: Size, mtime and inode must stay unchanged this long when writers are visible.
-    settle_seconds: float = 0.2
-    #: ... and this long when they are not ("quiet", or /proc only partly readable).
-    quiet_seconds: float = 5.0
-    #: "auto" | "proc" | "quiet"; see :class:`Watcher`.
-    writer_check: str = "auto"
-    #: Full rescan period: events get lost on overflow, on NFS and across restarts.
-    rescan_seconds: float = 60.0
-    #: Poll instead of inotify, for NFS/SMB mounts where inotify sees nothing.
-    force_polling: bool = False
-    #: Polling interval when ``force_polling``.
-    poll_delay_ms: int = 500
-    #: Bound of the hand-off queue.
-    queue_size: int = 64
+#: The watcher is configured by the ``[watch]`` config section as it is.
+WatchSettings = WatchConfig
 
 
 @dataclass(frozen=True)
