@@ -30,8 +30,13 @@ class HealthState:
         return True, "ready"
 
 
-def create_app(state: HealthState, metrics: Metrics) -> web.Application:
-    """The health application; served by :class:`HealthServer`."""
+def create_app(state: HealthState, metrics: Metrics,
+               refresh: Callable[[], object] | None = None) -> web.Application:
+    """The health application; served by :class:`HealthServer`.
+
+    ``refresh`` is called before each ``/metrics`` answer, so that gauges read from the
+    stages (queue depth, jobs in flight) are as of the scrape, not of the last status round.
+    """
 
     async def healthz(_request: web.Request) -> web.Response:
         # Answering at all proves the event loop is alive.
@@ -42,6 +47,8 @@ def create_app(state: HealthState, metrics: Metrics) -> web.Application:
         return web.json_response({"ready": ok, "reason": why}, status=200 if ok else 503)
 
     async def metrics_view(_request: web.Request) -> web.Response:
+        if refresh is not None:
+            refresh()
         response = web.Response(body=metrics.render())
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
@@ -54,7 +61,10 @@ def create_app(state: HealthState, metrics: Metrics) -> web.Application:
 
 
 class HealthServer:
-    """Runs the health application on ``host:port`` until closed."""
+    """Runs the health application on ``host:port`` until closed.
+
+    ``port`` is the bound port once :meth:`start` returned (``port = 0`` picks a free one).
+    """
 
     def __init__(self, app: web.Application, host: str, port: int) -> None:
         self._runner = web.AppRunner(app, access_log=None)
@@ -65,10 +75,13 @@ class HealthServer:
     async def start(self) -> None:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
-        await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else self._port
+        try:
+            await site.start()
+        except OSError:  # e.g. the port is taken: leave nothing half set up behind
+            await self._runner.cleanup()
+            raise
+        addresses = self._runner.addresses
+        self.port = int(addresses[0][1]) if addresses else self._port
 
     async def close(self) -> None:
         await self._runner.cleanup()

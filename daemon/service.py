@@ -29,7 +29,7 @@ from daemon.pipeline import Breaker, Pipeline
 from daemon.poller import Poller
 from daemon.spool import CLAIMED, FINISHING, SUBMITTED, UPLOADING, Job, Spool
 from daemon.uploader import Uploader
-from daemon.watcher import Watcher, WatchSettings
+from daemon.watcher import Watcher
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +45,9 @@ def make_client(config: Config) -> IpqsClient:
 class Service:
     """One running daemon over one spool."""
 
+    #: How often the gauges are refreshed and a changed ``STATUS=`` is sent to systemd.
+    status_seconds = 2.0
+
     def __init__(self, config: Config, *, client: IpqsClient | None = None,
                  notifier: Notifier | None = None) -> None:
         self.config = config
@@ -56,7 +59,7 @@ class Service:
                              breaker=Breaker(config.upload.pause_initial_seconds,
                                              config.upload.pause_max_seconds))
         self.watcher = Watcher({t: self.spool.inbox(t) for t in config.spool.types},
-                               WatchSettings(**vars(config.watch)), self.stop)
+                               config.watch, self.stop)
         self.poller = Poller(self.pipe)
         self.uploader = Uploader(self.pipe, self.watcher.queue, self.watcher.done_with,
                                  self.poller)
@@ -65,13 +68,16 @@ class Service:
         self.notifier = notifier or Notifier()
         self._tasks: set[asyncio.Task[None]] = set()
         self._signals = 0
+        self._status = ""
+        self.crashed = False
 
     # -- life cycle -----------------------------------------------------------------------
 
     async def run(self, *, once: bool = False) -> int:
         """Run until stopped (or, with ``once``, until the files present are finished).
 
-        Returns the exit status: 0, or 1 when a file of a ``--once`` batch failed.
+        Returns the exit status: 0, or 1 when a file of a ``--once`` batch failed or a stage
+        crashed (so that systemd's ``Restart=on-failure`` restarts the daemon).
         """
         await asyncio.to_thread(self.spool.prepare)
         await self._start_health()
@@ -82,7 +88,7 @@ class Service:
             if once:
                 return await self._run_once()
             await self._run_forever()
-            return 0
+            return 1 if self.crashed else 0
         finally:
             await self._shutdown()
 
@@ -92,6 +98,7 @@ class Service:
         self._spawn(self.poller.run(), "poller")
         self._spawn(self._housekeeping(), "housekeeping")
         self._spawn(self.watchdog(), "watchdog")
+        self._spawn(self._status_loop(), "status")
         self.health.watching = True
         self.notifier.send(READY="1", STATUS="watching inboxes")
         log.info("daemon_ready", root=str(self.config.spool.root),
@@ -102,6 +109,7 @@ class Service:
         self._spawn(self.uploader.run(), "uploader")
         self._spawn(self.poller.run(), "poller")
         self._spawn(self.watchdog(), "watchdog")
+        self._spawn(self._status_loop(), "status")
         self.health.watching = True
         self.notifier.send(READY="1", STATUS="processing one batch")
         await self.watcher.scan_once()
@@ -119,9 +127,11 @@ class Service:
         return 1 if self.pipe.outcomes["failed"] or self.spool_has_jobs() else 0
 
     def _batch_finished(self) -> bool:
-        return (self.watcher.queue.empty() and self.uploader.busy == 0
-                and not self.pipe.active and self.poller.waiting() == 0
-                and self.watcher.pending_count() == 0)
+        # In-flight counts a file from the moment it leaves the queue until its job is
+        # registered as active, so no moment in between looks idle.
+        return (self.watcher.in_flight_count() == 0 and self.watcher.pending_count() == 0
+                and self.watcher.queue.empty() and not self.pipe.active
+                and self.poller.waiting() == 0)
 
     def spool_has_jobs(self) -> bool:
         return any(True for _ in self.spool.jobs())
@@ -135,6 +145,7 @@ class Service:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("stage_crashed", stage=task.get_name(), error=repr(task.exception()))
+            self.crashed = True
             self.stop.set()
 
     async def _shutdown(self) -> None:
@@ -199,7 +210,8 @@ class Service:
             if job is None:
                 await asyncio.to_thread(self._broken_job, job_dir)
                 continue
-            if not await asyncio.to_thread(self.spool.orphaned, job):
+            if job.job in self.pipe.active or not await asyncio.to_thread(
+                    self.spool.orphaned, job):
                 continue
             await asyncio.to_thread(self.spool.adopt, job)
             await self._resume(job)
@@ -247,30 +259,44 @@ class Service:
         while not self.stop.is_set():
             await asyncio.to_thread(self.spool.heartbeat)
             await self.recover()
-            self._report()
             await wait_any(self.stop, within=every)
 
-    def _report(self) -> None:
+    async def _status_loop(self) -> None:
+        """Keep the gauges and systemd's STATUS= current; cheap (a few len() calls)."""
+        while not self.stop.is_set():
+            self._report()
+            await wait_any(self.stop, within=self.status_seconds)
+
+    def refresh_gauges(self) -> str:
+        """Set the queue and in-flight gauges from the stages; return the status line."""
         pending = self.watcher.pending_count()
+        at_ipqs = self.poller.waiting()
+        uploading = max(len(self.pipe.active) - at_ipqs, 0)
         m = self.pipe.metrics
         m.queue_depth.set(pending + self.watcher.queue.qsize())
         m.oldest_pending.set(self.watcher.oldest_pending_age() or 0)
         m.breaker_open.set(1 if self.pipe.breaker.paused else 0)
-        m.in_flight.labels("uploading").set(len(self.pipe.active) - self.poller.waiting())
-        m.in_flight.labels("at_ipqs").set(self.poller.waiting())
-        status = (f"inbox {pending}, uploading {len(self.pipe.active) - self.poller.waiting()}, "
-                  f"at IPQS {self.poller.waiting()}, done {self.pipe.outcomes['done']}, "
-                  f"failed {self.pipe.outcomes['failed']}")
+        m.in_flight.labels("uploading").set(uploading)
+        m.in_flight.labels("at_ipqs").set(at_ipqs)
+        status = (f"inbox {pending}, queued {self.watcher.queue.qsize()}, "
+                  f"uploading {uploading}, at IPQS {at_ipqs}, "
+                  f"done {self.pipe.outcomes['done']}, failed {self.pipe.outcomes['failed']}")
         if self.pipe.breaker.paused:
             status += f"; PAUSED: {self.pipe.breaker.reason}"
-        self.notifier.send(STATUS=status)
+        return status
+
+    def _report(self) -> None:
+        status = self.refresh_gauges()
+        if status != self._status:  # systemd needs no repeats; the journal stays quiet
+            self._status = status
+            self.notifier.send(STATUS=status)
 
     async def _start_health(self) -> None:
         cfg = self.config.health
         if not cfg.enabled:
             return
-        self.health_server = HealthServer(create_app(self.health, self.pipe.metrics),
-                                          cfg.host, cfg.port)
+        app = create_app(self.health, self.pipe.metrics, refresh=self.refresh_gauges)
+        self.health_server = HealthServer(app, cfg.host, cfg.port)
         try:
             await self.health_server.start()
         except OSError as exc:
