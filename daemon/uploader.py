@@ -234,11 +234,12 @@ class Uploader:
                 return await client.upload_url(job.type, url, job.file_name)
             if job.method == "json":
                 rows = await asyncio.to_thread(_read_rows, path)
-                return await client.upload_rows(job.type, rows, job.file_name)
-            answer, sent_sha = await client.upload_file(job.type, path, job.file_name)
+                answer = await client.upload_rows(job.type, rows, job.file_name)
+            else:
+                answer, sent_sha = await client.upload_file(job.type, path, job.file_name)
+                if sent_sha != job.sha256:
+                    job.warning = "the file changed while it was being uploaded"
         pipe.metrics.upload_bytes.inc(job.bytes or 0)
-        if sent_sha != job.sha256:
-            job.warning = "the file changed while it was being uploaded"
         return answer
 
 
@@ -249,7 +250,7 @@ class Uploader:
         for check in range(2):
             await retry.stoppable_sleep(pipe.stop)(delay if check else min(delay, 1.0))
             async for attempt in pipe.retrying("lookup"):
-                with attempt:
+                with attempt, pipe.metrics.api_latency.labels("lookup").time():
                     found = await pipe.client.find(job.file_name, job.type, floor_id=job.floor_id)
             if found is not None:
                 return found

@@ -207,7 +207,7 @@ class Watcher:
         self._tick = max(settings.settle_seconds / 2, 0.01)
         self._pending: dict[Path, _Pending] = {}  # insertion order is first-seen order
         self._dirty: dict[Path, str] = {}  # named by an event, not looked at yet
-        self._in_flight: set[Path] = set()
+        self._in_flight: dict[Path, float] = {}  # handed on -> when first noticed
         self._recheck: set[Path] = set()  # pending, and an event named it since
         self._touched: set[Path] = set()  # in flight, and an event named it meanwhile
         self._reported: set[Path] = set()
@@ -255,7 +255,7 @@ class Watcher:
         reached, so one flooded inbox neither starves the others nor fills memory.
         """
         async with self._scan_lock:
-            known = frozenset(self._pending.keys() | self._dirty.keys() | self._in_flight)
+            known = frozenset(self._pending.keys() | self._dirty.keys() | self._in_flight.keys())
             room = self.max_pending - self._load()
             report_room = _MAX_REPORTED - len(self._reported)
             self._missed = False
@@ -280,7 +280,7 @@ class Watcher:
     def done_with(self, path: Path) -> None:
         """A consumer handled a candidate (claimed, skipped or gone): forget it, so that
         a file appearing again under that name is offered again."""
-        self._in_flight.discard(path)
+        self._in_flight.pop(path, None)
         type_ = self._types.get(path.parent)
         if path in self._touched and type_ is not None:
             self._mark_dirty(type_, path)
@@ -297,9 +297,11 @@ class Watcher:
         return len(self._in_flight)
 
     def oldest_pending_age(self) -> float | None:
-        """Seconds since the longest-waiting pending file was noticed, or None."""
-        oldest = next(iter(self._pending.values()), None)
-        return None if oldest is None else self._clock() - oldest.first_seen
+        """Seconds since the longest-waiting file not yet claimed (settling, or settled and
+        waiting in the queue) was noticed, or None."""
+        noticed = [e.first_seen for e in itertools.islice(self._pending.values(), 1)]
+        noticed += itertools.islice(self._in_flight.values(), 1)
+        return self._clock() - min(noticed) if noticed else None
 
     def close(self) -> None:
         """Forget all state; idempotent. Stop :meth:`run` through the stop event first."""
@@ -477,7 +479,7 @@ class Watcher:
             if self.queue.full():
                 return
             del self._pending[entry.path]
-            self._in_flight.add(entry.path)
+            self._in_flight[entry.path] = entry.first_seen
             self.queue.put_nowait(entry.candidate())
             log.info(
                 "file_settled",
