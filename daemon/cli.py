@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from daemon import __version__
+from daemon import commands as people
 from daemon.config import Config, ConfigError, default_config_path, load_config
 from daemon.logs import add_secret, configure
 
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate and print the effective config")
     _add_config(check)
+
+    # Commands for people (submit, status, jobs, retry): daemon/commands/.
+    people.add_parsers(commands, _add_config)
     return parser
 
 
@@ -92,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _load(ns, sandbox=getattr(ns, "sandbox", False))
         if ns.command == "check-config":
             return _check_config(config)
+        if ns.command in people.NAMES:
+            configure("warning", config.log.format)
+            add_secret(config.api.key)
+            return people.run(ns, config)
         return _run(config, once=ns.once, sandbox=ns.sandbox)
     except ConfigError as exc:
         print(f"ipqs-bulkd: {exc}", file=sys.stderr)

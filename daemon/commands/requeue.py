@@ -1,0 +1,240 @@
+"""``ipqs-bulkd retry``: put failed files back into their inbox.
+
+For each file in ``failed/<type>/``, in this order (a crash in between leaves nothing lost,
+and running the command again completes it):
+
+1. the record ``<name>.json`` and any result files it names move to
+   ``history/<type>/<name>.<UTC time>.json`` and ``...<UTC time>.<set>.csv``;
+2. with ``--force``, the duplicate marker ``markers/<sha256>`` is removed, before the file
+   can be seen by the daemon;
+3. the file is linked into ``inbox/<type>/`` under its original name (or ``stem-1.ext``...
+   when that is taken) and unlinked from failed/. Nothing in the inbox is ever replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon.commands.common import (
+    EXIT_HELP,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    Console,
+)
+from daemon.config import Config
+from daemon.spool import place_no_clobber
+
+HISTORY = "history"
+
+DESCRIPTION = """\
+Move failed files from failed/<type>/ back into inbox/<type>/, so the daemon tries them
+again. Their record (<name>.json) and any result files are kept, with a time stamp, in
+history/<type>/. A name already in the inbox is never replaced: the file gets a free name
+(name-1.csv, ...).
+
+Content that IPQS already took (and was paid for) keeps its duplicate marker, so within
+upload.duplicate_window_hours the daemon would fail it again as a duplicate; the command
+says so. --force removes the marker, and the content is sent (and paid for) again.
+"""
+
+EPILOG = f"""\
+FILE is a path under failed/<type>/ (its record path works too) or just a file name,
+looked up in failed/<type>/ of every configured type (or of --type).
+
+examples:
+  ipqs-bulkd retry /var/lib/ipqs-bulkd/failed/email/list.csv
+  ipqs-bulkd retry list.csv --type email
+  ipqs-bulkd retry --all-failed --type phone
+  ipqs-bulkd retry list.csv --force
+
+{EXIT_HELP}"""
+
+
+def add_parser(commands: Any, add_config: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = commands.add_parser(
+        "retry", help="move failed files back into their inbox",
+        description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="*", metavar="FILE", help="failed files to put back")
+    p.add_argument("--all-failed", action="store_true",
+                   help="put back every failed file (of --type, if given)")
+    p.add_argument("--type", metavar="TYPE", help="only look in failed/TYPE/")
+    p.add_argument("--force", action="store_true",
+                   help="also remove the duplicate markers, so content IPQS already took is "
+                        "sent (and paid for) again")
+    add_config(p)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """One file in failed/<type>/."""
+
+    type: str
+    folder: Path
+    name: str
+
+    @property
+    def path(self) -> Path:
+        return self.folder / self.name
+
+    @property
+    def record_path(self) -> Path:
+        return self.folder / f"{self.name}.json"
+
+
+def run(ns: argparse.Namespace, config: Config, console: Console) -> int:
+    if bool(ns.files) == bool(ns.all_failed):
+        raise CommandError(EXIT_USAGE, "name the failed FILEs to put back, or give "
+                                       "--all-failed (not both)")
+    types = config.spool.types
+    if ns.type is not None and ns.type not in types:
+        raise CommandError(EXIT_USAGE, f"--type {ns.type}: not in spool.types "
+                                       f"({', '.join(types)})")
+    requeue = Requeue(config, console, force=ns.force)
+    wanted = (ns.type,) if ns.type else types
+    if ns.all_failed:
+        targets = [f for t in wanted for f in _all_failed(requeue.root, t)]
+        if not targets:
+            console.line("nothing to retry: no failed files")
+        missing = 0
+    else:
+        targets, missing = _resolve_all(requeue.root, wanted, ns.files, console)
+    for target in targets:
+        requeue.move_back(target)
+    console.line(f"{len(targets)} file(s) put back into their inbox")
+    return EXIT_NOT_FOUND if missing else EXIT_OK
+
+
+def _all_failed(root: Path, file_type: str) -> list[Failed]:
+    folder = root / "failed" / file_type
+    try:
+        names = sorted(e.name for e in os.scandir(folder) if e.is_file(follow_symlinks=False))
+    except FileNotFoundError:
+        return []
+    present = set(names)
+    return [Failed(file_type, folder, n[:-5]) for n in names
+            if n.endswith(".json") and not n.startswith(".") and n[:-5] in present]
+
+
+def _resolve_all(root: Path, types: tuple[str, ...], args: list[str],
+                 console: Console) -> tuple[list[Failed], int]:
+    found: list[Failed] = []
+    missing = 0
+    for arg in args:
+        target = _resolve(root, types, arg)
+        if target is None:
+            console.error(f"{arg}: not found in failed/<type>/ "
+                          f"({', '.join(str(root / 'failed' / t) for t in types)})")
+            missing += 1
+        elif target not in found:
+            found.append(target)
+    return found, missing
+
+
+def _resolve(root: Path, types: tuple[str, ...], arg: str) -> Failed | None:
+    """The failed file ``arg`` names: a path under failed/<type>/, or a bare name."""
+    path = Path(arg)
+    if path.parent != Path("."):
+        parent = path.parent.resolve()
+        folders = {(root / "failed" / t).resolve(): t for t in types}
+        if parent not in folders:
+            return None
+        candidates = [Failed(folders[parent], root / "failed" / folders[parent], path.name)]
+    else:
+        candidates = [Failed(t, root / "failed" / t, path.name) for t in types]
+    found = [c for f in candidates if (c := _input_of(f)) is not None]
+    if len(found) > 1:
+        raise CommandError(EXIT_USAGE, f"{arg}: in more than one failed/ folder "
+                                       f"({', '.join(f.type for f in found)}); give --type")
+    return found[0] if found else None
+
+
+def _input_of(candidate: Failed) -> Failed | None:
+    """The failed input a name means: the file itself, or the input of a named record."""
+    name = candidate.name
+    if name.endswith(".json") and os.path.isfile(candidate.folder / name[:-5]) and \
+            not os.path.exists(candidate.folder / f"{name}.json"):
+        return Failed(candidate.type, candidate.folder, name[:-5])
+    if os.path.isfile(candidate.path) and not os.path.islink(candidate.path):
+        return candidate
+    return None
+
+
+class Requeue:
+    """Moves failed files back, keeping their history (see the module docstring)."""
+
+    def __init__(self, config: Config, console: Console, *, force: bool) -> None:
+        self.root = config.spool.root
+        self.window = config.upload.duplicate_window_hours * 3600
+        self.console = console
+        self.force = force
+
+    def move_back(self, failed: Failed) -> None:
+        inbox = self.root / "inbox" / failed.type
+        inbox.mkdir(parents=True, exist_ok=True)
+        record = _read_json(failed.record_path)
+        kept = self._keep_history(failed, record)
+        marker = self._marker(record)
+        source = record.get("source")
+        wanted = Path(source).name if isinstance(source, str) and source else failed.name
+        placed = place_no_clobber(failed.path, inbox, wanted)
+        where = placed.relative_to(self.root)
+        self.console.line(f"{failed.type}/{failed.name}: back in {where}"
+                          + (f"; old record kept as {kept.relative_to(self.root)}" if kept
+                             else "; it had no record"))
+        if marker:
+            self.console.line(f"  {marker}")
+
+    def _keep_history(self, failed: Failed, record: dict[str, Any]) -> Path | None:
+        if not os.path.lexists(failed.record_path):
+            return None
+        history = self.root / HISTORY / failed.type
+        history.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        # Retried twice within a second: the second gets <stamp>-1, and so on.
+        tag = next(t for t in (stamp, *(f"{stamp}-{n}" for n in range(1, 10000)))
+                   if not os.path.lexists(history / f"{failed.name}.{t}.json"))
+        results = record.get("results") if isinstance(record.get("results"), dict) else {}
+        for result_set, file_name in (results or {}).items():
+            src = failed.folder / str(file_name)
+            if isinstance(file_name, str) and os.path.lexists(src) and "/" not in file_name:
+                place_no_clobber(src, history, f"{failed.name}.{tag}.{result_set}.csv")
+        return place_no_clobber(failed.record_path, history, f"{failed.name}.{tag}.json")
+
+    def _marker(self, record: dict[str, Any]) -> str | None:
+        """Deal with the content's duplicate marker; a line to say what happened, if any."""
+        sha = record.get("sha256")
+        if not isinstance(sha, str) or not sha.isalnum():
+            return None
+        path = self.root / "markers" / sha
+        marker = _read_json(path)
+        if not marker:
+            return None
+        if self.force:
+            path.unlink(missing_ok=True)
+            return (f"duplicate marker for job {marker.get('job')} removed (--force): the "
+                    "content will be sent, and paid for, again")
+        age = time.time() - float(marker.get("created", 0) or 0)
+        if self.window <= 0 or age >= self.window:
+            return None
+        return (f"note: IPQS already took this content as job {marker.get('job')} (IPQS id "
+                f"{marker.get('id')}) {age / 3600:.1f} h ago, so within "
+                "upload.duplicate_window_hours the daemon fails it again as a duplicate; "
+                "to send (and pay for) it again, retry it with --force")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

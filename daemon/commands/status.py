@@ -1,0 +1,258 @@
+"""``ipqs-bulkd status``: what the spool holds and what the daemon is doing, read-only.
+
+Safe beside a running daemon: it only lists folders, reads job records in processing/ and
+the newest few records in done/ and failed/, and asks the daemon's health endpoint whether
+uploads are paused. Work stays bounded on a big spool: folders are listed with
+``os.scandir`` (names and mtimes, no parsing) and only the newest ``--recent`` records are
+read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import heapq
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from daemon.commands.common import (
+    EXIT_HELP,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    Console,
+    human_age,
+    positive_int,
+    table,
+)
+from daemon.config import Config, HealthConfig
+from daemon.spool import Spool
+from daemon.watcher import is_ignored
+
+OUTCOMES = ("done", "failed")
+HEALTH_TIMEOUT = 2.0
+PAUSED_PREFIX = "uploads paused: "
+
+DESCRIPTION = """\
+Show the spool at a glance: per type, how many files wait in the inbox, are in
+processing, done or failed; the jobs in processing with their age and last IPQS status;
+the most recently finished files with their outcome; and whether the daemon has paused
+uploads (read from its health endpoint, health.host:health.port /readyz). Read-only:
+safe to run while the daemon runs.
+"""
+
+EPILOG = f"""\
+examples:
+  ipqs-bulkd status
+  ipqs-bulkd status --recent 30
+  ipqs-bulkd status --json | jq .types
+
+{EXIT_HELP}"""
+
+
+def add_parser(commands: Any, add_config: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = commands.add_parser(
+        "status", help="show the spool: counts, jobs in processing, recent outcomes",
+        description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recent", type=positive_int, default=10, metavar="N",
+                   help="how many recently finished files to show (default 10)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object instead of tables, for scripts")
+    add_config(p)
+
+
+def run(ns: argparse.Namespace, config: Config, console: Console) -> int:
+    report = collect(config, recent=ns.recent)
+    report["daemon"] = asyncio.run(probe(config.health))
+    if ns.json:
+        console.line(json.dumps(report, indent=2))
+    else:
+        render(report, console)
+    return EXIT_OK
+
+
+def collect(config: Config, *, recent: int) -> dict[str, Any]:
+    """Everything but the daemon's state, as JSON-ready data."""
+    root = config.spool.root
+    if not root.is_dir():
+        raise CommandError(EXIT_USAGE, f"config key spool.root: {root} is not a folder (the "
+                                       "daemon creates it when it starts)")
+    spool = Spool(root, config.spool.types)
+    types = config.spool.types
+    counts = {t: {"inbox": _count_inbox(spool.inbox(t)), "processing": 0, "done": 0,
+                  "failed": 0} for t in types}
+    processing = _processing(spool, counts)
+    finished: list[tuple[float, str, str, str]] = []
+    for outcome in OUTCOMES:
+        for file_type in types:
+            names = _records(root / outcome / file_type)
+            counts[file_type][outcome] = len(names)
+            finished.extend(_stamped(root / outcome / file_type, outcome, file_type, names))
+    newest = heapq.nlargest(recent, finished)
+    return {"root": str(root), "types": counts, "processing": processing,
+            "recent": [_finished(root, *item) for item in newest]}
+
+
+def _count_inbox(folder: Path) -> int:
+    return sum(1 for e in _scan(folder) if not is_ignored(e.name)
+               and e.is_file(follow_symlinks=False))
+
+
+def _scan(folder: Path) -> Iterator[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as entries:
+            yield from entries
+    except (FileNotFoundError, NotADirectoryError):
+        return
+
+
+def _processing(spool: Spool, counts: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
+    now = time.time()
+    jobs: list[dict[str, Any]] = []
+    for job_dir in spool.jobs():
+        job = spool.load(job_dir)
+        if job is None:
+            jobs.append({"job": job_dir.name, "type": None, "source": None,
+                         "state": "unreadable", "id": None, "status": None,
+                         "age_seconds": None})
+            continue
+        if job.type in counts:
+            counts[job.type]["processing"] += 1
+        jobs.append({"job": job.job, "type": job.type, "source": job.source,
+                     "state": job.state, "id": job.id, "status": job.status,
+                     "age_seconds": _age(job.claimed_at, now)})
+    return jobs
+
+
+def _age(iso: str | None, now: float) -> float | None:
+    if not iso:
+        return None
+    try:
+        return round(now - datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp(), 1)
+    except ValueError:
+        return None
+
+
+def _records(folder: Path) -> list[str]:
+    """Names of the records in a done/ or failed/ folder, by name alone.
+
+    ``x.json`` is a record if ``x`` is beside it, or if nothing (``x.json.json``) claims
+    ``x.json`` itself as its input; so an input that happens to end in .json is told apart
+    from a record whose input has vanished.
+    """
+    names = {e.name for e in _scan(folder) if not e.name.startswith(".")}
+    return [n for n in names if n.endswith(".json") and (n[:-5] in names
+                                                         or n + ".json" not in names)]
+
+
+def _stamped(folder: Path, outcome: str, file_type: str,
+             names: list[str]) -> Iterator[tuple[float, str, str, str]]:
+    for name in names:
+        try:
+            mtime = (folder / name).stat(follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            continue
+        yield mtime, outcome, file_type, name
+
+
+def _finished(root: Path, mtime: float, outcome: str, file_type: str,
+              record_name: str) -> dict[str, Any]:
+    record = _read_json(root / outcome / file_type / record_name)
+    return {"type": file_type, "name": record_name[:-5], "outcome": outcome,
+            "reason": record.get("reason"), "error": record.get("error"),
+            "id": record.get("id"), "status": record.get("status"),
+            "invalid_records": record.get("invalid_records"),
+            "finished_at": record.get("finished_at"), "mtime": round(mtime, 3),
+            "record": f"{outcome}/{file_type}/{record_name}"}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# -- the daemon's health endpoint -----------------------------------------------------------
+
+
+async def probe(health: HealthConfig) -> dict[str, Any]:
+    """The daemon's readiness from ``/readyz``: reachable, ready, paused and why."""
+    if not health.enabled:
+        return {"reachable": False, "ready": None, "paused": None,
+                "reason": "unknown (health endpoint off: health.enabled = false)"}
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(health.host, health.host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{health.port}/readyz"
+    timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session, \
+                session.get(url) as resp:
+            data = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("ready"), bool):
+        return {"reachable": False, "ready": None, "paused": None,
+                "reason": f"unknown (daemon not reachable at {url})"}
+    reason = str(data.get("reason") or "")
+    paused = reason.startswith(PAUSED_PREFIX)
+    return {"reachable": True, "ready": data["ready"], "paused": paused,
+            "reason": reason.removeprefix(PAUSED_PREFIX) if paused else reason}
+
+
+# -- text output ----------------------------------------------------------------------------
+
+
+def render(report: dict[str, Any], console: Console) -> None:
+    console.line(f"spool {report['root']}")
+    rows = [[t, c["inbox"], c["processing"], c["done"], c["failed"]]
+            for t, c in report["types"].items()]
+    console.line(table(["TYPE", "INBOX", "PROCESSING", "DONE", "FAILED"], rows))
+    console.line()
+    console.line(f"uploads: {_uploads(report['daemon'])}")
+    console.line()
+    jobs = report["processing"]
+    console.line(f"in processing: {len(jobs)}")
+    if jobs:
+        console.line(table(
+            ["JOB", "TYPE", "FILE", "STATE", "IPQS ID", "IPQS STATUS", "AGE"],
+            [[j["job"], j["type"], j["source"], j["state"], j["id"], j["status"],
+              human_age(j["age_seconds"])] for j in jobs]))
+    console.line()
+    recent = report["recent"]
+    console.line(f"recently finished: {len(recent)}")
+    if recent:
+        console.line(table(
+            ["FINISHED", "TYPE", "FILE", "OUTCOME", "IPQS ID", "DETAIL"],
+            [[r["finished_at"], r["type"], r["name"], _outcome(r), r["id"], _detail(r)]
+             for r in recent]))
+
+
+def _uploads(daemon: dict[str, Any]) -> str:
+    if not daemon["reachable"]:
+        return str(daemon["reason"])
+    if daemon["paused"]:
+        return f"PAUSED: {daemon['reason']}"
+    if daemon["ready"]:
+        return "running"
+    return f"not running yet: {daemon['reason']}"
+
+
+def _outcome(record: dict[str, Any]) -> str:
+    return f"failed ({record['reason']})" if record["outcome"] == "failed" else "done"
+
+
+def _detail(record: dict[str, Any]) -> str:
+    if record["outcome"] == "failed":
+        error = str(record.get("error") or "")
+        return error if len(error) <= 60 else error[:57] + "..."
+    invalid = record.get("invalid_records")
+    return f"{record.get('status') or '-'}, {invalid if invalid is not None else '-'} invalid"

@@ -1,0 +1,442 @@
+"""``ipqs-bulkd submit``: one file (or URL) to IPQS by hand, without the daemon.
+
+It follows the daemon's rules: the same client and retry policy; the same duplicate guard
+(a marker in the configured spool's ``markers/``, so the daemon and ``submit`` never both
+pay for the same content); and an upload whose answer was lost is looked up by its unique
+``file_name`` before it is ever sent again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import functools
+import hashlib
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from daemon import ALL_TYPES
+from daemon.api import CsvJob, IpqsClient
+from daemon.commands.common import (
+    DEFAULT_TIMEOUT,
+    EXIT_DUPLICATE,
+    EXIT_FAILED,
+    EXIT_HELP,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    Console,
+    Patience,
+    failure,
+    human_bytes,
+    make_client,
+    positive_float,
+    require_key,
+    retry_note,
+)
+from daemon.commands.progress import Reporter, reporter_for
+from daemon.config import Config
+from daemon.errors import (
+    IpqsError,
+    LostAnswerError,
+    RejectedError,
+    TransientError,
+)
+from daemon.poller import FINISHED, RUNNING_STATES
+from daemon.spool import Job, Spool, inspect_file, place_no_clobber, upload_name
+
+URL_SCHEMES = ("http", "https", "ftp")
+URL_SUFFIX = ".url"
+# After this many uploads whose answers were lost (and which a lookup then did not find),
+# give up rather than keep sending.
+MAX_SENDS = 3
+# A one-time result link that IPQS refuses is replaced by asking for the status again.
+MAX_LINK_REFRESHES = 3
+
+DESCRIPTION = """\
+Send one CSV file (or a URL) to IPQS now, without the daemon, and optionally wait for the
+results. It reads the same config as the daemon (api.*, upload.*, poll.*, results.sets) and
+uses the same duplicate guard: content already taken by the daemon or by an earlier submit
+within upload.duplicate_window_hours is not sent again (exit status 5).
+
+On a terminal it shows a progress bar for the upload and then the job's status; off a
+terminal, plain lines. Progress goes to stderr; the result (job id, result files) to stdout.
+"""
+
+EPILOG = f"""\
+examples:
+  ipqs-bulkd submit emails.csv --type email
+  ipqs-bulkd submit emails.csv --type email --wait --out results/
+  ipqs-bulkd submit --url https://example.com/list.csv --type email --wait
+  ipqs-bulkd submit small.csv --type phone --json
+
+A file named *.url holds one URL and is sent by URL, as in the inbox.
+
+{EXIT_HELP}"""
+
+
+def add_parser(commands: Any, add_config: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = commands.add_parser(
+        "submit", help="send one file to IPQS now, without the daemon",
+        description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file", nargs="?", type=Path, metavar="FILE",
+                   help="the CSV file to send (leave out with --url)")
+    p.add_argument("--type", required=True, choices=ALL_TYPES, metavar="TYPE",
+                   help=f"what the file holds: {', '.join(ALL_TYPES)}")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--url", metavar="URL",
+                     help="let IPQS fetch the file from this http, https or ftp URL instead")
+    how.add_argument("--json", action="store_true",
+                     help="send the rows in a JSON body instead of a multipart file upload "
+                          "(small files only)")
+    p.add_argument("--wait", action="store_true",
+                   help="wait until IPQS has finished the job, then download the result sets "
+                        "named in results.sets")
+    p.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
+                   help="with --wait: where to put the results, as FILE.<set>.csv "
+                        "(default: the current folder; existing files are never replaced)")
+    p.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT,
+                   metavar="SECONDS",
+                   help="keep retrying while IPQS is unreachable or answers with temporary "
+                        f"errors for this long, then give up with status 4 "
+                        f"(default {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--no-duplicate-check", action="store_true",
+                   help="send even if the same content was taken recently, and do not record "
+                        "it (also the way out when the spool root is not writable)")
+    add_config(p)
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What goes to IPQS, and how."""
+
+    method: str  # multipart | json | url
+    source: str  # a name for people and for the result files
+    sha256: str
+    size: int
+    path: Path | None = None
+    url: str | None = None
+
+
+def run(ns: argparse.Namespace, config: Config, console: Console) -> int:
+    require_key(config)
+    payload = _payload(ns)
+    if ns.wait:
+        _check_out(ns.out)
+    guard = DuplicateGuard.open(config, console, enabled=not ns.no_duplicate_check)
+    job_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
+    job = Job(job=job_id, type=ns.type, source=payload.source,
+              file_name=upload_name(payload.source, job_id), method=payload.method,
+              sha256=payload.sha256, bytes=payload.size)
+    guard.claim(job)
+    submission = Submission(config, console, job, payload, guard, timeout=ns.timeout)
+    return asyncio.run(submission.run(wait=ns.wait, out=ns.out))
+
+
+# -- before anything is sent ----------------------------------------------------------------
+
+
+def _payload(ns: argparse.Namespace) -> Payload:
+    if ns.url is not None:
+        if ns.file is not None:
+            raise CommandError(EXIT_USAGE, "give FILE or --url, not both")
+        return _url_payload(ns.url, "--url")
+    if ns.file is None:
+        raise CommandError(EXIT_USAGE, "name the FILE to send (or give --url URL)")
+    path: Path = ns.file
+    if not path.is_file():
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise CommandError(EXIT_NOT_FOUND, f"{path} {what}")
+    if path.name.lower().endswith(URL_SUFFIX):
+        # Named and hashed as the daemon names and hashes a .url file in its inbox.
+        data = path.read_bytes()
+        return _url_payload(_url_in(path, data), str(path), source=path.name, data=data)
+    facts = inspect_file(path)
+    if facts.problem is not None:
+        raise CommandError(EXIT_FAILED, f"{path}: not sent: {facts.problem}")
+    return Payload("json" if ns.json else "multipart", path.name, facts.sha256, facts.bytes,
+                   path=path)
+
+
+def _url_payload(url: str, where: str, *, source: str | None = None,
+                 data: bytes | None = None) -> Payload:
+    url = url.strip()
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in URL_SCHEMES or not parts.hostname or any(
+            c.isspace() for c in url):
+        raise CommandError(EXIT_USAGE, f"{where}: needs one http, https or ftp URL, got {url!r}")
+    # A bare --url hashes like a dropped `<name>.url` holding the URL and a newline.
+    data = (url + "\n").encode() if data is None else data
+    source = source or parts.path.rstrip("/").rsplit("/", 1)[-1] or parts.hostname
+    return Payload("url", source, hashlib.sha256(data).hexdigest(), len(data), url=url)
+
+
+def _url_in(path: Path, data: bytes) -> str:
+    try:
+        lines = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        lines = []
+    if len(lines) != 1:
+        raise CommandError(EXIT_USAGE, f"{path}: a .url file must hold exactly one URL")
+    return lines[0]
+
+
+def _check_out(out: Path) -> None:
+    """Fail before paying, not after, when the results would have nowhere to go."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(EXIT_USAGE, f"--out {out}: {exc.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise CommandError(EXIT_USAGE, f"--out {out}: not writable")
+
+
+class DuplicateGuard:
+    """The daemon's duplicate markers (``<spool.root>/markers/<sha256>``), or nothing."""
+
+    def __init__(self, spool: Spool | None, window_seconds: float) -> None:
+        self.spool = spool
+        self.window = window_seconds
+        self.claimed = False
+
+    @classmethod
+    def open(cls, config: Config, console: Console, *, enabled: bool) -> DuplicateGuard:
+        window = config.upload.duplicate_window_hours * 3600
+        if not enabled:
+            console.note("duplicate check off (--no-duplicate-check): nothing is recorded")
+            return cls(None, 0)
+        spool = Spool(config.spool.root, config.spool.types, file_mode=config.spool.file_mode)
+        try:
+            spool.markers.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _unusable(spool, exc) from None
+        return cls(spool, window)
+
+    def claim(self, job: Job) -> None:
+        if self.spool is None:
+            return
+        try:
+            earlier = self.spool.mark(job, self.window)
+        except OSError as exc:
+            raise _unusable(self.spool, exc) from None
+        if earlier is not None:
+            raise CommandError(EXIT_DUPLICATE, (
+                f"not sent: the same content was already taken as job {earlier.get('job')} "
+                f"({earlier.get('type')}/{earlier.get('source')}, IPQS id {earlier.get('id')}) "
+                f"within upload.duplicate_window_hours; --no-duplicate-check sends it anyway"))
+        self.claimed = True
+
+    def accepted(self, job: Job) -> None:
+        if self.spool is not None and self.claimed:
+            self.spool.update_mark(job)
+
+    def release(self, job: Job) -> None:
+        """Nothing was created at IPQS: a later attempt may send the content."""
+        if self.spool is not None and self.claimed:
+            self.spool.unmark(job)
+            self.claimed = False
+
+
+def _unusable(spool: Spool, exc: OSError) -> CommandError:
+    return CommandError(EXIT_USAGE, (
+        f"cannot record duplicates under {spool.markers} ({exc.strerror}): make spool.root "
+        "writable, or pass --no-duplicate-check to send without the guard"))
+
+
+# -- talking to IPQS ------------------------------------------------------------------------
+
+
+class Submission:
+    """One submit: upload, then (with --wait) follow the job and fetch its results."""
+
+    def __init__(self, config: Config, console: Console, job: Job, payload: Payload,
+                 guard: DuplicateGuard, *, timeout: float) -> None:
+        self.config = config
+        self.console = console
+        self.job = job
+        self.payload = payload
+        self.guard = guard
+        self.timeout = timeout
+        self.reporter: Reporter = reporter_for(console)
+        self.patience = Patience(config, timeout, self._retrying)
+        # True while an upload may have reached IPQS without our knowing its id.
+        self.maybe_sent = False
+
+    def _retrying(self, what: str, exc: BaseException, wait: float) -> None:
+        self.reporter.note(f"{retry_note(what, exc)}; retrying in {wait:.1f} s")
+
+    async def run(self, *, wait: bool, out: Path) -> int:
+        try:
+            async with make_client(self.config) as client:
+                answer = await self._upload(client)
+                self._accepted(answer)
+                if not wait:
+                    return EXIT_OK
+                answer = await self._follow(client)
+                saved = await self._fetch(client, answer, out)
+        finally:
+            self.reporter.close()
+        self._report_results(answer, saved)
+        return EXIT_OK
+
+    async def _upload(self, client: IpqsClient) -> CsvJob:
+        try:
+            return await self._send_until_known(client)
+        except RejectedError as exc:
+            self.guard.release(self.job)
+            raise failure(exc, f"{self.payload.source} not accepted", self.timeout) from None
+        except IpqsError as exc:
+            if not self.maybe_sent:
+                self.guard.release(self.job)
+                raise failure(exc, f"{self.payload.source} not sent", self.timeout) from None
+            line = failure(exc, f"{self.payload.source}: the upload's answer was lost",
+                           self.timeout)
+            line.message += (f"; IPQS may have it as file_name {self.job.file_name}: check "
+                             "`ipqs-bulkd jobs`; the duplicate guard keeps the content marked, "
+                             "so if IPQS does not have it, send it with --no-duplicate-check")
+            raise line from None
+
+    async def _send_until_known(self, client: IpqsClient) -> CsvJob:
+        for _ in range(MAX_SENDS):
+            try:
+                return await self.patience.call(
+                    "upload", lambda: self._send(client), retry_lost_answers=False)
+            except LostAnswerError as exc:
+                self.maybe_sent = True
+                self.reporter.note(f"{retry_note('upload', exc)}; looking it up before sending "
+                                   "again")
+            found = await self._lookup(client)
+            if found is not None:
+                self.reporter.note(f"found the upload at IPQS as job {found.id}")
+                return found
+            self.maybe_sent = False
+        raise TransientError(f"the answers to {MAX_SENDS} uploads were lost", cause="dropped")
+
+    async def _send(self, client: IpqsClient) -> CsvJob:
+        job, payload = self.job, self.payload
+        if payload.url is not None:
+            self.reporter.note(f"asking IPQS to fetch {payload.url}")
+            return await client.upload_url(job.type, payload.url, job.file_name)
+        assert payload.path is not None
+        if payload.method == "json":
+            rows = await asyncio.to_thread(_read_rows, payload.path)
+            self.reporter.note(f"sending {len(rows)} rows of {payload.source} as JSON")
+            return await client.upload_rows(job.type, rows, job.file_name)
+        self.reporter.upload_started(payload.source, payload.size)
+        try:
+            answer, sent_sha = await client.upload_file(
+                job.type, payload.path, job.file_name, progress=self.reporter.upload_progress)
+        finally:
+            self.reporter.upload_ended()
+        if sent_sha != payload.sha256:
+            self.reporter.note("warning: the file changed while it was being uploaded")
+        return answer
+
+    async def _lookup(self, client: IpqsClient) -> CsvJob | None:
+        """Is the upload at IPQS? Two "absent" answers, some seconds apart, say no."""
+        delay = self.config.upload.lookup_delay_seconds
+        job = self.job
+        for check in range(2):
+            await asyncio.sleep(delay if check else min(delay, 1.0))
+            # Fetched now, not before the upload: a job of ours would be newer than any
+            # other on the first page, which find() reads in full before using the floor.
+            floor = await self.patience.call("lookup", client.newest_id)
+            found = await self.patience.call("lookup", functools.partial(
+                client.find, job.file_name, job.type, floor_id=floor))
+            if found is not None:
+                return found
+        return None
+
+    def _accepted(self, answer: CsvJob) -> None:
+        self.maybe_sent = False
+        self.job.id = answer.id
+        self.guard.accepted(self.job)
+        self.console.line(f"submitted {self.payload.source} ({self.job.type}) as IPQS job "
+                          f"{answer.id}, file_name {self.job.file_name}, status {answer.status}")
+
+    async def _follow(self, client: IpqsClient) -> CsvJob:
+        """Poll the status until FINISHED (the daemon's intervals and deadline)."""
+        cfg = self.config.poll
+        job_id = self.job.id
+        assert job_id is not None
+        interval = cfg.initial_seconds
+        deadline = time.monotonic() + cfg.deadline_hours * 3600
+        while True:
+            try:
+                answer = await self.patience.call("status", lambda: client.status(job_id))
+            except IpqsError as exc:
+                raise failure(exc, f"job {job_id} (submitted) status", self.timeout) from None
+            self.reporter.status(job_id, answer.status)
+            if answer.aborted is True or answer.status not in (*RUNNING_STATES, FINISHED, None):
+                raise CommandError(EXIT_FAILED, f"job {job_id}: IPQS reported status "
+                                                f"{answer.status!r} (aborted={answer.aborted})")
+            if answer.status == FINISHED:
+                return answer
+            if time.monotonic() > deadline:
+                raise CommandError(EXIT_FAILED, f"job {job_id}: not finished within "
+                                                f"{cfg.deadline_hours:g} h (poll.deadline_hours)")
+            await asyncio.sleep(interval)
+            interval = min(interval * cfg.factor, cfg.max_seconds)
+
+    async def _fetch(self, client: IpqsClient, answer: CsvJob, out: Path) -> dict[str, Path]:
+        saved: dict[str, Path] = {}
+        try:
+            for name in self.config.results.sets:
+                answer, path = await self._download(client, name, answer, out)
+                if path is not None:
+                    saved[name] = path
+        except IpqsError as exc:
+            raise failure(exc, f"job {self.job.id}: results", self.timeout) from None
+        return saved
+
+    async def _download(self, client: IpqsClient, name: str, answer: CsvJob,
+                        out: Path) -> tuple[CsvJob, Path | None]:
+        """Fetch one result set; a refused one-time link is replaced by asking again."""
+        job_id = self.job.id
+        assert job_id is not None
+        tmp = out / f".{self.payload.source}.{name}.{secrets.token_hex(4)}.download"
+        try:
+            for refresh in range(MAX_LINK_REFRESHES + 1):
+                link = answer.downloads.get(name)
+                if link is None:
+                    self.reporter.note(f"result set {name}: empty")
+                    return answer, None
+                try:
+                    size = await self.patience.call(
+                        "download", functools.partial(client.download, link, tmp))
+                except RejectedError:
+                    if refresh == MAX_LINK_REFRESHES:
+                        raise
+                    answer = await self.patience.call("status", lambda: client.status(job_id))
+                    continue
+                path = await asyncio.to_thread(
+                    place_no_clobber, tmp, out, f"{self.payload.source}.{name}.csv")
+                self.reporter.note(f"result set {name}: {human_bytes(size)} -> {path}")
+                return answer, path
+        finally:
+            await asyncio.to_thread(tmp.unlink, missing_ok=True)
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    def _report_results(self, answer: CsvJob, saved: dict[str, Path]) -> None:
+        invalid = "-" if answer.invalid_records is None else answer.invalid_records
+        self.console.line(f"job {self.job.id} {answer.status}: invalid records {invalid}")
+        for name, path in saved.items():
+            self.console.line(f"  {name}: {path}")
+        if not saved:
+            self.console.line("  no result rows in the sets named in results.sets")
+
+
+def _read_rows(path: Path) -> list[list[str]]:
+    """The CSV's non-blank rows, for the JSON method (as the daemon reads them)."""
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        return [row for row in csv.reader(fh) if any(cell.strip() for cell in row)]
+
