@@ -1,7 +1,8 @@
 """The command line: the only place that configures logging or chooses an exit status.
 
-Exit statuses: 0 success; 1 a batch (``run --once``) had a failed file; 2 a usage or
-configuration error, with one line that names the key.
+Exit statuses: 0 success; 1 a batch (``run --once``) had a failed file, or a stage of the
+daemon crashed; 2 a usage or configuration error, with one line that names the key. The
+commands for people (:mod:`daemon.commands`) add 3 to 6 and 130; see their ``--help``.
 """
 
 from __future__ import annotations

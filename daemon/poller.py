@@ -114,10 +114,11 @@ class Poller:
         assert job.id is not None
         with pipe.metrics.api_latency.labels("status").time():
             answer = await pipe.client.status(job.id)
+        job.invalid_records = answer.invalid_records
         if answer.status != job.status:
             log.info("status_changed", id=job.id, status=answer.status)
             job.status = answer.status
-        job.invalid_records = answer.invalid_records
+            await pipe.save(job)  # what `ipqs-bulkd status` shows
         if answer.aborted is True or (answer.status not in (*RUNNING_STATES, FINISHED)
                                       and answer.status is not None):
             await pipe.finish(job, "failed", "aborted",
