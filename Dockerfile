@@ -1,4 +1,4 @@
-# ipqs-bulkd container image: docs/deploy.md ("Run it in a container").
+# ipqs-bulkd container image: README.md ("Run it in a container").
 #
 #   docker build -t ipqs-bulkd .
 #   docker run -d -v ipqs-spool:/spool -e IPQS_API_KEY ipqs-bulkd
@@ -27,7 +27,7 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     && install -d -o ipqs-bulkd -g ipqs-bulkd -m 0750 /spool
 
 # The spool on a volume; writers in other containers are invisible from here, so a file is
-# taken once it has been quiet for watch.quiet_seconds (docs/deploy.md, "Dropping files").
+# taken once it has been quiet for watch.quiet_seconds (README.md, "Dropping files safely").
 ENV PATH=/opt/ipqs-bulkd/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     IPQS_BULKD_SPOOL_ROOT=/spool \
