@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from daemon.service import Service
 from tests.support import (
@@ -189,13 +190,25 @@ async def test_bad_key_pauses_uploads_then_drains_when_fixed(tmp_path: Path) -> 
         async with running(config) as service:
             expected = drop_many(root, 6)
             await wait_for(lambda: service.pipe.breaker.paused, what="uploads paused")
+            def uploads_tried() -> int:
+                requests = sandbox.state.stats.as_json()["requests"]
+                assert isinstance(requests, dict)
+                return int(requests.get("upload", 0))
+
+            before = uploads_tried()
+            with structlog.testing.capture_logs() as logs:
+                await wait_for(lambda: uploads_tried() >= before + 3, what="a few probes")
+            # Probes go on, but the pause is announced once, not once per file or probe.
+            events = [e["event"] for e in logs]
+            assert events.count("file_returned_to_inbox") >= 2  # the probes, seen
+            assert events.count("uploads_paused") == 0
             ready, why = service.health.ready()
             assert not ready and "key" in why.lower()
             # Files stay in the inbox; nothing is failed, nothing uploaded.
-            await asyncio.sleep(0.6)  # let a few probes happen while the key is bad
             assert records(root, "failed") == {} and sandbox.uploads() == []
             inbox = {p.name for p in (root / "inbox" / "email").iterdir()}
-            assert inbox == set(expected)
+            probing = {p.name for p in (root / "processing").glob("*/*.csv")}
+            assert inbox | probing == set(expected) and len(probing) <= 1
             sandbox.state.faults.invalid_key = False
             await wait_for(lambda: len(records(root, "done")) == len(expected),
                            what="queue drained after the key was fixed")
