@@ -43,10 +43,16 @@ LIST_PAGE_SIZE = 50
 _CHUNK = 1024 * 1024
 
 # Substrings of IPQS failure messages (lower-case) that mean "the account, not this file".
-_ACCOUNT_HINTS = ("invalid or unauthorized key", "invalid key", "unauthorized",
+# Whole phrases only: a bare word like "account" would let a message about one file pause
+# every upload.
+_ACCOUNT_HINTS = ("invalid or unauthorized key", "invalid key", "invalid api key",
                   "insufficient credits", "out of credits", "no credits",
-                  "exceeded your request quota", "account")
+                  "exceeded your request quota", "account is disabled",
+                  "account has been suspended")
 _RATE_HINTS = ("rate limit", "too many requests", "try again later", "temporarily")
+# HTTP statuses, by what they say about the request.
+_TRANSIENT_STATUS = {403, 408, 425, 429}  # 403 is IPQS's documented rate-limit answer
+_ACCOUNT_STATUS = {401, 404, 407}         # key, endpoint or proxy set wrong: pause
 
 
 @dataclass(frozen=True)
@@ -235,7 +241,7 @@ class IpqsClient:
                            content_type="text/csv")
             data = await self._request("upload", "POST", url, params=params, data=form,
                                        sent=lambda: body.finished)
-            return self._job(data), body.sha256.hexdigest()
+            return self._job(data, "upload"), body.sha256.hexdigest()
         finally:
             await asyncio.to_thread(body.close)
 
@@ -246,7 +252,7 @@ class IpqsClient:
         url = self._upload_target(file_type, params)
         data = await self._request("upload", "POST", url, params=params, json={"input": rows},
                                    sent=lambda: True)
-        return self._job(data)
+        return self._job(data, "upload")
 
     async def upload_url(self, file_type: str, source_url: str, file_name: str) -> CsvJob:
         """Ask IPQS to fetch the file from ``source_url``."""
@@ -254,7 +260,7 @@ class IpqsClient:
         url = self._upload_target(file_type, params)
         data = await self._request("upload", "POST", url, params=params,
                                    sent=lambda: True)
-        return self._job(data)
+        return self._job(data, "upload")
 
     async def status(self, csv_id: int) -> CsvJob:
         """The job's current state; once FINISHED, with fresh one-time download links."""
@@ -285,7 +291,7 @@ class IpqsClient:
         for page_no in range(1, max_pages + 1):
             page = await self.list(file_type, page_no)
             for job in page.csvs:
-                if job.file_name == file_name:
+                if job.id is not None and _same_name(job.file_name, file_name):
                     return job
             older = [j.id for j in page.csvs if j.id is not None]
             if floor_id is not None and older and min(older) <= floor_id:
@@ -327,13 +333,26 @@ class IpqsClient:
     def _check_download_url(self, url: str) -> None:
         parts = urlsplit(url)
         if parts.scheme not in self._download_schemes or parts.hostname not in self._download_hosts:
-            raise RejectedError(f"download link to {parts.scheme}://{parts.hostname} refused: "
-                                "not an allowed download host (api.download_hosts)")
+            # A setting to fix (api.download_hosts), not a reason to give up paid results.
+            raise AccountError(f"download link to {parts.scheme}://{parts.hostname} refused: "
+                               "not an allowed download host (api.download_hosts)")
 
     async def _check_download_response(self, resp: aiohttp.ClientResponse) -> None:
-        if resp.status != 200 or "json" in resp.content_type:
-            data = await self._parse(resp)
-            raise RejectedError(self._message(data, "download link refused"))
+        status = resp.status
+        if status in _TRANSIENT_STATUS or status >= 500:
+            raise TransientError(f"download: HTTP {status}", cause=f"http_{status // 100}xx",
+                                 retry_after=_retry_after(resp.headers.get("Retry-After")))
+        if status != 200:
+            # 404/410 and the like: the one-time link is dead; a fresh one is a status away.
+            raise RejectedError(f"download link refused (HTTP {status})")
+        if "json" in resp.content_type:
+            try:
+                data = json.loads(await resp.text(errors="replace"))
+            except ValueError:
+                data = {}
+            message = data.get("message") if isinstance(data, dict) else None
+            raise RejectedError(self.scrub(message if isinstance(message, str) and message
+                                           else "download link refused"))
         if resp.content_length is not None and resp.content_length > self._max_download:
             raise RejectedError(f"result file of {resp.content_length} bytes exceeds "
                                 "api.max_download_bytes")
@@ -355,11 +374,14 @@ class IpqsClient:
                                  "bytes", cause="dropped")
         return written
 
-    def _job(self, data: dict[str, Any]) -> CsvJob:
+    def _job(self, data: dict[str, Any], op: str = "status") -> CsvJob:
         job = CsvJob.from_answer(data)
         if job.id is None:
-            raise TransientError("IPQS answered success without a job id", cause="invalid_answer",
-                                 request_id=job.request_id)
+            # After an upload, "success" means a job exists: without its id we are where a
+            # lost answer leaves us, and must look it up rather than send again.
+            cls = LostAnswerError if op == "upload" else TransientError
+            raise cls(f"IPQS answered {op} success without a job id", cause="invalid_answer",
+                      request_id=job.request_id)
         return job
 
     async def _request(self, op: str, method: str, url: str, *,
@@ -381,23 +403,30 @@ class IpqsClient:
         return self._check(data, op)
 
     async def _parse(self, resp: aiohttp.ClientResponse) -> dict[str, Any]:
-        """Turn a response into JSON data, raising for HTTP-level trouble."""
+        """Turn a response into JSON data, raising for HTTP-level trouble.
+
+        Only HTTP 200 carries an IPQS verdict; any other status is classified by the status
+        alone, so a proxy's or firewall's error page never fails a file.
+        """
         text = await resp.text(errors="replace")
-        if resp.status in (403, 429) or resp.status >= 500:
+        status = resp.status
+        excerpt = self.scrub(text)[:200]
+        if status in _TRANSIENT_STATUS or status >= 500:
             raise TransientError(
-                f"HTTP {resp.status} from IPQS: {self.scrub(text[:200])}",
-                cause="rate_limit" if resp.status in (403, 429) else "http_5xx",
+                f"HTTP {status} from IPQS: {excerpt}",
+                cause="rate_limit" if status in (403, 429) else f"http_{status // 100}xx",
                 retry_after=_retry_after(resp.headers.get("Retry-After")),
             )
+        if status in _ACCOUNT_STATUS:
+            raise AccountError(f"HTTP {status} from IPQS: check api.key, api.base_url and "
+                               "proxy settings")
+        if status != 200:
+            raise RejectedError(f"HTTP {status} from IPQS: {excerpt}")
         try:
             data = json.loads(text)
         except ValueError:
             data = None
-        if resp.status in (401, 404):
-            raise AccountError(f"HTTP {resp.status} from IPQS: check api.key and api.base_url")
         if not isinstance(data, dict):
-            if resp.status != 200:
-                raise RejectedError(f"HTTP {resp.status} from IPQS: {self.scrub(text[:200])}")
             raise TransientError("IPQS answered with something that is not a JSON object",
                                  cause="invalid_answer")
         return data
@@ -437,6 +466,15 @@ class IpqsClient:
     def scrub(self, text: str) -> str:
         """``text`` with this client's key and any secret URL part masked."""
         return scrub(text, [self._key])
+
+
+def _same_name(listed: str | None, ours: str) -> bool:
+    """Is this listed job ours? IPQS may keep the name as given or as the uploaded part's
+    file name (``<name>.csv``); case is not trusted either."""
+    if listed is None:
+        return False
+    listed, ours = listed.casefold(), ours.casefold()
+    return listed in (ours, ours + ".csv")
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -181,10 +181,11 @@ async def test_rejections(client: IpqsClient, tmp_path: Path) -> None:
 
 
 async def test_downloads_only_from_allowed_hosts(client: IpqsClient, tmp_path: Path) -> None:
+    # A setting to fix, not a verdict on the file: it pauses instead of failing paid work.
     for link in ("https://evil.example/download?download=x",
                  "file:///etc/passwd",
                  "ftp://downloads.ipqualityscore.com/x"):
-        with pytest.raises(RejectedError, match="download"):
+        with pytest.raises(AccountError, match="download_hosts"):
             await client.download(link, tmp_path / "x.csv")
     assert not (tmp_path / "x.csv").exists()
 
@@ -261,3 +262,65 @@ async def test_retry_policy_retries_only_transient_and_records_waits() -> None:
             with attempt:
                 raise LostAnswerError("maybe sent")
     assert len(waits) == 3
+
+
+# Answers the sandbox never gives (proxies, firewalls, odd IPQS replies), from a tiny fake.
+ODD_ANSWERS: dict[str, tuple[int, str, str]] = {
+    "no-id": (200, "application/json", '{"success": true, "message": "Success"}'),
+    "html-400": (400, "text/html", "<html>Bad Request</html>"),
+    "timeout-408": (408, "text/plain", "Request Timeout"),
+    "proxy-407": (407, "text/plain", "Proxy Authentication Required"),
+    "json-413": (413, "application/json", '{"message": "Request Entity Too Large"}'),
+    "soft-200": (200, "application/json", '{"message": "Please try again later."}'),
+    "account-word": (200, "application/json",
+                     '{"success": false, "message": "Row 3: account number malformed"}'),
+}
+
+
+@pytest.fixture
+async def odd_ipqs() -> AsyncIterator[str]:
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        status, ctype, body = ODD_ANSWERS[request.match_info["case"]]
+        return web.Response(status=status, content_type=ctype, text=body)
+
+    app = web.Application()
+    app.router.add_route("*", "/{case}/api/json/csv/{tail:.*}", answer)
+    app.router.add_route("*", "/{case}/download", answer)
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("no-id", LostAnswerError),       # success means a job exists: look it up, never resend
+    ("html-400", RejectedError),
+    ("timeout-408", TransientError),
+    ("proxy-407", AccountError),
+    ("json-413", RejectedError),      # not a "soft failure": only HTTP 200 carries those
+    ("soft-200", TransientError),
+    ("account-word", RejectedError),  # a word about one file must not pause everything
+])
+async def test_odd_answers_to_an_upload(odd_ipqs: str, csv_file: Path, case: str,
+                                        expected: type[Exception]) -> None:
+    async with IpqsClient(f"{odd_ipqs}/{case}/api", FAKE_KEY) as client:
+        with pytest.raises(expected) as caught:
+            await client.upload_file("email", csv_file, "odd")
+    assert type(caught.value) is expected
+    assert FAKE_KEY not in str(caught.value)
+
+
+async def test_a_dead_download_link_is_refused_not_an_account_error(odd_ipqs: str,
+                                                                     tmp_path: Path) -> None:
+    async with IpqsClient(f"{odd_ipqs}/html-400/api", FAKE_KEY) as client:
+        with pytest.raises(RejectedError):
+            await client.download(f"{odd_ipqs}/html-400/download?download=x", tmp_path / "r")
+    async with IpqsClient(f"{odd_ipqs}/timeout-408/api", FAKE_KEY) as client:
+        with pytest.raises(TransientError):
+            await client.download(f"{odd_ipqs}/timeout-408/download?download=x", tmp_path / "r")
