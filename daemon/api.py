@@ -108,6 +108,10 @@ def _as_str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+class InputChangedError(OSError):
+    """The file being uploaded changed under the upload."""
+
+
 def _open_no_follow(path: str, flags: int) -> int:
     return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -126,11 +130,16 @@ class _UploadFile(io.FileIO):
             self.close()
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         self.sent = 0
-        self.size = os.fstat(self.fileno()).st_size
+        st = os.fstat(self.fileno())
+        self.size, self._mtime_ns = st.st_size, st.st_mtime_ns
         self.sha256 = hashlib.sha256()
         self._progress = progress
 
     def read(self, size: int | None = -1, /) -> bytes:
+        st = os.fstat(self.fileno())
+        if (st.st_size, st.st_mtime_ns) != (self.size, self._mtime_ns):
+            # Someone writes to it: stop before IPQS gets a mix of old and new bytes.
+            raise InputChangedError(errno.ESTALE, "the file changed while it was being sent")
         # Never more than asked: aiohttp cuts a chunk to the length it still expects.
         chunk = super().read(_CHUNK if size is None or size < 0 else size)
         if chunk:

@@ -78,8 +78,9 @@ class UploadConfig:
     retry_initial_seconds: float = 1.0
     retry_max_seconds: float = 60.0
     duplicate_window_hours: float = 24.0
-    lease_seconds: float = 300.0
-    lookup_delay_seconds: float = 10.0
+    lease_seconds: float = 60.0
+    lookup_delay_seconds: float = 60.0
+    json_max_bytes: int = 8 * 1024 * 1024
     pause_initial_seconds: float = 5.0
     pause_max_seconds: float = 60.0
 

@@ -22,6 +22,19 @@ from daemon.spool import Job, Spool, utcnow
 log = structlog.get_logger(__name__)
 
 
+@dataclass(frozen=True)
+class Permit:
+    """Leave to send uploads, from :meth:`Breaker.acquire`.
+
+    ``generation`` tells which breaker state the permit was issued in, so that the failures
+    of uploads that were already under way when the breaker opened count once, not once
+    each.
+    """
+
+    probe: bool
+    generation: int
+
+
 class Breaker:
     """Pauses uploads after an account error (bad key, no credits).
 
@@ -40,24 +53,30 @@ class Breaker:
         self._delay = initial
         self._probe_at = 0.0
         self._probing = False
+        self._generation = 0
         self._changed = asyncio.Event()
 
     @property
     def paused(self) -> bool:
         return self.reason is not None
 
-    async def acquire(self, stop: asyncio.Event) -> bool:
-        """Wait until an upload may go out. False if ``stop`` was set first."""
+    async def acquire(self, stop: asyncio.Event) -> Permit | None:
+        """Wait until an upload may go out; None if ``stop`` was set first."""
         while not stop.is_set():
             if self.reason is None:
-                return True
+                return Permit(probe=False, generation=self._generation)
             wait = self._probe_at - self.clock()
             if wait <= 0 and not self._probing:
                 self._probing = True
-                return True
+                return Permit(probe=True, generation=self._generation)
             self._changed.clear()
             await wait_any(self._changed, stop, within=None if self._probing else max(wait, 0.05))
-        return False
+        return None
+
+    def allows(self, permit: Permit) -> bool:
+        """May this permit still send? Not once the breaker opened after it was issued
+        (unless it is the probe): checked right before each POST."""
+        return self.reason is None or permit.probe
 
     def success(self) -> None:
         if self.reason is not None:
@@ -65,20 +84,28 @@ class Breaker:
         self.reason = None
         self._delay = self.initial
         self._probing = False
+        self._generation += 1
         self._changed.set()
 
-    def failure(self, reason: str) -> None:
+    def failure(self, reason: str, permit: Permit | None = None) -> None:
+        """An account error. From an upload that started before the breaker last changed
+        state (a concurrent one), it changes nothing: only the first verdict counts."""
+        if permit is not None and permit.generation != self._generation:
+            return
         if self.reason is None:
             log.error("uploads_paused", reason=reason, retry_in=self._delay)
         self.reason = reason
         self._probe_at = self.clock() + self._delay
         self._delay = min(self._delay * 2, self.cap)
         self._probing = False
+        self._generation += 1
         self._changed.set()
 
-    def release(self) -> None:
-        """A probe ended without a verdict (transient trouble): let another try."""
-        if self._probing:
+    def release(self, permit: Permit | None) -> None:
+        """The permit's upload ended without a verdict (nothing sent, or transient trouble):
+        if it was the probe, let another try."""
+        if permit is not None and permit.probe and self._probing \
+                and permit.generation == self._generation:
             self._probing = False
             self._changed.set()
 
@@ -95,6 +122,7 @@ class Pipeline:
     breaker: Breaker = field(default_factory=Breaker)
     outcomes: dict[str, int] = field(default_factory=lambda: {"done": 0, "failed": 0})
     active: set[str] = field(default_factory=set)
+    left: set[str] = field(default_factory=set)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def started(self, job: Job) -> None:
@@ -149,7 +177,14 @@ class Pipeline:
 
     def forget(self, job: Job) -> None:
         """The job is no longer this daemon's business (finished, or left for later)."""
-        self.active.discard(job.job)
+        if job.outcome is None and self.spool.job_dir(job).exists():
+            self.left.add(job.job)  # still in processing/: a batch did not complete
+        else:
+            self.left.discard(job.job)
+        self.forget_id(job.job)
+
+    def forget_id(self, job_id: str) -> None:
+        self.active.discard(job_id)
         if not self.active:
             self.idle.set()
 

@@ -93,6 +93,11 @@ class Poller:
         structlog.contextvars.bind_contextvars(job=job.job, source=job.source)
         try:
             await self._check(entry)
+        except RejectedError as exc:
+            # IPQS no longer knows the id (purged, or another account's key): nothing to
+            # wait for any more. The record keeps the id for the operator.
+            await self.pipe.finish(job, "failed", "rejected",
+                                   f"IPQS refused the status of job {job.id}: {exc.message}")
         except (TransientError, AccountError) as exc:
             delay = min(max(entry.interval, getattr(exc, "retry_after", None) or 0) * 2,
                         self.pipe.config.poll.max_seconds)
@@ -101,6 +106,10 @@ class Poller:
             self._push(job, delay, entry.interval)
         except OSError as exc:
             log.error("results_write_failed", error=str(exc))
+            self._push(job, self.pipe.config.poll.max_seconds, entry.interval)
+        except Exception:
+            # A bug must not strand the job: log it and look again later.
+            log.exception("poll_job_error")
             self._push(job, self.pipe.config.poll.max_seconds, entry.interval)
         finally:
             self._slots.release()
@@ -111,7 +120,8 @@ class Poller:
         if job.state == FETCHED:
             await pipe.finish(job, "done")
             return
-        assert job.id is not None
+        if job.id is None:
+            raise AssertionError("a job without an IPQS id reached the poller")
         with pipe.metrics.api_latency.labels("status").time():
             answer = await pipe.client.status(job.id)
         job.invalid_records = answer.invalid_records
@@ -119,10 +129,9 @@ class Poller:
             log.info("status_changed", id=job.id, status=answer.status)
             job.status = answer.status
             await pipe.save(job)  # what `ipqs-bulkd status` shows
-        if answer.aborted is True or (answer.status not in (*RUNNING_STATES, FINISHED)
-                                      and answer.status is not None):
+        if answer.aborted is True:
             await pipe.finish(job, "failed", "aborted",
-                              f"IPQS reported status {answer.status!r} (aborted={answer.aborted})")
+                              f"IPQS aborted the job (status {answer.status!r})")
         elif answer.status == FINISHED:
             await self._fetch(job, answer)
         elif self._overdue(job):
@@ -130,6 +139,10 @@ class Poller:
                               f"IPQS did not finish the job within {cfg.deadline_hours:g} h "
                               "(poll.deadline_hours)")
         else:
+            # NEW, PROCESSING, or a status IPQS has not documented: wait (the deadline is
+            # the backstop), rather than abandon results that may be paid for.
+            if answer.status not in (*RUNNING_STATES, None):
+                log.warning("status_unknown", status=answer.status)
             interval = min(entry.interval * cfg.factor, cfg.max_seconds)
             self._push(job, entry.interval, interval)
 

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,16 @@ from daemon.health import HealthServer, HealthState, create_app
 from daemon.notify import Notifier
 from daemon.pipeline import Breaker, Pipeline
 from daemon.poller import Poller
-from daemon.spool import CLAIMED, FINISHING, SUBMITTED, UPLOADING, Job, Spool
+from daemon.spool import (
+    CLAIMED,
+    FINISHING,
+    JOB_FILE,
+    RETURNING,
+    SUBMITTED,
+    UPLOADING,
+    Job,
+    Spool,
+)
 from daemon.uploader import Uploader
 from daemon.watcher import Watcher
 
@@ -67,7 +77,9 @@ class Service:
         self.health_server: HealthServer | None = None
         self.notifier = notifier or Notifier()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._job_tasks: set[asyncio.Task[None]] = set()
         self._signals = 0
+        self._signal: signal.Signals | None = None
         self._status = ""
         self.crashed = False
 
@@ -80,6 +92,9 @@ class Service:
         crashed (so that systemd's ``Restart=on-failure`` restarts the daemon).
         """
         await asyncio.to_thread(self.spool.prepare)
+        # Our lease exists before we touch any job, so no other daemon takes ours for
+        # abandoned while we recover.
+        await asyncio.to_thread(self.spool.heartbeat)
         await self._start_health()
         try:
             await self._learn_newest_id()
@@ -96,7 +111,7 @@ class Service:
         self._spawn(self.watcher.run(), "watcher")
         self._spawn(self.uploader.run(), "uploader")
         self._spawn(self.poller.run(), "poller")
-        self._spawn(self._housekeeping(), "housekeeping")
+        self._spawn(self._housekeeping(sweep=True), "housekeeping")
         self._spawn(self.watchdog(), "watchdog")
         self._spawn(self._status_loop(), "status")
         self.health.watching = True
@@ -108,23 +123,32 @@ class Service:
     async def _run_once(self) -> int:
         self._spawn(self.uploader.run(), "uploader")
         self._spawn(self.poller.run(), "poller")
+        self._spawn(self._housekeeping(sweep=False), "housekeeping")
         self._spawn(self.watchdog(), "watchdog")
         self._spawn(self._status_loop(), "status")
         self.health.watching = True
         self.notifier.send(READY="1", STATUS="processing one batch")
         await self.watcher.scan_once()
-        await self.watcher.drain_settled()
+        # Settling runs beside the check below: with uploads paused it would never end.
+        drained = asyncio.Event()
+        self._spawn(self._drain(drained), "drain")
         while not self.stop.is_set():
             if self.pipe.breaker.paused:
                 log.error("batch_stopped", reason=self.pipe.breaker.reason)
                 self.stop.set()
                 return 1
-            if self._batch_finished():
+            if drained.is_set() and self._batch_finished():
                 break
             await wait_any(self.pipe.idle, self.stop, within=0.2)
-        log.info("batch_finished", **self.pipe.outcomes)
+        log.info("batch_finished", **self.pipe.outcomes, left_in_processing=len(self.pipe.left))
         self.stop.set()
-        return 1 if self.pipe.outcomes["failed"] or self.spool_has_jobs() else 0
+        if self._signal is not None:
+            return 128 + self._signal  # interrupted: not every file got its outcome
+        return 1 if self.pipe.outcomes["failed"] or self.pipe.left else 0
+
+    async def _drain(self, drained: asyncio.Event) -> None:
+        await self.watcher.drain_settled()
+        drained.set()
 
     def _batch_finished(self) -> bool:
         # In-flight counts a file from the moment it leaves the queue until its job is
@@ -132,9 +156,6 @@ class Service:
         return (self.watcher.in_flight_count() == 0 and self.watcher.pending_count() == 0
                 and self.watcher.queue.empty() and not self.pipe.active
                 and self.poller.waiting() == 0)
-
-    def spool_has_jobs(self) -> bool:
-        return any(True for _ in self.spool.jobs())
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -151,9 +172,10 @@ class Service:
     async def _shutdown(self) -> None:
         self.stop.set()
         self.notifier.send(STOPPING="1", STATUS="finishing uploads under way")
-        if self._tasks:
+        tasks = self._tasks | self._job_tasks
+        if tasks:
             grace = self.config.service.shutdown_seconds
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            _, pending = await asyncio.wait(tasks, timeout=grace)
             for task in pending:
                 log.warning("shutdown_cancel", stage=task.get_name())
                 task.cancel()
@@ -179,6 +201,7 @@ class Service:
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
+        self._signal = sig
         if self._signals == 1:
             log.info("shutdown_requested", signal=sig.name,
                      grace=self.config.service.shutdown_seconds)
@@ -206,59 +229,97 @@ class Service:
         for job_dir in job_dirs:
             if job_dir.name in self.pipe.active:
                 continue
-            job = await asyncio.to_thread(self.spool.load, job_dir)
-            if job is None:
-                await asyncio.to_thread(self._broken_job, job_dir)
+            try:
+                job = await asyncio.to_thread(self._take_over, job_dir)
+            except OSError as exc:  # unreadable now (EIO, ESTALE...): try again next sweep
+                log.warning("job_unreadable", job=job_dir.name, error=str(exc))
                 continue
-            if job.job in self.pipe.active or not await asyncio.to_thread(
-                    self.spool.orphaned, job):
-                continue
-            await asyncio.to_thread(self.spool.adopt, job)
-            await self._resume(job)
-            resumed += 1
+            if job is not None and job.job not in self.pipe.active:
+                await self._resume(job)
+                resumed += 1
         if resumed:
             log.info("jobs_recovered", count=resumed)
 
+    def _take_over(self, job_dir: Path) -> Job | None:
+        """The job in ``job_dir`` if we may run it and won it (blocking: run in a thread)."""
+        job = self.spool.load(job_dir)
+        if job is None:
+            self._broken_job(job_dir)
+            return None
+        if not self.spool.orphaned(job, job_dir):
+            return None
+        if job.owner == self.spool.owner.name:
+            return job
+        return self.spool.adopt(job_dir)
+
     async def _resume(self, job: Job) -> None:
         log.info("job_resumed", job=job.job, state=job.state, id=job.id)
-        if job.state in (CLAIMED, UPLOADING):
-            if job.state == CLAIMED and not await asyncio.to_thread(
-                    self.spool.input_path(job).exists):
-                # Crash between writing the record and the claiming rename: the input is
-                # still in its inbox (or was never there); only the folder goes.
-                await asyncio.to_thread(self.spool.discard_dir, self.spool.job_dir(job))
-                return
+        spool = self.spool
+        if job.state == CLAIMED and not await asyncio.to_thread(spool.input_path(job).exists):
+            # Crash between writing the record and the claiming rename: the input is still
+            # in its inbox (or was never there); only the folder goes.
+            await asyncio.to_thread(spool.discard_dir, spool.job_dir(job))
+        elif job.state == RETURNING:
+            await asyncio.to_thread(spool.unclaim, job)
+        elif job.state in (CLAIMED, UPLOADING) or (job.id is None and job.state == SUBMITTED):
+            job.state = UPLOADING if job.state == SUBMITTED else job.state
             self.pipe.started(job)
-            self._spawn(self.uploader.process(job), f"resume-{job.job}")
+            self._spawn_job(self.uploader.process(job), job)
         elif job.state == FINISHING:
             self.pipe.started(job)
-            self._spawn(self.pipe.finish(job, job.outcome or "failed", job.reason, job.error),
-                        f"resume-{job.job}")
+            self._spawn_job(self.pipe.finish(job, job.outcome or "failed", job.reason,
+                                             job.error), job)
         else:  # SUBMITTED or FETCHED
-            if job.state == SUBMITTED and job.id is None:
-                job.state = UPLOADING
+            # A crash right after the id was saved may have kept it from the marker.
+            await asyncio.to_thread(spool.update_mark, job)
             self.poller.track(job)
 
+    def _spawn_job(self, coro: Coroutine[Any, Any, None], job: Job) -> None:
+        """Run one resumed job. Unlike a stage, its failure never stops the daemon."""
+        task = asyncio.create_task(coro, name=f"resume-{job.job}")
+        self._job_tasks.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._job_tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("resumed_job_error", job=job.job, error=repr(task.exception()))
+                self.pipe.forget(job)
+
+        task.add_done_callback(done)
+
     def _broken_job(self, job_dir: Path) -> None:
-        """A job folder without a readable record: fail its input, never resend it blindly."""
+        """A job folder without a record: fail its input, never resend it blindly.
+
+        Only once the folder is older than a lease: a moment after another daemon's mkdir,
+        its record is simply not written yet.
+        """
         files = [p for p in job_dir.iterdir() if p.is_file() and not p.name.startswith(".")
-                 and p.name != "job.json"]
+                 and not p.name.startswith(JOB_FILE)]
         if not files:
-            log.warning("empty_job_removed", job=job_dir.name)
+            # A claim that died before its record: the input never left the inbox. (Were
+            # it another daemon's claim under way, its rename now fails and the file stays.)
+            log.info("empty_job_removed", job=job_dir.name)
             self.spool.discard_dir(job_dir)
             return
+        if time.time() - job_dir.stat().st_mtime < self.config.upload.lease_seconds:
+            return
+        # The type is unknown without the record: the first configured one holds it.
         job = Job(job=job_dir.name, type=self.config.spool.types[0], source=files[0].name,
                   file_name="", method="multipart", owner=self.spool.owner.name,
                   outcome="failed", reason="invalid-input",
-                  error="the job record was unreadable; not re-sent, to avoid paying twice")
+                  error="the job record was missing or unreadable; not re-sent, to avoid "
+                        "paying twice")
         self.spool.finish(job)
 
-    async def _housekeeping(self) -> None:
-        """Heartbeat our lease, and take over jobs left behind (by us or a dead daemon)."""
+    async def _housekeeping(self, *, sweep: bool) -> None:
+        """Heartbeat our lease; with ``sweep``, also take over jobs left behind (by us or by
+        a daemon that died)."""
         every = min(self.config.upload.lease_seconds / 3, 60.0)
         while not self.stop.is_set():
             await asyncio.to_thread(self.spool.heartbeat)
-            await self.recover()
+            if sweep:
+                await self.recover()
+                await asyncio.to_thread(self.spool.prune_owners)
             await wait_any(self.stop, within=every)
 
     async def _status_loop(self) -> None:

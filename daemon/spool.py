@@ -51,6 +51,7 @@ UPLOADING = "uploading"      # an upload may be under way: never resend without 
 SUBMITTED = "submitted"      # IPQS accepted it: ``id`` is known
 FETCHED = "fetched"          # results are in processing/<job>/results/
 FINISHING = "finishing"      # being moved to done/ or failed/ under ``final_name``
+RETURNING = "returning"      # going back to its inbox (nothing was sent): never upload it
 
 # Fields of the public record (design.md), in the order they are written.
 RECORD_FIELDS = ("id", "type", "source", "file_name", "sha256", "bytes", "method", "status",
@@ -148,7 +149,7 @@ class Spool:
     """Paths and atomic moves under one spool root. All methods block: call in a thread."""
 
     def __init__(self, root: Path, types: tuple[str, ...], *, owner: Owner | None = None,
-                 file_mode: int = 0o640, lease_seconds: float = 300.0) -> None:
+                 file_mode: int = 0o640, lease_seconds: float = 60.0) -> None:
         self.root = root
         self.types = types
         self.owner = owner or Owner.current()
@@ -207,15 +208,25 @@ class Spool:
         return job
 
     def unclaim(self, job: Job) -> bool:
-        """Put a job's input back into its inbox (nothing was sent). False if that name is
-        taken meanwhile; the job then stays in processing/."""
+        """Put a job's input back into its inbox, when nothing was sent. Idempotent.
+
+        ``returning`` is saved first, so that a crash half-way is finished the same way by
+        recovery instead of being resumed as an upload while the inbox copy is claimed
+        again. False if the inbox name was taken meanwhile: the job then stays in
+        processing/ as ``claimed``.
+        """
+        if job.state != RETURNING:
+            job.state = RETURNING
+            self.save(job)
+        source = self.input_path(job)
         target = self.inbox(job.type) / job.source
-        try:
-            os.link(self.input_path(job), target)
-        except FileExistsError:
+        if os.path.lexists(source) and not _link_no_clobber(source, target):
+            job.state = CLAIMED
+            self.save(job)
             return False
-        self._remove_job_dir(self.job_dir(job))
         _fsync_dir(target.parent)
+        self._remove_job_dir(self.job_dir(job))
+        self.unmark(job)
         return True
 
     def inspect(self, job: Job) -> str | None:
@@ -250,12 +261,19 @@ class Spool:
         _atomic_write(self.job_dir(job) / JOB_FILE, data, self.file_mode)
 
     def load(self, job_dir: Path) -> Job | None:
-        """Read a job record; None if there is no readable record."""
-        try:
-            data = json.loads((job_dir / JOB_FILE).read_bytes())
-            return Job.from_json(data) if isinstance(data, dict) else None
-        except (OSError, ValueError, TypeError):
-            return None
+        """Read a job record; None if there is none or it is not a record.
+
+        Other I/O errors (EIO, ESTALE, EACCES) are raised: a record we cannot read now is
+        not a broken job.
+        """
+        path = job_dir / JOB_FILE
+        if not path.exists():
+            # A crash in the middle of an adoption leaves the record under its aside name.
+            aside = sorted(job_dir.glob(f"{JOB_FILE}.adopt-*"))
+            if not aside:
+                return None
+            path = aside[-1]
+        return _load_record(path)
 
     def jobs(self) -> Iterator[Path]:
         """Job folders in processing/, oldest first."""
@@ -277,9 +295,9 @@ class Spool:
             if _exclusive_write(path, json.dumps(mine).encode(), self.file_mode):
                 return None
             other = _read_json(path)
-            if other is None or other.get("job") == job.job:
+            if other is not None and other.get("job") == job.job:
                 return None
-            if time.time() - float(other.get("created", 0)) < window_seconds:
+            if other is not None and not self._stale_mark(other, window_seconds):
                 return other
             # Stale: move it aside under a unique name, then race for a fresh exclusive create.
             with contextlib.suppress(FileNotFoundError):
@@ -287,6 +305,18 @@ class Spool:
             for old in self.markers.glob(f".{path.name}.*.old"):
                 old.unlink(missing_ok=True)
         return None
+
+    def _stale_mark(self, mark: dict[str, Any], window_seconds: float) -> bool:
+        """Older than the window; or never paid for (no IPQS id) and its job is gone."""
+        try:
+            created = float(mark.get("created", 0))
+        except (TypeError, ValueError):
+            return True
+        if time.time() - created >= window_seconds:
+            return True
+        job = mark.get("job")
+        return (mark.get("id") is None and isinstance(job, str)
+                and not (self.processing / job).exists())
 
     def update_mark(self, job: Job) -> None:
         """Record the IPQS id in our duplicate marker (best effort)."""
@@ -318,26 +348,84 @@ class Spool:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch()
 
+    def prune_owners(self) -> None:
+        """Forget the heartbeat files of daemons on this host that are gone."""
+        for beat in (self.processing / OWNERS_DIR).iterdir():
+            host, _, rest = beat.name.partition(":")
+            pid = rest.partition(":")[0]
+            if host == self.owner.host and pid.isdigit() and int(pid) != self.owner.pid \
+                    and not _pid_alive(int(pid)):
+                beat.unlink(missing_ok=True)
+
     def release(self) -> None:
         (self.processing / OWNERS_DIR / self.owner.name).unlink(missing_ok=True)
 
-    def orphaned(self, job: Job) -> bool:
+    def orphaned(self, job: Job, job_dir: Path | None = None) -> bool:
         """May we take this job over? Ours, or its owner is surely gone."""
         if job.owner is None or job.owner == self.owner.name:
             return True
-        host, _, rest = job.owner.partition(":")
+        return self._gone(job.owner, job_dir or self.job_dir(job))
+
+    def _gone(self, owner: str, folder: Path) -> bool:
+        """Is the daemon named ``owner`` surely gone?
+
+        On this host (and pid namespace) its pid says it; elsewhere its heartbeat file,
+        which must be older than the lease. A daemon that never heartbeated is judged by
+        the age of ``folder`` instead.
+        """
+        host, _, rest = owner.partition(":")
         pid = rest.partition(":")[0]
-        if host == self.owner.host and pid.isdigit() and not _pid_alive(int(pid)):
-            return True
-        beat = self.processing / OWNERS_DIR / job.owner
+        if host == self.owner.host and pid.isdigit() and int(pid) != self.owner.pid:
+            return not _pid_alive(int(pid))
+        # Another host, or our own pid under another token (an earlier life of this
+        # process, or a second daemon inside it): its heartbeat decides.
+        beat = self.processing / OWNERS_DIR / owner
         try:
             return time.time() - beat.stat().st_mtime > self.lease_seconds
         except FileNotFoundError:
-            return True
+            try:
+                return time.time() - folder.stat().st_mtime > self.lease_seconds
+            except FileNotFoundError:
+                return False
 
-    def adopt(self, job: Job) -> None:
+    def adopt(self, job_dir: Path) -> Job | None:
+        """Take a job over; None if another daemon took it first.
+
+        Moving the record aside is the compare-and-swap: of several daemons, exactly one
+        rename succeeds. The winner then writes the record back as its own. A record left
+        aside by an adopter that died half-way is taken the same way, once that adopter is
+        surely gone.
+        """
+        prefix = f"{JOB_FILE}.adopt-"
+        aside = job_dir / f"{prefix}{self.owner.name}"
+        candidates = [job_dir / JOB_FILE]
+        candidates += [p for p in sorted(job_dir.glob(prefix + "*"))
+                       if self._gone(p.name[len(prefix):], job_dir)]
+        for source in candidates:
+            try:
+                os.rename(source, aside)
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            return None
+        job = _load_record(aside)
+        if job is None:
+            os.rename(aside, job_dir / JOB_FILE)
+            return None
         job.owner = self.owner.name
         self.save(job)
+        aside.unlink(missing_ok=True)
+        return job
+
+    def owns(self, job: Job) -> bool:
+        """Is the record on disk still ours? (Checked before each POST: a daemon paused
+        past its lease may have been replaced.)"""
+        try:
+            current = _load_record(self.job_dir(job) / JOB_FILE)
+        except OSError:
+            return False
+        return current is not None and current.owner == self.owner.name
 
     # -- finish ---------------------------------------------------------------------------
 
@@ -349,6 +437,9 @@ class Spool:
         """
         outcome_dir = self.root / (job.outcome or "failed") / job.type
         outcome_dir.mkdir(parents=True, exist_ok=True)
+        if job.id is not None:
+            # Paid for: once the job folder is gone, only the id keeps its marker alive.
+            self.update_mark(job)
         while True:
             if job.final_name is None or job.state != FINISHING:
                 job.final_name = self._free_name(outcome_dir, job)
@@ -618,6 +709,14 @@ def _fsync_dir(path: Path) -> None:
         pass  # some filesystems (SMB, some FUSE) refuse fsync on folders
     finally:
         os.close(fd)
+
+
+def _load_record(path: Path) -> Job | None:
+    try:
+        data = json.loads(path.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return None
+    return Job.from_json(data) if isinstance(data, dict) else None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -10,7 +10,6 @@ seconds apart) allows a new POST.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import csv
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,8 +20,14 @@ import structlog
 
 from daemon import retry
 from daemon.api import CsvJob
-from daemon.errors import AccountError, LostAnswerError, RejectedError, TransientError
-from daemon.pipeline import Pipeline
+from daemon.errors import (
+    AccountError,
+    IpqsError,
+    LostAnswerError,
+    RejectedError,
+    TransientError,
+)
+from daemon.pipeline import Permit, Pipeline
 from daemon.spool import CLAIMED, SUBMITTED, UPLOADING, Job, new_job_id, utcnow
 from daemon.watcher import Candidate
 
@@ -40,8 +45,8 @@ class Tracker(Protocol):
     def track(self, job: Job) -> None: ...
 
 
-class _Paused(Exception):
-    """The account refused the upload; the job went back to the inbox."""
+class _Stop(Exception):
+    """This job goes no further in this run (paused, taken over, or back in its inbox)."""
 
 
 class Uploader:
@@ -54,9 +59,7 @@ class Uploader:
         self.done_with = done_with
         self.tracker = tracker
         self.newest_id: int | None = None
-        # Files taken from the queue and not yet submitted or finished (for --once).
-        self.busy = 0
-        # Resumed jobs share the workers' limit on concurrent uploads.
+        # Workers and resumed jobs together never upload more than ``concurrency`` at once.
         self._slots = asyncio.Semaphore(pipe.config.upload.concurrency)
 
     async def run(self) -> None:
@@ -66,24 +69,28 @@ class Uploader:
                 group.create_task(self._worker(), name=f"upload-worker-{n}")
 
     async def _worker(self) -> None:
-        stop = self.pipe.stop
-        while not stop.is_set():
-            if not await self.pipe.breaker.acquire(stop):
-                return
-            candidate = await _get_or_stop(self.queue, stop)
+        pipe = self.pipe
+        while not pipe.stop.is_set():
+            candidate = await _get_or_stop(self.queue, pipe.stop)
             if candidate is None:
-                self.pipe.breaker.release()
                 return
-            self.busy += 1
+            # The file stays in its inbox until a slot and the breaker allow an upload.
+            claimed = False
             try:
-                await self._take(candidate)
-            except Exception:
-                # A bug must cost one file its progress, never the daemon its workers.
-                log.exception("upload_worker_error", path=str(candidate.path))
+                async with self._slots:
+                    permit = await pipe.breaker.acquire(pipe.stop)
+                    if permit is None:
+                        return
+                    try:
+                        claimed = True
+                        await self._take(candidate, permit)
+                    finally:
+                        pipe.breaker.release(permit)  # no-op once a verdict was recorded
             finally:
-                self.busy -= 1
+                if not claimed:
+                    self.done_with(candidate.path)
 
-    async def _take(self, candidate: Candidate) -> None:
+    async def _take(self, candidate: Candidate, permit: Permit) -> None:
         # Registered before its folder exists, so the recovery sweep never mistakes a
         # claim under way for a job left behind.
         job_id = new_job_id()
@@ -92,15 +99,14 @@ class Uploader:
             job = await asyncio.to_thread(self.pipe.spool.claim, candidate.type,
                                           candidate.path, self._method(candidate.path), job_id)
         except BaseException:
-            self.pipe.active.discard(job_id)
+            self.pipe.forget_id(job_id)
             raise
         finally:
-            self.done_with(candidate.path)
+            self.done_with(candidate.path)  # claimed or gone: the watcher may look again
         if job is None:
-            self.pipe.active.discard(job_id)
-            self.pipe.breaker.release()
+            self.pipe.forget_id(job_id)
             return
-        await self.process(job, permitted=True)
+        await self.process(job, permit, candidate)
 
     def _method(self, path: Path) -> str:
         if path.name.lower().endswith(URL_SUFFIX):
@@ -109,41 +115,65 @@ class Uploader:
 
     # -- one job ---------------------------------------------------------------------------
 
-    async def process(self, job: Job, *, permitted: bool = False) -> None:
-        """Take a claimed or half-uploaded job to ``submitted`` (or to failed/)."""
+    async def process(self, job: Job, permit: Permit | None = None,
+                      candidate: Candidate | None = None) -> None:
+        """Take a claimed or half-uploaded job to ``submitted`` (or to failed/).
+
+        Never raises: whatever stops a job here leaves it in processing/ for the recovery
+        sweep or the next start, and never stops the daemon.
+        """
         pipe = self.pipe
         pipe.started(job)
         structlog.contextvars.bind_contextvars(job=job.job, source=job.source)
         try:
-            if job.state == CLAIMED and job.sha256 is None and not await self._inspect(job):
-                pipe.breaker.release()
+            if candidate is not None and await self._stale(job, candidate):
                 return
-            if job.state == CLAIMED and not await self._check_duplicate(job):
-                pipe.breaker.release()
+            if job.state == CLAIMED and not await self._prepare(job):
                 return
-            if permitted:
-                await self._submit(job)
+            if permit is not None:
+                await self._submit(job, permit)
                 return
             async with self._slots:
-                if not await pipe.breaker.acquire(pipe.stop):
-                    pipe.forget(job)
-                    return
-                await self._submit(job)
-        except _Paused:
-            pass
-        except AccountError as exc:
-            # Refused during a lookup: the upload may exist, so the job stays in processing/
-            # until the account works again (the recovery sweep picks it up).
-            pipe.breaker.failure(exc.message)
+                permit = await pipe.breaker.acquire(pipe.stop)
+                if permit is None:
+                    raise _Stop
+                try:
+                    await self._submit(job, permit)
+                finally:
+                    pipe.breaker.release(permit)
+        except _Stop:
             pipe.forget(job)
-        except (TransientError, OSError) as exc:
-            # Only when stopping (transient errors are retried until then) or on disk
-            # trouble: the job stays in processing/ and the next start resumes it.
-            pipe.breaker.release()
+        except (TransientError, OSError, IpqsError) as exc:
+            # Stopping (transient errors are retried until then), disk trouble, or a refusal
+            # during a lookup: the job stays in processing/, to be resumed later.
             log.warning("upload_interrupted", error=str(exc), state=job.state)
+            pipe.forget(job)
+        except Exception:
+            # A bug must cost one file its progress, never the daemon its workers.
+            log.exception("upload_job_error", state=job.state)
             pipe.forget(job)
         finally:
             structlog.contextvars.unbind_contextvars("job", "source")
+
+    async def _stale(self, job: Job, candidate: Candidate) -> bool:
+        """Did the file change between settling and the claim (a writer came back)? Then
+        it goes back to its inbox, to settle again."""
+        try:
+            now = await asyncio.to_thread(self.pipe.spool.input_path(job).lstat)
+        except FileNotFoundError:
+            return False  # inspect() gives it its outcome
+        if (now.st_size, now.st_mtime_ns, now.st_ino) == (
+                candidate.size, candidate.mtime_ns, candidate.inode):
+            return False
+        log.info("file_changed_before_claim")
+        await self._return_to_inbox(job)
+        return True
+
+    async def _prepare(self, job: Job) -> bool:
+        """Inspect (once) and take the duplicate marker; False if the job ended here."""
+        if job.sha256 is None and not await self._inspect(job):
+            return False
+        return await self._check_duplicate(job)
 
     async def _inspect(self, job: Job) -> bool:
         """Hash and check the claimed input (once: the claim-time facts are kept, so a later
@@ -154,7 +184,7 @@ class Uploader:
             if problem is None and job.method == "url":
                 problem = await asyncio.to_thread(_url_problem, pipe.spool.input_path(job))
             elif problem is None and job.method == "json":
-                problem = await asyncio.to_thread(_rows_problem, pipe.spool.input_path(job))
+                problem = await self._json_problem(job)
         except FileNotFoundError:
             problem = "the file vanished after it was claimed"
         except OSError as exc:
@@ -165,6 +195,15 @@ class Uploader:
             return False
         await pipe.save(job)
         return True
+
+    async def _json_problem(self, job: Job) -> str | None:
+        limit = self.pipe.config.upload.json_max_bytes
+        if (job.bytes or 0) > limit:
+            # A JSON body is built in memory: large files go as a streamed multipart.
+            log.info("json_too_large_using_multipart", bytes=job.bytes, limit=limit)
+            job.method = "multipart"
+            return None
+        return await asyncio.to_thread(_rows_problem, self.pipe.spool.input_path(job))
 
     async def _check_duplicate(self, job: Job) -> bool:
         """Take the content's duplicate marker; False if the job ended here as a duplicate."""
@@ -180,13 +219,9 @@ class Uploader:
             return False
         return True
 
-    async def _submit(self, job: Job) -> None:
+    async def _submit(self, job: Job, permit: Permit) -> None:
         pipe = self.pipe
         while True:
-            if await asyncio.to_thread(pipe.spool.changed, job):
-                await pipe.finish(job, "failed", "invalid-input",
-                                  "the file changed or vanished after it was claimed")
-                return
             if job.state == UPLOADING:
                 found = await self._lookup(job)
                 if found is not None:
@@ -194,8 +229,15 @@ class Uploader:
                     log.warning("upload_adopted", id=found.id, file_name=job.file_name)
                     await self._submitted(job, found)
                     return
+                if job.uploads >= MAX_UPLOADS:
+                    await pipe.finish(job, "failed", "timeout", _UNANSWERED % job.uploads)
+                    return
             try:
-                answer = await self._upload_once(job)
+                answer = await self._upload_once(job, permit)
+            except _InputChanged:
+                await pipe.finish(job, "failed", "invalid-input",
+                                  "the file changed or vanished after it was claimed")
+                return
             except LostAnswerError as exc:
                 log.warning("upload_answer_lost", error=str(exc))
                 continue
@@ -205,14 +247,16 @@ class Uploader:
                 await pipe.finish(job, "failed", "rejected", exc.message)
                 return
             except AccountError as exc:
-                await self._pause(job, exc)
-                raise _Paused from None
+                pipe.breaker.failure(exc.message, permit)
+                await self._return_to_inbox(job, exc.message)
+                return
             await self._submitted(job, answer)
             return
 
-    async def _upload_once(self, job: Job) -> CsvJob:
+    async def _upload_once(self, job: Job, permit: Permit) -> CsvJob:
         """Save ``uploading``, then POST (retrying what surely never arrived)."""
         pipe = self.pipe
+        await self._may_send(job, permit)
         job.state = UPLOADING
         job.upload_started_at = utcnow()
         job.floor_id = self.newest_id
@@ -220,8 +264,24 @@ class Uploader:
         await pipe.save(job)
         async for attempt in pipe.retrying("upload", retry_lost_answers=False):
             with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    await self._may_send(job, permit)
                 return await self._send(job)
         raise AssertionError("unreachable: the retry loop returns or raises")
+
+    async def _may_send(self, job: Job, permit: Permit) -> None:
+        """Last checks before a POST: the input is as claimed, the breaker has not opened
+        since the permit was issued, and the job is still ours."""
+        pipe = self.pipe
+        if await asyncio.to_thread(pipe.spool.changed, job):
+            raise _InputChanged
+        if not pipe.breaker.allows(permit):
+            if job.state == CLAIMED:
+                await self._return_to_inbox(job)
+            raise _Stop
+        if not await asyncio.to_thread(pipe.spool.owns, job):
+            log.warning("job_taken_over", owner_now="another daemon")
+            raise _Stop
 
     async def _send(self, job: Job) -> CsvJob:
         pipe = self.pipe
@@ -242,20 +302,20 @@ class Uploader:
         pipe.metrics.upload_bytes.inc(job.bytes or 0)
         return answer
 
-
     async def _lookup(self, job: Job) -> CsvJob | None:
-        """Is the job at IPQS already? Two "absent" answers, some seconds apart, say no."""
+        """Is the job at IPQS already? Two "absent" answers, ``upload.lookup_delay_seconds``
+        apart, say no: IPQS may still have been working on the request we gave up on."""
         pipe = self.pipe
         delay = pipe.config.upload.lookup_delay_seconds
         for check in range(2):
             await retry.stoppable_sleep(pipe.stop)(delay if check else min(delay, 1.0))
+            if pipe.stop.is_set():
+                raise TransientError("stopping before the lookup was confirmed", cause="stop")
             async for attempt in pipe.retrying("lookup"):
                 with attempt, pipe.metrics.api_latency.labels("lookup").time():
                     found = await pipe.client.find(job.file_name, job.type, floor_id=job.floor_id)
             if found is not None:
                 return found
-            if pipe.stop.is_set():
-                raise TransientError("stopping before the lookup was confirmed", cause="stop")
         log.info("upload_not_found", file_name=job.file_name)
         return None
 
@@ -273,17 +333,21 @@ class Uploader:
         log.info("file_submitted", id=job.id, file_name=job.file_name, method=job.method)
         self.tracker.track(job)
 
-    async def _pause(self, job: Job, exc: AccountError) -> None:
-        """Account trouble: nothing was created, so the file goes back to its inbox."""
-        pipe = self.pipe
-        pipe.breaker.failure(exc.message)
-        await asyncio.to_thread(pipe.spool.unmark, job)
-        if await asyncio.to_thread(pipe.spool.unclaim, job):
-            log.info("file_returned_to_inbox", reason=exc.message)
-        else:
-            job.state = CLAIMED
-            await pipe.save(job)
-        pipe.forget(job)
+    async def _return_to_inbox(self, job: Job, reason: str | None = None) -> None:
+        """Nothing was sent (or IPQS refused the account, which creates nothing): the file
+        goes back to its inbox, and the job is no longer ours to run."""
+        if await asyncio.to_thread(self.pipe.spool.unclaim, job):
+            log.info("file_returned_to_inbox", reason=reason)
+        raise _Stop
+
+
+class _InputChanged(Exception):
+    """The input's size or mtime moved since it was inspected."""
+
+
+MAX_UPLOADS = 3
+_UNANSWERED = ("%d uploads went unanswered and none shows in the IPQS job list; it is not "
+               "sent again, to avoid paying more: check `ipqs-bulkd jobs`, then `retry` it")
 
 
 async def _get_or_stop(queue: asyncio.Queue[Candidate], stop: asyncio.Event) -> Candidate | None:
@@ -296,9 +360,7 @@ async def _get_or_stop(queue: asyncio.Queue[Candidate], stop: asyncio.Event) -> 
     finally:
         stopper.cancel()
         if not getter.done():
-            getter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await getter
+            getter.cancel()  # an item it had not yet taken stays in the queue
     return getter.result() if getter.done() and not getter.cancelled() else None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from daemon import ALL_TYPES
 from daemon.api import IpqsClient
-from daemon.spool import SUBMITTED, UPLOADING, Spool
+from daemon.spool import SUBMITTED, UPLOADING, Owner, Spool
 from tests.support import (
     FAKE_KEY,
     daemon_config,
@@ -25,6 +26,8 @@ from tests.support import (
     sha256,
     wait_for,
 )
+
+DEAD_PID = 2**22 + 12345  # above any pid_max: never a live process
 
 SAMPLES = {
     "email": b"a@example.com\nnot-an-email\nb@example.org\n",
@@ -127,7 +130,9 @@ async def test_restart_resumes_inbox_and_processing_without_second_upload(
     async with sandbox_server(quick_settings(tmp_path)) as sandbox:
         root = tmp_path / "spool"
         config = daemon_config(root, sandbox.api_base)
-        spool = Spool(root, config.spool.types)
+        # The jobs of an earlier daemon process, now dead.
+        spool = Spool(root, config.spool.types,
+                      owner=dataclasses.replace(Owner.current(), pid=DEAD_PID))
         spool.prepare()
         # 1: claimed, nothing sent yet.
         claimed = spool.claim("email", drop(root, "email", "claimed.csv", emails(3, "c")),

@@ -321,3 +321,39 @@ async def test_disk_full_keeps_the_input_and_finishes_once_space_returns(
                                what="finished once space returned")
             assert len(sandbox.uploads()) == 1
             assert (root / "done" / "email" / "stuck.csv").read_bytes() == data
+
+
+CRASH_IN_UNCLAIM = """
+import asyncio, os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from tests.support import daemon_config
+from daemon import spool
+from daemon.service import Service
+
+def crash(self, job_dir):  # kill -9 between linking the input back and removing the job
+    os._exit(137)
+
+spool.Spool._remove_job_dir = crash
+asyncio.run(Service(daemon_config(Path(sys.argv[1]), sys.argv[2])).run(once=True))
+"""
+
+
+async def test_a_crash_while_returning_a_file_to_its_inbox_pays_once(tmp_path: Path) -> None:
+    async with sandbox_server(quick_settings(tmp_path)) as sandbox:
+        root = tmp_path / "spool"
+        sandbox.state.faults.credits = 0  # "insufficient credits": back to the inbox
+        drop(root, "email", "list.csv", emails(5))
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CRASH_IN_UNCLAIM, str(root), sandbox.api_base,
+            str(Path(__file__).parent.parent), stderr=asyncio.subprocess.PIPE)
+        _, err = await child.communicate()
+        assert child.returncode == 137, err.decode()[-1500:]
+        # The crash left the file back in its inbox and its job folder, marked returning.
+        assert (root / "inbox" / "email" / "list.csv").exists()
+        [record] = (root / "processing").glob("*/job.json")
+        assert json.loads(record.read_text())["state"] == "returning"
+        sandbox.state.faults.credits = None
+        assert await run_once(daemon_config(root, sandbox.api_base)) == 0
+        assert len(sandbox.uploads()) == 1
+        assert set(records(root, "done")) == {"list.csv"} and records(root, "failed") == {}

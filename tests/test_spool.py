@@ -117,6 +117,7 @@ def test_duplicate_marker_is_exclusive_and_expires(tmp_path: Path) -> None:
                 sha256="ab" * 32)
     second = Job(job="j2", type="email", source="b.csv", file_name="b", method="multipart",
                  sha256="ab" * 32)
+    (spool.processing / "j1").mkdir()  # j1 is under way
     assert spool.mark(first, 3600) is None
     earlier = spool.mark(second, 3600)
     assert earlier is not None and earlier["job"] == "j1"
@@ -151,3 +152,51 @@ def test_upload_name_is_safe_and_unique() -> None:
     assert upload_name("My List (v2).csv", "20260101T000000-abcd1234") == "My_List__v2-abcd1234"
     assert upload_name("\n\u00e9.csv", "x-ffff") == "file-ffff"
     assert len(upload_name("a" * 255, "x-1234")) < 100
+
+
+def test_a_marker_never_paid_for_dies_with_its_job(tmp_path: Path) -> None:
+    spool = make_spool(tmp_path)
+    sha = "cd" * 32
+    gone = Job(job="gone", type="email", source="a.csv", file_name="a", method="multipart",
+               sha256=sha)
+    assert spool.mark(gone, 3600) is None
+    # Its job ended without an IPQS id (a crash after it went back to the inbox): stale.
+    again = Job(job="again", type="email", source="a.csv", file_name="a", method="multipart",
+                sha256=sha)
+    (spool.processing / "again").mkdir()
+    assert spool.mark(again, 3600) is None
+    # Once paid for (an id), the marker holds even after its job is gone.
+    again.id = 42
+    spool.update_mark(again)
+    (spool.processing / "again").rmdir()
+    third = Job(job="third", type="email", source="a.csv", file_name="a", method="multipart",
+                sha256=sha)
+    earlier = spool.mark(third, 3600)
+    assert earlier is not None and earlier["id"] == 42
+
+
+def test_adoption_survives_an_adopter_that_died_half_way(tmp_path: Path) -> None:
+    dead = Spool(tmp_path, ("email",), owner=Owner("h", 2**22 + 7, "dead"))
+    dead.prepare()
+    job = dead.claim("email", drop(dead, "x.csv"), "multipart")
+    assert job is not None
+    job_dir = dead.job_dir(job)
+    me = Spool(tmp_path, ("email",), owner=Owner("h", os.getpid(), "me"))
+    # An adopter moved the record aside and died before writing it back.
+    crashed = Owner("h", 2**22 + 8, "crashed").name
+    (job_dir / "job.json").rename(job_dir / f"job.json.adopt-{crashed}")
+    assert me.load(job_dir) is not None  # the record is still found, aside
+    won = me.adopt(job_dir)
+    assert won is not None and won.owner == me.owner.name
+    assert sorted(p.name for p in job_dir.iterdir() if p.name.startswith("job.json")) == [
+        "job.json"]
+
+
+def test_a_record_moved_aside_by_a_live_adopter_is_left_alone(tmp_path: Path) -> None:
+    me = make_spool(tmp_path)
+    job = me.claim("email", drop(me, "x.csv"), "multipart")
+    assert job is not None
+    job_dir = me.job_dir(job)
+    live = Owner(me.owner.host, 1, "init")  # pid 1 lives as long as the system does
+    (job_dir / "job.json").rename(job_dir / f"job.json.adopt-{live.name}")
+    assert me.adopt(job_dir) is None

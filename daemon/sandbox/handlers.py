@@ -17,6 +17,7 @@ Fidelity assumptions, beyond those in the modules these handlers use:
 
 from __future__ import annotations
 
+import asyncio
 import math
 from datetime import UTC, datetime
 from urllib.parse import quote
@@ -205,6 +206,9 @@ async def _list_item(
     return {**fields, "status_url": status_url(request, fmt, job)}
 
 
+DOWNLOAD_CHUNK = 256 * 1024
+
+
 async def download(request: web.Request) -> web.StreamResponse:
     """``/download?download=TOKEN&filename=NAME``: one result file, once."""
     state = request.config_dict[SANDBOX]
@@ -217,4 +221,16 @@ async def download(request: web.Request) -> web.StreamResponse:
         hdrs.CONTENT_DISPOSITION: f"attachment; filename*=UTF-8''{quote(link.file_name)}",
         "X-Powered-By": answers.POWERED_BY,
     }
-    return web.FileResponse(link.path, headers=headers)
+    # Streamed by hand rather than with FileResponse, so the file is closed even when the
+    # client goes away mid-transfer (a daemon killed during a download).
+    response = web.StreamResponse(headers=headers)
+    response.content_length = link.path.stat().st_size
+    handle = await asyncio.to_thread(link.path.open, "rb")
+    try:
+        await response.prepare(request)
+        while chunk := await asyncio.to_thread(handle.read, DOWNLOAD_CHUNK):
+            await response.write(chunk)
+        await response.write_eof()
+    finally:
+        await asyncio.to_thread(handle.close)
+    return response
