@@ -243,7 +243,8 @@ class IpqsClient:
         """
         params = {"file_name": file_name}
         url = self._upload_target(file_type, params)
-        body = await asyncio.to_thread(_UploadFile, path, progress)
+        # Opened on the loop (a quick syscall): a cancelled thread could leak the handle.
+        body = _UploadFile(path, progress)
         try:
             form = aiohttp.FormData()
             form.add_field("file", body, filename=file_name + ".csv",
@@ -252,7 +253,7 @@ class IpqsClient:
                                        sent=lambda: body.finished)
             return self._job(data, "upload"), body.sha256.hexdigest()
         finally:
-            await asyncio.to_thread(body.close)
+            body.close()
 
     async def upload_rows(self, file_type: str, rows: list[list[str]],
                           file_name: str) -> CsvJob:
@@ -368,7 +369,7 @@ class IpqsClient:
 
     async def _stream_to(self, resp: aiohttp.ClientResponse, tmp: Path, mode: int) -> int:
         written = 0
-        fh = await asyncio.to_thread(_create, tmp, mode)
+        fh = _create(tmp, mode)  # on the loop: a cancelled thread could leak the handle
         try:
             async for chunk in resp.content.iter_chunked(_CHUNK):
                 written += len(chunk)
@@ -377,7 +378,7 @@ class IpqsClient:
                 await asyncio.to_thread(fh.write, chunk)
             await asyncio.to_thread(_flush_and_sync, fh)
         finally:
-            await asyncio.to_thread(fh.close)
+            fh.close()
         if resp.content_length is not None and written != resp.content_length:
             raise TransientError(f"download ended after {written} of {resp.content_length} "
                                  "bytes", cause="dropped")

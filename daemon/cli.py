@@ -78,13 +78,13 @@ def _load(ns: argparse.Namespace, *, sandbox: bool = False) -> Config:
     explicit = ns.config or (Path(os.environ["IPQS_BULKD_CONFIG"])
                              if os.environ.get("IPQS_BULKD_CONFIG") else None)
     path = explicit or default_config_path(os.environ)
-    if explicit is None and not path.exists():
-        config = load_config(None, os.environ)
-        if sandbox and "IPQS_BULKD_SPOOL_ROOT" not in os.environ:
-            config = dataclasses.replace(
-                config, spool=dataclasses.replace(config.spool, root=SANDBOX_SPOOL.resolve()))
-        return config
-    return load_config(path, os.environ)
+    config = load_config(path if explicit or path.exists() else None, os.environ)
+    if sandbox and "IPQS_BULKD_SPOOL_ROOT" not in os.environ:
+        # The emulator's made-up results (and duplicate markers) must never land in a
+        # real spool: --sandbox keeps to its own, unless the environment names one.
+        config = dataclasses.replace(
+            config, spool=dataclasses.replace(config.spool, root=SANDBOX_SPOOL.resolve()))
+    return config
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -177,7 +177,24 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
                        for name, cls in _sections().items()})
     if data:
         raise ConfigError(f"unknown config section [{sorted(data)[0]}]")
+    _check_pairs(config)
     return _with_key(config, environ)
+
+
+def _check_pairs(config: Config) -> None:
+    """Checks that involve two keys: a start value may not exceed its cap."""
+    pairs = (("poll.initial_seconds", config.poll.initial_seconds,
+              "poll.max_seconds", config.poll.max_seconds),
+             ("upload.retry_initial_seconds", config.upload.retry_initial_seconds,
+              "upload.retry_max_seconds", config.upload.retry_max_seconds),
+             ("upload.pause_initial_seconds", config.upload.pause_initial_seconds,
+              "upload.pause_max_seconds", config.upload.pause_max_seconds),
+             ("watch.settle_seconds", config.watch.settle_seconds,
+              "watch.quiet_seconds", config.watch.quiet_seconds))
+    for low_key, low, high_key, high in pairs:
+        if low > high:
+            raise ConfigError(f"config key {low_key} ({low:g}) must not exceed "
+                              f"{high_key} ({high:g})")
 
 
 def _sections() -> dict[str, type[Any]]:
@@ -206,7 +223,8 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         rest = var[len(ENV_PREFIX):].lower()
         section = next((s for s in sections if rest.startswith(s + "_")), None)
         if section is None:
-            continue
+            # A typo here would otherwise be ignored in silence.
+            raise ConfigError(f"environment variable {var} names no config section")
         data.setdefault(section, {})[rest[len(section) + 1:]] = _EnvValue(raw, var)
 
 
@@ -255,7 +273,8 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         value = _from_env(key, hint, value)
     accepts, convert = _ACCEPT[hint]
     if not accepts(value):
-        raise ConfigError(f"config key {key} must be {_describe(hint)}, got {value!r}")
+        shown = "a value that is not shown" if key == "api.key" else repr(value)
+        raise ConfigError(f"config key {key} must be {_describe(hint)}, got {shown}")
     return convert(value)
 
 
@@ -266,7 +285,8 @@ def _from_env(key: str, hint: Any, env: _EnvValue) -> Any:
             return {"1": True, "true": True, "yes": True, "0": False, "false": False,
                     "no": False}[raw.lower()]
         if hint is int:
-            return int(raw, 0)
+            # Modes are octal, whether written 640, 0640 or 0o640.
+            return int(raw, 8) if key.endswith("_mode") else int(raw, 0)
         if hint is float:
             return float(raw)
     except (KeyError, ValueError):
@@ -291,16 +311,22 @@ def _check(key: str, value: Any) -> None:
                           f"got {value!r}")
     if key in _MEMBERS:
         _check_members(key, value, _MEMBERS[key])
-    if _is_number(value) and (
-        not math.isfinite(value) or value < 0 or (value == 0 and key not in _ZERO_OK)
-    ):
-        raise ConfigError(f"config key {key} must be a positive number, got {value!r}")
+    if _is_number(value) and (not math.isfinite(value) or value < 0):
+        raise ConfigError(f"config key {key} must not be negative, got {value!r}")
+    if _is_number(value) and value == 0 and key not in _ZERO_OK:
+        raise ConfigError(f"config key {key} must be more than 0, got {value!r}")
+    if key == "health.port" and value > 65535:
+        raise ConfigError(f"config key health.port must be a port number (0-65535), "
+                          f"got {value!r}")
+    if key == "poll.factor" and value < 1:
+        raise ConfigError(f"config key poll.factor must be at least 1, got {value!r}")
     if key == "api.base_url" and not value.startswith(("http://", "https://")):
         raise ConfigError(f"config key api.base_url must be an http(s) URL, got {value!r}")
     if key == "api.ca_bundle" and value and not os.access(value, os.R_OK):
         raise ConfigError(f"config key api.ca_bundle: cannot read {value}")
     if key == "spool.file_mode" and not 0 <= value <= 0o777:
-        raise ConfigError(f"config key spool.file_mode must be a permission mode, got {value!r}")
+        raise ConfigError(f"config key spool.file_mode must be a permission mode, "
+                          f"got {oct(value)}")
 
 
 def _check_members(key: str, values: tuple[str, ...], allowed: tuple[str, ...]) -> None:

@@ -112,3 +112,5 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     root.setLevel(level.upper())
     # aiohttp's access log would print every request line (with keys in paths): keep it off.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # watchfiles says "N changes detected" at info for every drop; our own lines say more.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)

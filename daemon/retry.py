@@ -8,7 +8,6 @@ shutdown never waits out a long backoff.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 
 from tenacity import (
@@ -18,6 +17,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from daemon.aio import wait_any
 from daemon.errors import LostAnswerError, TransientError
 
 
@@ -40,8 +40,7 @@ def stoppable_sleep(stop: asyncio.Event) -> Callable[[float], Awaitable[None]]:
     """A sleep that returns as soon as ``stop`` is set."""
 
     async def sleep(seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=seconds)
+        await wait_any(stop, within=seconds)
 
     return sleep
 

@@ -9,7 +9,6 @@ exits at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -371,6 +370,5 @@ class Service:
             return
         while not self.stop.is_set():
             self.notifier.send(WATCHDOG="1")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), seconds / 2)
+            await wait_any(self.stop, within=seconds / 2)
 

@@ -273,6 +273,8 @@ class Uploader:
         """Last checks before a POST: the input is as claimed, the breaker has not opened
         since the permit was issued, and the job is still ours."""
         pipe = self.pipe
+        if pipe.stop.is_set():
+            raise _Stop  # no new attempt once the daemon is stopping
         if await asyncio.to_thread(pipe.spool.changed, job):
             raise _InputChanged
         if not pipe.breaker.allows(permit):

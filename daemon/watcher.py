@@ -22,7 +22,7 @@ import os
 import stat
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,7 @@ from pathlib import Path
 import structlog
 import watchfiles
 
+from daemon.aio import wait_any
 from daemon.config import WatchConfig
 
 log = structlog.get_logger(__name__)
@@ -326,7 +327,7 @@ class Watcher:
             # Not at once: a folder deleted in a loop, or a watch that cannot start (inotify
             # limits), would spin. The rescans keep files flowing meanwhile.
             retry = _WATCH_RETRY_SECONDS if ended_cleanly else retry * 2
-            await _wait_any((self._stop,), min(retry, self._settings.rescan_seconds))
+            await wait_any(self._stop, within=min(retry, self._settings.rescan_seconds))
             await self._scan_logged()  # recreates missing inboxes before watching again
 
     async def _watch_session(self) -> bool:
@@ -360,7 +361,7 @@ class Watcher:
 
     async def _rescan_loop(self) -> None:
         while True:
-            await _wait_any((self._stop, self._rescan_now), self._settings.rescan_seconds)
+            await wait_any(self._stop, self._rescan_now, within=self._settings.rescan_seconds)
             if self._stop.is_set():
                 return
             self._rescan_now.clear()
@@ -388,7 +389,8 @@ class Watcher:
         if self._dirty or self._recheck or self._due(self._clock()):
             failed = not await self._settle_round_logged()
         if not self._wake.is_set():
-            await _wait_any((self._stop, self._wake), self._tick if failed else self._next_due())
+            pause = self._tick if failed else self._next_due()
+            await wait_any(self._stop, self._wake, within=pause)
 
     async def _settle_round_logged(self) -> bool:
         try:
@@ -659,7 +661,7 @@ class Watcher:
         return self._inboxes[self._rr :] + self._inboxes[: self._rr]
 
     async def _pause(self, seconds: float) -> None:
-        await _wait_any((self._stop, self._wake), seconds)
+        await wait_any(self._stop, self._wake, within=seconds)
 
     async def _end_tasks(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -680,20 +682,6 @@ def _validate(settings: WatchSettings) -> None:
 
 def _accept_change(change: watchfiles.Change, path: str) -> bool:
     return not is_ignored(Path(path).name)
-
-
-async def _wait_any(events: Iterable[asyncio.Event], seconds: float | None) -> None:
-    """Return once any event is set or ``seconds`` passed; with None, no timer runs."""
-    events = list(events)
-    if any(event.is_set() for event in events):
-        return
-    waiters = [asyncio.create_task(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
 
 
 # -- blocking helpers, run in a thread ---------------------------------------------------

@@ -52,6 +52,10 @@ def test_key_file_and_credentials_directory(tmp_path: Path) -> None:
     ("[poll]\nfactor = nan\n", "poll.factor"),
     ("[api]\nkey_file = '/nonexistent/key'\n", "api.key_file"),
     ("[nope]\n", "[nope]"),
+    ("[health]\nport = 99999\n", "health.port"),
+    ("[poll]\nfactor = 0.5\n", "poll.factor"),
+    ("[poll]\ninitial_seconds = 90.0\n", "poll.initial_seconds"),
+    ("[upload]\nretry_initial_seconds = 120.0\n", "upload.retry_initial_seconds"),
     ("not toml ][", "not valid TOML"),
 ])
 def test_errors_name_the_key(tmp_path: Path, text: str, named: str) -> None:
@@ -94,3 +98,19 @@ def test_missing_explicit_config_is_an_error(tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check-config", "--config", str(tmp_path / "absent.toml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_unknown_environment_variable_is_named() -> None:
+    with pytest.raises(ConfigError, match="IPQS_BULKD_SPOLL_ROOT"):
+        load_config(None, {"IPQS_BULKD_SPOLL_ROOT": "/spool"})
+
+
+def test_file_mode_from_the_environment_is_octal() -> None:
+    for raw in ("640", "0640", "0o640"):
+        assert load_config(None, {"IPQS_BULKD_SPOOL_FILE_MODE": raw}).spool.file_mode == 0o640
+
+
+def test_a_mistyped_key_is_not_echoed(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, "[api]\nkey = 12345678901234567890\n"), {})
+    assert "12345678901234567890" not in str(caught.value)

@@ -225,12 +225,13 @@ async def download(request: web.Request) -> web.StreamResponse:
     # client goes away mid-transfer (a daemon killed during a download).
     response = web.StreamResponse(headers=headers)
     response.content_length = link.path.stat().st_size
-    handle = await asyncio.to_thread(link.path.open, "rb")
+    # Opened and closed on the loop (both quick): a cancelled thread could leak the handle.
+    handle = link.path.open("rb")
     try:
         await response.prepare(request)
         while chunk := await asyncio.to_thread(handle.read, DOWNLOAD_CHUNK):
             await response.write(chunk)
         await response.write_eof()
     finally:
-        await asyncio.to_thread(handle.close)
+        handle.close()
     return response
