@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -155,7 +156,8 @@ async def _start_sandbox(config: Config) -> tuple[web.AppRunner, Config]:
     """Start the emulator on a free loopback port and point the config at it."""
     from daemon.sandbox import TEST_KEY, SandboxSettings, create_app
 
-    runner = web.AppRunner(create_app(SandboxSettings()), access_log=None)
+    settings = SandboxSettings(first_id=int(time.time()) % 10**9 * 1000)
+    runner = web.AppRunner(create_app(settings), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -164,9 +166,10 @@ async def _start_sandbox(config: Config) -> tuple[web.AppRunner, Config]:
                               key=config.api.key or TEST_KEY)
     config = dataclasses.replace(config, api=api)
     inbox = config.spool.root / "inbox"
-    print(f"ipqs-bulkd: sandbox IPQS at http://127.0.0.1:{port}; drop CSV files into "
-          f"{inbox}/<type>/ (types: {', '.join(config.spool.types)}); results appear in "
-          f"{config.spool.root}/done/. Ctrl-C stops.", file=sys.stderr, flush=True)
+    print(f"ipqs-bulkd: sandbox IPQS at http://127.0.0.1:{port}; put CSV files into "
+          f"{inbox}/<type>/ (types: {', '.join(config.spool.types)}) by writing them "
+          f"elsewhere and renaming them in; results appear in {config.spool.root}/done/.",
+          file=sys.stderr, flush=True)
     return runner, config
 
 

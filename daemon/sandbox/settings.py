@@ -89,4 +89,7 @@ class SandboxSettings:
     fetch_urls: bool = False
     spool_dir: Path | None = None
     clock: Callable[[], float] = field(default=time.monotonic)
+    #: The first job id handed out; ``run --sandbox`` starts from the time of day, so ids
+    #: from different runs do not collide in the records they end up in.
+    first_id: int = 3868534
     faults: Faults = field(default_factory=Faults)

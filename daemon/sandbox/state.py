@@ -2,8 +2,8 @@
 
 Fidelity assumptions:
 
-* Job ids start at 3868534 (the OpenAPI example) and only grow, also across a reset, so
-  an id is never handed out twice by one sandbox.
+* Job ids start at ``settings.first_id`` (default 3868534, the OpenAPI example) and only
+  grow, also across a reset, so an id is never handed out twice by one sandbox.
 * A job is NEW for ``new_seconds`` after upload, then PROCESSING for ``processing_seconds
   + rows * per_row_seconds``, then FINISHED; no job is ever aborted.
 * ``rows`` (for timing, credits and the upload log) counts every non-blank line, a header
@@ -41,7 +41,6 @@ from daemon.sandbox.results import (
 from daemon.sandbox.settings import SandboxSettings
 from daemon.sandbox.spool import SpooledFile
 
-FIRST_ID = 3868534
 TOKEN_LENGTH = 256
 
 NEW, PROCESSING, FINISHED = "NEW", "PROCESSING", "FINISHED"
@@ -108,7 +107,7 @@ class SandboxState:
         self.stats = Stats()
         self.http: aiohttp.ClientSession | None = None  # only when fetch_urls is on
         self._offset = 0.0
-        self._next_id = FIRST_ID
+        self._next_id = settings.first_id
         self._spool: Path | None = None
         self._rng = random.Random(self.faults.seed)
         self._rng_seed = self.faults.seed
