@@ -10,11 +10,9 @@ seconds apart) allows a new POST.
 from __future__ import annotations
 
 import asyncio
-import csv
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlsplit
 
 import structlog
 
@@ -27,16 +25,13 @@ from daemon.errors import (
     RejectedError,
     TransientError,
 )
+from daemon.inputs import URL_SUFFIX, read_rows, rows_problem, url_file_problem
 from daemon.pipeline import Permit, Pipeline
 from daemon.spool import CLAIMED, SUBMITTED, UPLOADING, Job, new_job_id, utcnow
 from daemon.watcher import Candidate
 
 log = structlog.get_logger(__name__)
 
-URL_SUFFIX = ".url"
-_URL_SCHEMES = ("http", "https", "ftp")
-_MAX_URL_FILE = 8192
-_MAX_CELL = 64 * 1024 * 1024
 
 
 class Tracker(Protocol):
@@ -182,7 +177,7 @@ class Uploader:
         try:
             problem = await asyncio.to_thread(pipe.spool.inspect, job)
             if problem is None and job.method == "url":
-                problem = await asyncio.to_thread(_url_problem, pipe.spool.input_path(job))
+                problem = await asyncio.to_thread(url_file_problem, pipe.spool.input_path(job))
             elif problem is None and job.method == "json":
                 problem = await self._json_problem(job)
         except FileNotFoundError:
@@ -203,7 +198,7 @@ class Uploader:
             log.info("json_too_large_using_multipart", bytes=job.bytes, limit=limit)
             job.method = "multipart"
             return None
-        return await asyncio.to_thread(_rows_problem, self.pipe.spool.input_path(job))
+        return await asyncio.to_thread(rows_problem, self.pipe.spool.input_path(job))
 
     async def _check_duplicate(self, job: Job) -> bool:
         """Take the content's duplicate marker; False if the job ended here as a duplicate."""
@@ -295,7 +290,7 @@ class Uploader:
                 url = (await asyncio.to_thread(path.read_text, "utf-8")).strip()
                 return await client.upload_url(job.type, url, job.file_name)
             if job.method == "json":
-                rows = await asyncio.to_thread(_read_rows, path)
+                rows = await asyncio.to_thread(read_rows, path)
                 answer = await client.upload_rows(job.type, rows, job.file_name)
             else:
                 answer, sent_sha = await client.upload_file(job.type, path, job.file_name)
@@ -364,39 +359,3 @@ async def _get_or_stop(queue: asyncio.Queue[Candidate], stop: asyncio.Event) -> 
         if not getter.done():
             getter.cancel()  # an item it had not yet taken stays in the queue
     return getter.result() if getter.done() and not getter.cancelled() else None
-
-
-def _url_problem(path: Path) -> str | None:
-    """Why a ``.url`` file is not exactly one http, https or ftp URL (None if it is)."""
-    data = path.read_bytes()[: _MAX_URL_FILE + 1]
-    if len(data) > _MAX_URL_FILE:
-        return "a .url file must hold one URL, not a large file"
-    lines = [line.strip() for line in data.decode("utf-8", "replace").splitlines()
-             if line.strip()]
-    if len(lines) != 1:
-        return f"a .url file must hold exactly one URL, found {len(lines)} lines"
-    parts = urlsplit(lines[0])
-    if parts.scheme.lower() not in _URL_SCHEMES or not parts.hostname:
-        return "a .url file must hold an http, https or ftp URL"
-    if any(c.isspace() for c in lines[0]):
-        return "the URL in the .url file contains whitespace"
-    return None
-
-
-def _rows_problem(path: Path) -> str | None:
-    """Why the file cannot be sent as JSON rows (None if it can)."""
-    try:
-        rows = sum(1 for _ in _iter_rows(path))
-    except (csv.Error, UnicodeDecodeError) as exc:
-        return f"the file cannot be read as CSV rows: {exc}"
-    return None if rows else "the file holds no rows"
-
-
-def _iter_rows(path: Path) -> Iterator[list[str]]:
-    csv.field_size_limit(max(csv.field_size_limit(), _MAX_CELL))
-    with path.open(encoding="utf-8-sig", newline="") as fh:
-        yield from (row for row in csv.reader(fh) if any(cell.strip() for cell in row))
-
-
-def _read_rows(path: Path) -> list[list[str]]:
-    return list(_iter_rows(path))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import functools
 import hashlib
 import os
@@ -50,11 +49,10 @@ from daemon.errors import (
     RejectedError,
     TransientError,
 )
+from daemon.inputs import URL_SUFFIX, read_rows, url_of, url_problem
 from daemon.poller import FINISHED, RUNNING_STATES
-from daemon.spool import Job, Spool, inspect_file, place_no_clobber, upload_name
+from daemon.spool import Job, Spool, inspect_file, new_job_id, place_no_clobber, upload_name
 
-URL_SCHEMES = ("http", "https", "ftp")
-URL_SUFFIX = ".url"
 # After this many uploads whose answers were lost (and which a lookup then did not find),
 # give up rather than keep sending.
 MAX_SENDS = 3
@@ -133,7 +131,7 @@ def run(ns: argparse.Namespace, config: Config, console: Console) -> int:
     if ns.wait:
         _check_out(ns.out)
     guard = DuplicateGuard.open(config, console, enabled=not ns.no_duplicate_check)
-    job_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
+    job_id = new_job_id()
     job = Job(job=job_id, type=ns.type, source=payload.source,
               file_name=upload_name(payload.source, job_id), method=payload.method,
               sha256=payload.sha256, bytes=payload.size)
@@ -171,23 +169,19 @@ def _url_payload(url: str, where: str, *, source: str | None = None,
                  data: bytes | None = None) -> Payload:
     url = url.strip()
     parts = urlsplit(url)
-    if parts.scheme.lower() not in URL_SCHEMES or not parts.hostname or any(
-            c.isspace() for c in url):
+    if url_problem(url) is not None:
         raise CommandError(EXIT_USAGE, f"{where}: needs one http, https or ftp URL, got {url!r}")
     # A bare --url hashes like a dropped `<name>.url` holding the URL and a newline.
     data = (url + "\n").encode() if data is None else data
-    source = source or parts.path.rstrip("/").rsplit("/", 1)[-1] or parts.hostname
+    source = source or parts.path.rstrip("/").rsplit("/", 1)[-1] or parts.hostname or "url"
     return Payload("url", source, hashlib.sha256(data).hexdigest(), len(data), url=url)
 
 
 def _url_in(path: Path, data: bytes) -> str:
-    try:
-        lines = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError:
-        lines = []
-    if len(lines) != 1:
-        raise CommandError(EXIT_USAGE, f"{path}: a .url file must hold exactly one URL")
-    return lines[0]
+    url, problem = url_of(data)
+    if url is None:
+        raise CommandError(EXIT_USAGE, f"{path}: {problem}")
+    return url
 
 
 def _check_out(out: Path) -> None:
@@ -270,6 +264,7 @@ class Submission:
         self.patience = Patience(config, timeout, self._retrying)
         # True while an upload may have reached IPQS without our knowing its id.
         self.maybe_sent = False
+        self.floor: int | None = None
 
     def _retrying(self, what: str, exc: BaseException, wait: float) -> None:
         self.reporter.note(f"{retry_note(what, exc)}; retrying in {wait:.1f} s")
@@ -306,6 +301,8 @@ class Submission:
             raise line from None
 
     async def _send_until_known(self, client: IpqsClient) -> CsvJob:
+        # Jobs at or below this id existed before ours: lookups page back no further.
+        self.floor = await self.patience.call("lookup", client.newest_id)
         for _ in range(MAX_SENDS):
             try:
                 return await self.patience.call(
@@ -328,7 +325,7 @@ class Submission:
             return await client.upload_url(job.type, payload.url, job.file_name)
         assert payload.path is not None
         if payload.method == "json":
-            rows = await asyncio.to_thread(_read_rows, payload.path)
+            rows = await asyncio.to_thread(read_rows, payload.path)
             self.reporter.note(f"sending {len(rows)} rows of {payload.source} as JSON")
             return await client.upload_rows(job.type, rows, job.file_name)
         self.reporter.upload_started(payload.source, payload.size)
@@ -347,11 +344,8 @@ class Submission:
         job = self.job
         for check in range(2):
             await asyncio.sleep(delay if check else min(delay, 1.0))
-            # Fetched now, not before the upload: a job of ours would be newer than any
-            # other on the first page, which find() reads in full before using the floor.
-            floor = await self.patience.call("lookup", client.newest_id)
             found = await self.patience.call("lookup", functools.partial(
-                client.find, job.file_name, job.type, floor_id=floor))
+                client.find, job.file_name, job.type, floor_id=self.floor))
             if found is not None:
                 return found
         return None
@@ -433,10 +427,3 @@ class Submission:
             self.console.line(f"  {name}: {path}")
         if not saved:
             self.console.line("  no result rows in the sets named in results.sets")
-
-
-def _read_rows(path: Path) -> list[list[str]]:
-    """The CSV's non-blank rows, for the JSON method (as the daemon reads them)."""
-    with path.open(encoding="utf-8-sig", newline="") as fh:
-        return [row for row in csv.reader(fh) if any(cell.strip() for cell in row)]
-
