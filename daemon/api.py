@@ -20,6 +20,7 @@ import json
 import os
 import ssl
 import stat
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +189,7 @@ class IpqsClient:
         self._max_download = max_download_bytes
         self._session = session
         self._own_session = session is None
+        self._proxies: dict[tuple[str, str], str | None] = {}
 
     async def __aenter__(self) -> IpqsClient:
         return self
@@ -200,7 +202,9 @@ class IpqsClient:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=self._timeout,
-                trust_env=True,
+                # No trust_env: it makes aiohttp re-read the environment and ~/.netrc, in
+                # two executor jobs, for every request. _proxy_for() reads them once per host.
+                trust_env=False,
                 headers={"User-Agent": f"ipqs-bulkd/{__version__}"},
             )
         return self._session
@@ -212,6 +216,16 @@ class IpqsClient:
         self._session = None
 
     # -- URLs ---------------------------------------------------------------------------
+
+    def _proxy_for(self, url: str) -> str | None:
+        """HTTPS_PROXY / HTTP_PROXY for ``url`` unless NO_PROXY exempts its host (looked up
+        once per scheme and host)."""
+        parts = urlsplit(url)
+        key = (parts.scheme, parts.hostname or "")
+        if key not in self._proxies:
+            bypass = bool(parts.hostname) and urllib.request.proxy_bypass(parts.hostname or "")
+            self._proxies[key] = None if bypass else urllib.request.getproxies().get(parts.scheme)
+        return self._proxies[key]
 
     def _url(self, *parts: str) -> str:
         key = [quote(self._key, safe="")] if self._key_in == "path" else []
@@ -326,7 +340,7 @@ class IpqsClient:
         self._check_download_url(url)
         tmp = dest.with_name(f".{dest.name}.part")
         try:
-            async with self.session.get(url, ssl=self._ssl) as resp:
+            async with self.session.get(url, ssl=self._ssl, proxy=self._proxy_for(url)) as resp:
                 await self._check_download_response(resp)
                 written = await self._stream_to(resp, tmp, mode)
             await asyncio.to_thread(os.replace, tmp, dest)
@@ -403,6 +417,7 @@ class IpqsClient:
         """
         try:
             async with self.session.request(method, url, headers=self._headers(),
+                                            proxy=self._proxy_for(url),
                                             ssl=self._ssl, **kwargs) as resp:
                 data = await self._parse(resp)
         except aiohttp.ClientError as exc:

@@ -56,6 +56,8 @@ class Service:
 
     #: How often the gauges are refreshed and a changed ``STATUS=`` is sent to systemd.
     status_seconds = 2.0
+    #: ...and when there is nothing to do (an idle daemon should not keep waking up).
+    idle_status_seconds = 30.0
 
     def __init__(self, config: Config, *, client: IpqsClient | None = None,
                  notifier: Notifier | None = None) -> None:
@@ -69,7 +71,9 @@ class Service:
                                              config.upload.pause_max_seconds))
         self.watcher = Watcher({t: self.spool.inbox(t) for t in config.spool.types},
                                config.watch, self.stop)
-        self.poller = Poller(self.pipe)
+        # Per upload, a file needs a status check and a download (more while IPQS works
+        # on it): four poller slots per upload slot keep the poller from being the limit.
+        self.poller = Poller(self.pipe, concurrency=4 * config.upload.concurrency)
         self.uploader = Uploader(self.pipe, self.watcher.queue, self.watcher.done_with,
                                  self.poller)
         self.health = HealthState(paused_reason=lambda: self.pipe.breaker.reason)
@@ -325,7 +329,10 @@ class Service:
         """Keep the gauges and systemd's STATUS= current; cheap (a few len() calls)."""
         while not self.stop.is_set():
             self._report()
-            await wait_any(self.stop, within=self.status_seconds)
+            watcher = self.watcher
+            busy = self.pipe.active or watcher.pending_count() or watcher.in_flight_count()
+            await wait_any(self.stop, within=self.status_seconds if busy
+                           else max(self.idle_status_seconds, self.status_seconds))
 
     def refresh_gauges(self) -> str:
         """Set the queue and in-flight gauges from the stages; return the status line."""

@@ -201,8 +201,12 @@ class Spool:
         try:
             os.rename(path, self.input_path(job))
         except FileNotFoundError:
-            self._remove_job_dir(job_dir)
-            return None
+            # Another daemon won, or the file went. But on NFS a retransmitted RENAME whose
+            # first reply was lost reports ENOENT although it worked: then the input is
+            # here, and removing the folder would delete it.
+            if not os.path.lexists(self.input_path(job)):
+                self._remove_job_dir(job_dir)
+                return None
         _fsync_dir(job_dir)
         _fsync_dir(path.parent)
         return job

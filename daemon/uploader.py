@@ -55,12 +55,14 @@ class Uploader:
         self.tracker = tracker
         self.newest_id: int | None = None
         # Workers and resumed jobs together never upload more than ``concurrency`` at once.
+        # A slot is held for the POST only; with twice as many workers as slots, the next
+        # files are claimed, hashed and marked meanwhile, so no slot waits for the disk.
         self._slots = asyncio.Semaphore(pipe.config.upload.concurrency)
 
     async def run(self) -> None:
         """Run the workers until the stop event is set."""
         async with asyncio.TaskGroup() as group:
-            for n in range(self.pipe.config.upload.concurrency):
+            for n in range(2 * self.pipe.config.upload.concurrency):
                 group.create_task(self._worker(), name=f"upload-worker-{n}")
 
     async def _worker(self) -> None:
@@ -69,18 +71,17 @@ class Uploader:
             candidate = await _get_or_stop(self.queue, pipe.stop)
             if candidate is None:
                 return
-            # The file stays in its inbox until a slot and the breaker allow an upload.
+            # The file stays in its inbox until the breaker allows an upload.
             claimed = False
             try:
-                async with self._slots:
-                    permit = await pipe.breaker.acquire(pipe.stop)
-                    if permit is None:
-                        return
-                    try:
-                        claimed = True
-                        await self._take(candidate, permit)
-                    finally:
-                        pipe.breaker.release(permit)  # no-op once a verdict was recorded
+                permit = await pipe.breaker.acquire(pipe.stop)
+                if permit is None:
+                    return
+                try:
+                    claimed = True
+                    await self._take(candidate, permit)
+                finally:
+                    pipe.breaker.release(permit)  # no-op once a verdict was recorded
             finally:
                 if not claimed:
                     self.done_with(candidate.path)
@@ -128,14 +129,13 @@ class Uploader:
             if permit is not None:
                 await self._submit(job, permit)
                 return
-            async with self._slots:
-                permit = await pipe.breaker.acquire(pipe.stop)
-                if permit is None:
-                    raise _Stop
-                try:
-                    await self._submit(job, permit)
-                finally:
-                    pipe.breaker.release(permit)
+            permit = await pipe.breaker.acquire(pipe.stop)
+            if permit is None:
+                raise _Stop
+            try:
+                await self._submit(job, permit)
+            finally:
+                pipe.breaker.release(permit)
         except _Stop:
             pipe.forget(job)
         except (TransientError, OSError, IpqsError) as exc:
@@ -251,17 +251,18 @@ class Uploader:
     async def _upload_once(self, job: Job, permit: Permit) -> CsvJob:
         """Save ``uploading``, then POST (retrying what surely never arrived)."""
         pipe = self.pipe
-        await self._may_send(job, permit)
-        job.state = UPLOADING
-        job.upload_started_at = utcnow()
-        job.floor_id = self.newest_id
-        job.uploads += 1
-        await pipe.save(job)
-        async for attempt in pipe.retrying("upload", retry_lost_answers=False):
-            with attempt:
-                if attempt.retry_state.attempt_number > 1:
-                    await self._may_send(job, permit)
-                return await self._send(job)
+        async with self._slots:  # "uploading" is saved once a slot is ours
+            await self._may_send(job, permit)
+            job.state = UPLOADING
+            job.upload_started_at = utcnow()
+            job.floor_id = self.newest_id
+            job.uploads += 1
+            await pipe.save(job)
+            async for attempt in pipe.retrying("upload", retry_lost_answers=False):
+                with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        await self._may_send(job, permit)
+                    return await self._send(job)
         raise AssertionError("unreachable: the retry loop returns or raises")
 
     async def _may_send(self, job: Job, permit: Permit) -> None:
