@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import io
 import json
 import os
@@ -118,7 +117,8 @@ def _open_no_follow(path: str, flags: int) -> int:
 
 
 class _UploadFile(io.FileIO):
-    """A file opened for upload that counts, hashes and reports what aiohttp reads.
+    """A file opened for upload that counts and reports what aiohttp reads, and stops if
+    the file changes under it.
 
     aiohttp reads it in a worker thread and takes Content-Length from ``fstat``; when
     ``finished`` is true the whole body has gone to the socket, which is what separates
@@ -133,7 +133,6 @@ class _UploadFile(io.FileIO):
         self.sent = 0
         st = os.fstat(self.fileno())
         self.size, self._mtime_ns = st.st_size, st.st_mtime_ns
-        self.sha256 = hashlib.sha256()
         self._progress = progress
 
     def read(self, size: int | None = -1, /) -> bytes:
@@ -145,7 +144,6 @@ class _UploadFile(io.FileIO):
         chunk = super().read(_CHUNK if size is None or size < 0 else size)
         if chunk:
             self.sent += len(chunk)
-            self.sha256.update(chunk)
             if self._progress is not None:
                 self._progress(len(chunk))
         return chunk or b""
@@ -249,11 +247,11 @@ class IpqsClient:
         file_name: str,
         *,
         progress: Callable[[int], None] | None = None,
-    ) -> tuple[CsvJob, str]:
+    ) -> CsvJob:
         """Upload ``path`` as multipart/form-data, streamed, with Content-Length.
 
-        Returns the new job and the sha256 of the bytes actually sent, so the caller can
-        tell whether the file changed under it.
+        A write to the file while it is sent aborts the upload (the body is then
+        incomplete, so IPQS creates nothing): the caller re-checks the file.
         """
         params = {"file_name": file_name}
         url = self._upload_target(file_type, params)
@@ -265,7 +263,7 @@ class IpqsClient:
                            content_type="text/csv")
             data = await self._request("upload", "POST", url, params=params, data=form,
                                        sent=lambda: body.finished)
-            return self._job(data, "upload"), body.sha256.hexdigest()
+            return self._job(data, "upload")
         finally:
             body.close()
 

@@ -38,9 +38,9 @@ def csv_file(tmp_path: Path) -> Path:
 async def test_upload_file_streams_with_content_length(client: IpqsClient, sandbox: Sandbox,
                                                        csv_file: Path) -> None:
     seen: list[int] = []
-    job, sent_sha = await client.upload_file("email", csv_file, "my-list", progress=seen.append)
+    job = await client.upload_file("email", csv_file, "my-list", progress=seen.append)
     assert job.id is not None and job.status == "NEW" and job.file_name == "my-list"
-    assert sent_sha == sha256(csv_file.read_bytes())
+    sent_sha = sha256(csv_file.read_bytes())
     assert sum(seen) == csv_file.stat().st_size
     [upload] = sandbox.uploads()
     assert (upload["sha256"], upload["method"], upload["rows"]) == (sent_sha, "multipart", 6)
@@ -56,7 +56,7 @@ async def test_upload_rows_and_url(client: IpqsClient, sandbox: Sandbox) -> None
 
 async def test_key_as_header_keeps_it_out_of_urls(sandbox: Sandbox, csv_file: Path) -> None:
     async with IpqsClient(sandbox.api_base, FAKE_KEY, key_in="header") as client:
-        job, _ = await client.upload_file("email", csv_file, "header-key")
+        job = await client.upload_file("email", csv_file, "header-key")
         assert job.id is not None
         assert (await client.status(job.id)).id == job.id
         page = await client.list("email")
@@ -66,7 +66,7 @@ async def test_key_as_header_keeps_it_out_of_urls(sandbox: Sandbox, csv_file: Pa
 
 async def test_status_then_one_time_links(client: IpqsClient, csv_file: Path,
                                           tmp_path: Path) -> None:
-    job, _ = await client.upload_file("email", csv_file, "links")
+    job = await client.upload_file("email", csv_file, "links")
     assert job.id is not None
     done = await client.status(job.id)
     assert done.status == "FINISHED" and done.invalid_records == 1
@@ -192,7 +192,7 @@ async def test_downloads_only_from_allowed_hosts(client: IpqsClient, tmp_path: P
 
 async def test_download_size_cap(sandbox: Sandbox, csv_file: Path, tmp_path: Path) -> None:
     async with IpqsClient(sandbox.api_base, FAKE_KEY, max_download_bytes=10) as client:
-        job, _ = await client.upload_file("email", csv_file, "capped")
+        job = await client.upload_file("email", csv_file, "capped")
         assert job.id is not None
         link = (await client.status(job.id)).downloads["all"]
         assert link is not None

@@ -149,7 +149,7 @@ async def test_restart_resumes_inbox_and_processing_without_second_upload(
         half.state = UPLOADING
         spool.save(half)
         async with IpqsClient(sandbox.api_base, FAKE_KEY) as client:
-            answer, _ = await client.upload_file("email", spool.input_path(sent), sent.file_name)
+            answer = await client.upload_file("email", spool.input_path(sent), sent.file_name)
         sent.id, sent.state = answer.id, SUBMITTED
         spool.save(sent)
         drop(root, "email", "waiting.csv", emails(3, "w"))

@@ -328,15 +328,17 @@ class Submission:
             rows = await asyncio.to_thread(read_rows, payload.path)
             self.reporter.note(f"sending {len(rows)} rows of {payload.source} as JSON")
             return await client.upload_rows(job.type, rows, job.file_name)
+        if payload.path.stat().st_size != payload.size:
+            # Checked before every attempt: a write aborts an upload under way, and the
+            # file sent must be the file hashed for the duplicate guard.
+            raise CommandError(EXIT_FAILED, f"{payload.path}: not sent: the file changed "
+                                            "after it was read")
         self.reporter.upload_started(payload.source, payload.size)
         try:
-            answer, sent_sha = await client.upload_file(
+            return await client.upload_file(
                 job.type, payload.path, job.file_name, progress=self.reporter.upload_progress)
         finally:
             self.reporter.upload_ended()
-        if sent_sha != payload.sha256:
-            self.reporter.note("warning: the file changed while it was being uploaded")
-        return answer
 
     async def _lookup(self, client: IpqsClient) -> CsvJob | None:
         """Is the upload at IPQS? Two "absent" answers, some seconds apart, say no."""
