@@ -362,7 +362,7 @@ class IpqsClient:
     async def _check_download_response(self, resp: aiohttp.ClientResponse) -> None:
         status = resp.status
         if status in _TRANSIENT_STATUS or status >= 500:
-            raise TransientError(f"download: HTTP {status}", cause=f"http_{status // 100}xx",
+            raise TransientError(f"download: HTTP {status}", cause=_cause(status),
                                  retry_after=_retry_after(resp.headers.get("Retry-After")))
         if status != 200:
             # 404/410 and the like: the one-time link is dead; a fresh one is a status away.
@@ -437,7 +437,7 @@ class IpqsClient:
         if status in _TRANSIENT_STATUS or status >= 500:
             raise TransientError(
                 f"HTTP {status} from IPQS: {excerpt}",
-                cause="rate_limit" if status in (403, 429) else f"http_{status // 100}xx",
+                cause=_cause(status),
                 retry_after=_retry_after(resp.headers.get("Retry-After")),
             )
         if status in _ACCOUNT_STATUS:
@@ -489,6 +489,11 @@ class IpqsClient:
     def scrub(self, text: str) -> str:
         """``text`` with this client's key and any secret URL part masked."""
         return scrub(text, [self._key])
+
+
+def _cause(status: int) -> str:
+    """The metrics label for a transient HTTP status."""
+    return "rate_limit" if status in (403, 429) else f"http_{status // 100}xx"
 
 
 def _same_name(listed: str | None, ours: str) -> bool:

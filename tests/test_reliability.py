@@ -144,6 +144,9 @@ async def test_lost_answers_never_cost_a_second_upload(tmp_path: Path) -> None:
         assert sandbox.state.stats.as_json()["faults"].get("lost_answer", 0) > 0  # type: ignore[union-attr]
         assert service.pipe.metrics.adopted._value.get() > 0
         assert_each_done_once(root, sandbox, expected)
+        print(f"\nlost answers: files=30 uploads={len(sandbox.uploads())} "
+              f"adopted={service.pipe.metrics.adopted._value.get():g} "
+              f"faults_fired={sandbox.state.stats.as_json()['faults']}")
 
 
 async def test_injected_faults_are_retried_and_nothing_fails(tmp_path: Path) -> None:
@@ -163,6 +166,8 @@ async def test_injected_faults_are_retried_and_nothing_fails(tmp_path: Path) -> 
                    for s in metric.samples if s.name.endswith("_total")}
     assert sum(retries.values()) > 10
     assert {cause for _, cause in retries} >= {"http_5xx", "rate_limit"}
+    print(f"\ninjected faults: files=30 uploads={len(sandbox.uploads())} retries={retries} "
+          f"faults_fired={sandbox.state.stats.as_json()['faults']}")
 
 
 async def test_outage_then_recovery_fails_nothing(tmp_path: Path) -> None:
