@@ -88,6 +88,17 @@ def daemon_config(root: Path, api_base: str, **sections: dict[str, Any]) -> Conf
     return config
 
 
+def write_config_file(path: Path, config: Config) -> Path:
+    """``config`` as a TOML file, for a daemon started as a subprocess."""
+    lines = []
+    for section, values in config.as_dict(redact=False).items():
+        lines.append(f"[{section}]")
+        # JSON literals of strings, numbers, booleans and string lists are valid TOML.
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 async def run_once(config: Config) -> int:
     return await Service(config).run(once=True)
 

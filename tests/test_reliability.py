@@ -21,7 +21,6 @@ import structlog
 
 from daemon.service import Service
 from tests.support import (
-    FAKE_KEY,
     Sandbox,
     daemon_config,
     drop,
@@ -33,6 +32,7 @@ from tests.support import (
     sandbox_server,
     sha256,
     wait_for,
+    write_config_file,
 )
 
 
@@ -58,31 +58,13 @@ def assert_each_done_once(root: Path, sandbox: Sandbox, expected: dict[str, str]
     assert [p.name for p in (root / "processing").iterdir() if p.name != ".owners"] == []
 
 
-def write_config(path: Path, root: Path, api_base: str) -> None:
-    path.write_text(f"""
-[api]
-base_url = "{api_base}"
-key = "{FAKE_KEY}"
-read_timeout = 5.0
-[spool]
-root = "{root}"
-types = ["email"]
-[watch]
-settle_seconds = 0.05
-writer_check = "proc"
-[upload]
-retry_initial_seconds = 0.02
-retry_max_seconds = 0.2
-lookup_delay_seconds = 0.1
-[poll]
-initial_seconds = 0.05
-max_seconds = 0.2
-[health]
-enabled = false
-[log]
-level = "warning"
-format = "json"
-""")
+def subprocess_config(path: Path, root: Path, api_base: str) -> None:
+    config = daemon_config(root, api_base, spool={"types": ("email",)},
+                           upload={"retry_initial_seconds": 0.02, "retry_max_seconds": 0.2,
+                                   "lookup_delay_seconds": 0.1},
+                           poll={"initial_seconds": 0.05, "max_seconds": 0.2},
+                           log={"level": "warning", "format": "json"})
+    write_config_file(path, config)
 
 
 async def test_kill_9_at_random_moments_loses_nothing_and_pays_once(tmp_path: Path) -> None:
@@ -93,7 +75,7 @@ async def test_kill_9_at_random_moments_loses_nothing_and_pays_once(tmp_path: Pa
     async with sandbox_server(settings) as sandbox:
         root = tmp_path / "spool"
         config = tmp_path / "config.toml"
-        write_config(config, root, sandbox.api_base)
+        subprocess_config(config, root, sandbox.api_base)
         expected = drop_many(root, 40, rows=400)
         env = {**os.environ, "IPQS_BULKD_CONFIG": str(config)}
         env.pop("IPQS_API_KEY", None)

@@ -13,44 +13,23 @@ from pathlib import Path
 from tests.support import (
     FAKE_KEY,
     Sandbox,
+    daemon_config,
     drop,
     emails,
     quick_settings,
     records,
     sandbox_server,
     wait_for,
+    write_config_file,
 )
-
-
-def write_config(path: Path, root: Path, api_base: str, shutdown_seconds: float) -> None:
-    path.write_text(f"""
-[api]
-base_url = "{api_base}"
-read_timeout = 30.0
-[spool]
-root = "{root}"
-types = ["email"]
-[watch]
-settle_seconds = 0.05
-writer_check = "proc"
-[upload]
-lookup_delay_seconds = 0.1
-[poll]
-initial_seconds = 0.05
-max_seconds = 0.2
-[health]
-enabled = false
-[service]
-shutdown_seconds = {shutdown_seconds}
-[log]
-format = "json"
-""")
 
 
 async def start_daemon(tmp_path: Path, sandbox: Sandbox, grace: float,
                        *args: str) -> asyncio.subprocess.Process:
-    config = tmp_path / "config.toml"
-    write_config(config, tmp_path / "spool", sandbox.api_base, grace)
+    config = write_config_file(tmp_path / "config.toml", daemon_config(
+        tmp_path / "spool", sandbox.api_base, api={"read_timeout": 30.0},
+        spool={"types": ("email",)}, upload={"lookup_delay_seconds": 0.1},
+        service={"shutdown_seconds": grace}, log={"format": "json"}))
     env = {**os.environ, "IPQS_BULKD_CONFIG": str(config), "IPQS_API_KEY": FAKE_KEY}
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "daemon", "run", *args, env=env,
