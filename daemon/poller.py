@@ -50,6 +50,7 @@ class Poller:
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._visiting: set[str] = set()  # jobs being checked now (out of the heap)
 
     def track(self, job: Job) -> None:
         """Follow this submitted job from now on."""
@@ -58,9 +59,11 @@ class Poller:
         self._push(job, cfg.initial_seconds, cfg.initial_seconds)
 
     def waiting(self) -> int:
-        return len(self._heap) + len(self._tasks)
+        """Jobs this poller follows: in the heap, or being checked (each counted once)."""
+        return len(self._heap) + len(self._visiting)
 
     def _push(self, job: Job, delay: float, interval: float) -> None:
+        self._visiting.discard(job.job)
         heapq.heappush(self._heap, _Entry(self.clock() + delay, next(self._seq), job, interval))
         self._wake.set()
 
@@ -84,6 +87,7 @@ class Poller:
         while self._heap and self._heap[0].due <= self.clock():
             await self._slots.acquire()
             entry = heapq.heappop(self._heap)
+            self._visiting.add(entry.job.job)
             task = asyncio.create_task(self._visit(entry), name=f"poll-{entry.job.job}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -112,6 +116,7 @@ class Poller:
             log.exception("poll_job_error")
             self._push(job, self.pipe.config.poll.max_seconds, entry.interval)
         finally:
+            self._visiting.discard(job.job)  # finished, or back in the heap
             self._slots.release()
             structlog.contextvars.unbind_contextvars("job", "source")
 
