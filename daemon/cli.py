@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import structlog
 from aiohttp import web
@@ -31,10 +32,17 @@ SANDBOX_SPOOL = Path("ipqs-spool")
 log = structlog.get_logger(__name__)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming the command, not a screen of usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from daemon.sandbox import add_arguments as add_sandbox_arguments
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ipqs-bulkd",
         description="Submit CSV files dropped into inbox/<type>/ to the IPQualityScore Bulk "
                     "CSV API, and file them under done/ or failed/ with a JSON record.")

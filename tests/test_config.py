@@ -114,3 +114,13 @@ def test_a_mistyped_key_is_not_echoed(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, "[api]\nkey = 12345678901234567890\n"), {})
     assert "12345678901234567890" not in str(caught.value)
+
+
+def test_usage_errors_are_one_line_naming_the_command(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, command in ((["submit"], "submit"), (["jobs", "--page", "0"], "jobs"),
+                          (["nonsense"], "")):
+        with pytest.raises(SystemExit) as caught:
+            main(argv)
+        assert caught.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"ipqs-bulkd {command}".rstrip() + ":")
