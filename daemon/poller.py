@@ -100,8 +100,8 @@ class Poller:
         except RejectedError as exc:
             # IPQS no longer knows the id (purged, or another account's key): nothing to
             # wait for any more. The record keeps the id for the operator.
-            await self.pipe.finish(job, "failed", "rejected",
-                                   f"IPQS refused the status of job {job.id}: {exc.message}")
+            await self._finish_safely(job, entry, "rejected",
+                                      f"IPQS refused the status of job {job.id}: {exc.message}")
         except (TransientError, AccountError) as exc:
             delay = min(max(entry.interval, getattr(exc, "retry_after", None) or 0) * 2,
                         self.pipe.config.poll.max_seconds)
@@ -119,6 +119,13 @@ class Poller:
             self._visiting.discard(job.job)  # finished, or back in the heap
             self._slots.release()
             structlog.contextvars.unbind_contextvars("job", "source")
+
+    async def _finish_safely(self, job: Job, entry: _Entry, reason: str, error: str) -> None:
+        try:
+            await self.pipe.finish(job, "failed", reason, error)
+        except Exception:
+            log.exception("poll_job_error")
+            self._push(job, self.pipe.config.poll.max_seconds, entry.interval)
 
     async def _check(self, entry: _Entry) -> None:
         job, pipe, cfg = entry.job, self.pipe, self.pipe.config.poll

@@ -147,6 +147,8 @@ class Service:
         self.stop.set()
         if self._signal is not None:
             return 128 + self._signal  # interrupted: not every file got its outcome
+        if self.crashed or self.uploader.claim_failures:
+            return 1
         return 1 if self.pipe.outcomes["failed"] or self.pipe.left else 0
 
     async def _drain(self, drained: asyncio.Event) -> None:
@@ -238,7 +240,11 @@ class Service:
                 log.warning("job_unreadable", job=job_dir.name, error=str(exc))
                 continue
             if job is not None and job.job not in self.pipe.active:
-                await self._resume(job)
+                try:
+                    await self._resume(job)
+                except OSError as exc:  # disk trouble: the job waits for the next sweep
+                    log.warning("job_resume_failed", job=job.job, error=str(exc))
+                    continue
                 resumed += 1
         if resumed:
             log.info("jobs_recovered", count=resumed)

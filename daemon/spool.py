@@ -211,27 +211,25 @@ class Spool:
         _fsync_dir(path.parent)
         return job
 
-    def unclaim(self, job: Job) -> bool:
+    def unclaim(self, job: Job) -> None:
         """Put a job's input back into its inbox, when nothing was sent. Idempotent.
 
         ``returning`` is saved first, so that a crash half-way is finished the same way by
         recovery instead of being resumed as an upload while the inbox copy is claimed
-        again. False if the inbox name was taken meanwhile: the job then stays in
-        processing/ as ``claimed``.
+        again. If the inbox name was taken meanwhile, the file goes back under a free one.
         """
         if job.state != RETURNING:
             job.state = RETURNING
             self.save(job)
         source = self.input_path(job)
-        target = self.inbox(job.type) / job.source
-        if os.path.lexists(source) and not _link_no_clobber(source, target):
-            job.state = CLAIMED
-            self.save(job)
-            return False
-        _fsync_dir(target.parent)
+        inbox = self.inbox(job.type)
+        if os.path.lexists(source) and not _link_no_clobber(source, inbox / job.source):
+            # The name was taken meanwhile: back under a free one, to settle again there
+            # (never uploaded from here without settling).
+            place_no_clobber(source, inbox, job.source)
+        _fsync_dir(inbox)
         self._remove_job_dir(self.job_dir(job))
         self.unmark(job)
-        return True
 
     def inspect(self, job: Job) -> str | None:
         """Fill in sha256, size and line count of the claimed input, in one streamed pass,
@@ -330,7 +328,10 @@ class Spool:
         data = _read_json(path)
         if data is not None and data.get("job") == job.job:
             data["id"] = job.id
-            _atomic_write(path, json.dumps(data).encode(), self.file_mode)
+            try:
+                _atomic_write(path, json.dumps(data).encode(), self.file_mode)
+            except OSError as exc:  # best effort: finish() and recovery write it again
+                log.warning("marker_update_failed", error=str(exc))
 
     def unmark(self, job: Job) -> None:
         """Drop our marker: the content was never paid for, so a re-drop may go through."""
@@ -403,8 +404,13 @@ class Spool:
         prefix = f"{JOB_FILE}.adopt-"
         aside = job_dir / f"{prefix}{self.owner.name}"
         candidates = [job_dir / JOB_FILE]
-        candidates += [p for p in sorted(job_dir.glob(prefix + "*"))
-                       if self._gone(p.name[len(prefix):], job_dir)]
+        dead = [p for p in sorted(job_dir.glob(prefix + "*"))
+                if self._gone(p.name[len(prefix):], job_dir)]
+        if (job_dir / JOB_FILE).exists():
+            for stale in dead:  # left by an adopter that died after writing the record back
+                stale.unlink(missing_ok=True)
+        else:
+            candidates += dead
         for source in candidates:
             try:
                 os.rename(source, aside)

@@ -54,6 +54,7 @@ class Uploader:
         self.done_with = done_with
         self.tracker = tracker
         self.newest_id: int | None = None
+        self.claim_failures = 0  # files left in their inbox because the claim failed
         # Workers and resumed jobs together never upload more than ``concurrency`` at once.
         # A slot is held for the POST only; with twice as many workers as slots, the next
         # files are claimed, hashed and marked meanwhile, so no slot waits for the disk.
@@ -80,6 +81,11 @@ class Uploader:
                 try:
                     claimed = True
                     await self._take(candidate, permit)
+                except Exception:
+                    # A file that cannot be claimed (EPERM, ENOSPC...) stays in its inbox
+                    # for a later look; it must never take the workers down with it.
+                    log.exception("claim_failed", path=str(candidate.path))
+                    self.claim_failures += 1
                 finally:
                     pipe.breaker.release(permit)  # no-op once a verdict was recorded
             finally:
@@ -243,6 +249,10 @@ class Uploader:
                 return
             except AccountError as exc:
                 pipe.breaker.failure(exc.message, permit)
+                if job.uploads > 1:
+                    # An earlier POST of this job may yet show up at IPQS: keep its name,
+                    # so the next attempt looks it up instead of paying under a new one.
+                    raise _Stop from None
                 await self._return_to_inbox(job, exc.message)
                 return
             await self._submitted(job, answer)
@@ -270,6 +280,8 @@ class Uploader:
         since the permit was issued, and the job is still ours."""
         pipe = self.pipe
         if pipe.stop.is_set():
+            if job.state == CLAIMED:  # never sent: back to its inbox, not left behind
+                await self._return_to_inbox(job)
             raise _Stop  # no new attempt once the daemon is stopping
         if await asyncio.to_thread(pipe.spool.changed, job):
             raise _InputChanged
@@ -332,8 +344,8 @@ class Uploader:
     async def _return_to_inbox(self, job: Job, reason: str | None = None) -> None:
         """Nothing was sent (or IPQS refused the account, which creates nothing): the file
         goes back to its inbox, and the job is no longer ours to run."""
-        if await asyncio.to_thread(self.pipe.spool.unclaim, job):
-            log.info("file_returned_to_inbox", reason=reason)
+        await asyncio.to_thread(self.pipe.spool.unclaim, job)
+        log.info("file_returned_to_inbox", reason=reason)
         raise _Stop
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from daemon.pipeline import Breaker
 from daemon.service import Service
+from daemon.spool import Job, Spool
 from daemon.watcher import Candidate
 from tests.support import daemon_config, drop, emails, quick_settings, sandbox_server
 
@@ -74,3 +77,42 @@ async def test_a_file_rewritten_after_it_settled_goes_back_instead_of_up(
         assert sandbox.uploads() == []
         assert path.read_bytes() == emails(10) + b"late@example.com\n"  # back, to settle again
         assert [p.name for p in (root / "processing").iterdir()] == [".owners"]
+
+
+async def test_a_file_that_cannot_be_claimed_does_not_stop_the_others(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with sandbox_server(quick_settings(tmp_path)) as sandbox:
+        root = tmp_path / "spool"
+        drop(root, "email", "stuck.csv", emails(3, "s"))
+        for n in range(3):
+            drop(root, "email", f"fine-{n}.csv", emails(3, str(n)))
+        real_claim = Spool.claim
+
+        def claim(self: Spool, file_type: str, path: Path, *args: object) -> Job | None:
+            if path.name == "stuck.csv":  # e.g. EPERM renaming in a sticky shared inbox
+                raise PermissionError(1, "Operation not permitted", str(path))
+            return real_claim(self, file_type, path, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(Spool, "claim", claim)
+        service = Service(daemon_config(root, sandbox.api_base))
+        status = await service.run(once=True)
+    assert not service.crashed
+    assert service.pipe.outcomes["done"] == 3 and len(sandbox.uploads()) == 3
+    assert (root / "inbox" / "email" / "stuck.csv").exists()  # kept, for a later look
+    assert status == 1  # not every file of the batch got its outcome
+
+
+def test_unclaim_onto_a_taken_name_puts_the_file_back_under_a_free_one(
+        tmp_path: Path) -> None:
+    spool = Spool(tmp_path, ("email",))
+    spool.prepare()
+    job = spool.claim("email", drop(tmp_path, "email", "x.csv", b"old@example.com\n"),
+                      "multipart")
+    assert job is not None
+    drop(tmp_path, "email", "x.csv", b"new@example.com\n")  # a new file took the name
+    spool.unclaim(job)
+    inbox = tmp_path / "inbox" / "email"
+    assert sorted(p.name for p in inbox.iterdir()) == ["x-1.csv", "x.csv"]
+    assert (inbox / "x.csv").read_bytes() == b"new@example.com\n"
+    assert (inbox / "x-1.csv").read_bytes() == b"old@example.com\n"
+    assert list(spool.jobs()) == []
