@@ -230,9 +230,6 @@ class Uploader:
                     log.warning("upload_adopted", id=found.id, file_name=job.file_name)
                     await self._submitted(job, found)
                     return
-                if job.uploads >= MAX_UPLOADS:
-                    await pipe.finish(job, "failed", "timeout", _UNANSWERED % job.uploads)
-                    return
             try:
                 answer = await self._upload_once(job, permit)
             except _InputChanged:
@@ -314,7 +311,10 @@ class Uploader:
         """Is the job at IPQS already? Two "absent" answers, ``upload.lookup_delay_seconds``
         apart, say no: IPQS may still have been working on the request we gave up on."""
         pipe = self.pipe
-        delay = pipe.config.upload.lookup_delay_seconds
+        # Each unanswered upload doubles the wait (up to an hour) before "absent" is
+        # believed: a list that lags behind IPQS's jobs must not become repeated payments.
+        delay = min(pipe.config.upload.lookup_delay_seconds * 2 ** max(job.uploads - 1, 0),
+                    max(pipe.config.upload.lookup_delay_seconds, 3600.0))
         for check in range(2):
             await retry.stoppable_sleep(pipe.stop)(delay if check else min(delay, 1.0))
             if pipe.stop.is_set():
@@ -353,9 +353,6 @@ class _InputChanged(Exception):
     """The input's size or mtime moved since it was inspected."""
 
 
-MAX_UPLOADS = 3
-_UNANSWERED = ("%d uploads went unanswered and none shows in the IPQS job list; it is not "
-               "sent again, to avoid paying more: check `ipqs-bulkd jobs`, then `retry` it")
 
 
 async def _get_or_stop(queue: asyncio.Queue[Candidate], stop: asyncio.Event) -> Candidate | None:
