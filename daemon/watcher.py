@@ -32,10 +32,10 @@ import watchfiles
 
 from daemon.aio import wait_any
 from daemon.config import WatchConfig
+from daemon.spool.layout import is_ignored
 
 log = structlog.get_logger(__name__)
 
-_IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~")
 _WRITER_CHECKS = ("auto", "proc", "quiet")
 _WATCH_STEP_MS = 50  # a renamed-in file is reported this long after the rename
 _WATCH_DEBOUNCE_MS = 500  # a stream of changes still gets reported at least this often
@@ -47,16 +47,6 @@ _MAX_REPORTED = 10_000  # non-regular paths remembered so that each is logged on
 _PROC = "/proc"
 
 _Key = tuple[int, int]  # (st_dev, st_ino): what identifies a file across renames
-
-
-def is_ignored(name: str) -> bool:
-    """Whether an inbox entry called ``name`` is never a submission.
-
-    Hidden names (rsync and many editors write ``.name.XXXX`` then rename) and the usual
-    temporary suffixes. Suffixes match in any case: a ``.TMP`` from a Windows tool is just
-    as unfinished, and skipping a file is cheaper than uploading half of one.
-    """
-    return name.startswith(".") or name.lower().endswith(_IGNORED_SUFFIXES)
 
 
 #: The watcher is configured by the ``[watch]`` config section as it is.

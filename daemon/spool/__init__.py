@@ -1,0 +1,43 @@
+"""The folder protocol: where a file is, and moving it on without ever losing or clobbering it.
+
+- :mod:`~daemon.spool.fs`: file-system primitives (atomic and exclusive writes, no-clobber
+  placement, fsync, reading only regular files);
+- :mod:`~daemon.spool.record`: the job record and its fields;
+- :mod:`~daemon.spool.layout`: where everything is under the root, and the inbox naming rule;
+- :mod:`~daemon.spool.markers`: duplicate markers;
+- :mod:`~daemon.spool.leases`: owners, heartbeats and adoption between daemons;
+- :mod:`~daemon.spool.store`: the :class:`Spool` (claim, unclaim, finish, save and load).
+"""
+
+from daemon.spool.fs import (
+    FileFacts,
+    NotRegularFileError,
+    hardlinks_protected,
+    inspect_file,
+    open_regular,
+    place_no_clobber,
+)
+from daemon.spool.layout import OWNERS_DIR, RESULTS_DIR, Layout, is_ignored
+from daemon.spool.leases import Owner
+from daemon.spool.record import (
+    CLAIMED,
+    FETCHED,
+    FINISHING,
+    JOB_FILE,
+    RECORD_FIELDS,
+    RETURNING,
+    SUBMITTED,
+    UPLOADING,
+    Job,
+    new_job_id,
+    upload_name,
+    utcnow,
+)
+from daemon.spool.store import Spool
+
+__all__ = [
+    "CLAIMED", "FETCHED", "FINISHING", "JOB_FILE", "OWNERS_DIR", "RECORD_FIELDS", "RESULTS_DIR",
+    "RETURNING", "SUBMITTED", "UPLOADING", "FileFacts", "Job", "Layout", "NotRegularFileError",
+    "Owner", "Spool", "hardlinks_protected", "inspect_file", "is_ignored", "new_job_id",
+    "open_regular", "place_no_clobber", "upload_name", "utcnow",
+]

@@ -1,0 +1,236 @@
+"""File-system primitives of the spool: writes that are all or nothing, placement that never
+replaces a name, fsync of files and folders, and reading only regular files.
+
+Every write is atomic (temporary file, fsync, rename or link, fsync of the folder), and a
+file is placed with ``link()``, which refuses to replace an existing name, so nothing is
+ever overwritten, even by another daemon on the same spool.
+"""
+
+from __future__ import annotations
+
+import codecs
+import errno
+import hashlib
+import json
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+_HASH_CHUNK = 1024 * 1024
+_BOM = codecs.BOM_UTF8
+
+# Room for what a placed name gets: "-99999" and the longest suffix, ".pristine.csv".
+_NAME_MAX = 255 - len("-99999") - len(".pristine.csv")
+
+
+class NotRegularFileError(OSError):
+    """A path that should be a plain file is a fifo, socket, device or folder."""
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What one streamed pass over a file tells: its digest, size, rows, and a problem."""
+
+    sha256: str
+    bytes: int
+    rows: int
+    problem: str | None
+
+
+def inspect_file(path: Path) -> FileFacts:
+    """sha256, size and line count of ``path`` in one streamed pass, and what makes it
+    certainly unacceptable to IPQS as CSV (``problem`` is None when nothing does)."""
+    digest = hashlib.sha256()
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    size = lines = 0
+    last = b"\n"
+    problem: str | None = None
+    text_seen = False
+    with open_regular(path) as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+            if problem is None:
+                problem = _check_text(chunk, decoder)
+            text_seen = text_seen or bool(chunk.replace(_BOM, b"").strip())
+    if problem is None and size > 0:
+        problem = _check_text(b"", decoder, final=True)
+    if problem is None and not text_seen:
+        problem = "the file is empty" if size == 0 else "the file holds no rows"
+    return FileFacts(digest.hexdigest(), size, lines + (last != b"\n"), problem)
+
+
+def _check_text(chunk: bytes, decoder: codecs.IncrementalDecoder, *,
+                final: bool = False) -> str | None:
+    if b"\0" in chunk:
+        return "the file is binary (it contains NUL bytes), not CSV text"
+    try:
+        decoder.decode(chunk, final=final)
+    except UnicodeDecodeError:
+        return "the file is not UTF-8 text"
+    return None
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Open ``path`` for reading only if it is a regular file, never through a symlink.
+
+    ``O_NOFOLLOW`` refuses a symlink swapped in at the last moment; ``O_NONBLOCK`` keeps a
+    fifo from hanging the open, and the ``fstat`` then turns it (or a device) away.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def hardlinks_protected() -> bool:
+    """Does the kernel stop users from hard-linking files they may not read?"""
+    try:
+        return Path("/proc/sys/fs/protected_hardlinks").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+def fit_name(name: str) -> str:
+    """``name`` shortened (in bytes, keeping the end of its extensions) so that every file
+    placed beside it still has a legal name."""
+    raw = os.fsencode(name)
+    if len(raw) <= _NAME_MAX:
+        return name
+    stem, dot, ext = raw.partition(b".")
+    tail = (dot + ext)[-(_NAME_MAX // 2):] if dot else b""
+    return os.fsdecode(stem[: _NAME_MAX - len(tail)] or b"file") + os.fsdecode(tail)
+
+
+def place_no_clobber(src: Path, folder: Path, name: str, *, tries: int = 10000) -> Path:
+    """Move ``src`` into ``folder`` as ``name``, or ``stem-1.ext``, ``stem-2.ext``... (the
+    suffix goes before the first dot, as in done/), whichever is free. Never replaces a
+    file: placement is by ``link()``, so it holds against other writers too. Returns the
+    new path."""
+    if not os.path.lexists(src):
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(src))
+    stem, dot, ext = name.partition(".")
+    for n in range(tries):
+        dst = folder / (name if n == 0 else f"{stem}-{n}{dot}{ext}")
+        if not os.path.lexists(dst) and link_no_clobber(src, dst):
+            fsync_dir(folder)
+            return dst
+    raise OSError(errno.EEXIST, f"no free name for {name} in {folder}")
+
+
+def link_no_clobber(src: Path, dst: Path) -> bool:
+    """Give ``src`` the name ``dst`` unless that name exists; True if ``dst`` is ``src``.
+
+    ``link()`` fails instead of replacing, which is what makes "never overwrite" hold
+    between daemons. Filesystems without hard links fall back to a checked rename.
+    """
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except FileExistsError:
+        return _same_file(src, dst)
+    except FileNotFoundError:
+        # Placed by an earlier, interrupted attempt: the source is already gone.
+        return dst.exists()
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+            raise
+        if os.path.lexists(dst):
+            return False
+        os.rename(src, dst)
+        return True
+    src.unlink()
+    return True
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except FileNotFoundError:
+        return not a.exists() and b.exists()
+
+
+def atomic_write(path: Path, data: bytes, mode: int) -> None:
+    """Replace ``path`` with ``data``; on return the new content survives a crash."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        _write_synced(tmp, data, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def exclusive_write(path: Path, data: bytes, mode: int) -> bool:
+    """Create ``path`` with ``data`` unless it exists. All or nothing: written to a temporary
+    file first, then linked into place, so nobody ever reads a half-written file."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        _write_synced(tmp, data, mode)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EMLINK):
+                raise
+            # No hard links here: O_EXCL create still gives exclusivity, minus atomicity.
+            return _exclusive_create(path, data, mode)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return True
+
+
+def _exclusive_create(path: Path, data: bytes, mode: int) -> bool:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
+def _write_synced(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries durable; quietly nothing where the filesystem refuses."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (SMB, some FUSE) refuse fsync on folders
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``; None if it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -1,0 +1,263 @@
+"""The Spool: claim a file out of its inbox, keep the job's record, and move it on to done/
+or failed/ (or back to its inbox) without ever losing or clobbering a file."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from daemon.spool.fs import (
+    exclusive_write,
+    fit_name,
+    fsync_dir,
+    hardlinks_protected,
+    inspect_file,
+    link_no_clobber,
+    place_no_clobber,
+    read_json,
+)
+from daemon.spool.layout import Layout
+from daemon.spool.leases import Leases, Owner
+from daemon.spool.markers import Markers
+from daemon.spool.record import (
+    FINISHING,
+    JOB_FILE,
+    RETURNING,
+    Job,
+    load_record,
+    new_job_id,
+    upload_name,
+    utcnow,
+    write_record,
+)
+
+
+class Spool(Layout):
+    """Paths and atomic moves under one spool root. All methods block: call in a thread."""
+
+    def __init__(self, root: Path, types: tuple[str, ...], *, owner: Owner | None = None,
+                 file_mode: int = 0o640, lease_seconds: float = 60.0) -> None:
+        super().__init__(root)
+        self.types = types
+        self.owner = owner or Owner.current()
+        self.file_mode = file_mode
+        self.lease_seconds = lease_seconds
+        self.leases = Leases(self, self.owner, lease_seconds=lease_seconds,
+                             file_mode=file_mode)
+        self.marks = Markers(self, file_mode)
+
+    def prepare(self) -> None:
+        """Create every folder of the layout (idempotent)."""
+        for file_type in self.types:
+            for top in ("inbox", "done", "failed"):
+                (self.root / top / file_type).mkdir(parents=True, exist_ok=True)
+        self.owners.mkdir(parents=True, exist_ok=True)
+        self.markers.mkdir(parents=True, exist_ok=True)
+
+    # -- claim ----------------------------------------------------------------------------
+
+    def claim(self, file_type: str, path: Path, method: str,
+              job_id: str | None = None) -> Job | None:
+        """Take ``path`` out of the inbox into a new job folder, or None if it is gone.
+
+        The job record is written before the rename, so a crash in between leaves a job
+        folder without its input, which recovery removes. Renaming is what makes a claim
+        exclusive: of several daemons, exactly one rename succeeds. ``job_id`` (from
+        :func:`new_job_id`) lets the caller register the job before its folder exists.
+        """
+        job_id = job_id or new_job_id()
+        job = Job(job=job_id, type=file_type, source=path.name,
+                  file_name=upload_name(path.name, job_id), method=method,
+                  claimed_at=utcnow(), owner=self.owner.name)
+        job_dir = self.job_dir(job)
+        job_dir.mkdir(parents=True)
+        self.save(job)
+        try:
+            os.rename(path, self.input_path(job))
+        except FileNotFoundError:
+            # Another daemon won, or the file went. But on NFS a retransmitted RENAME whose
+            # first reply was lost reports ENOENT although it worked: then the input is
+            # here, and removing the folder would delete it.
+            if not os.path.lexists(self.input_path(job)):
+                self._remove_job_dir(job_dir)
+                return None
+        fsync_dir(job_dir)
+        fsync_dir(path.parent)
+        return job
+
+    def unclaim(self, job: Job) -> None:
+        """Put a job's input back into its inbox, when nothing was sent. Idempotent.
+
+        ``returning`` is saved first, so that a crash half-way is finished the same way by
+        recovery instead of being resumed as an upload while the inbox copy is claimed
+        again. If the inbox name was taken meanwhile, the file goes back under a free one.
+        """
+        if job.state != RETURNING:
+            job.state = RETURNING
+            self.save(job)
+        source = self.input_path(job)
+        inbox = self.inbox(job.type)
+        if os.path.lexists(source) and not link_no_clobber(source, inbox / job.source):
+            # The name was taken meanwhile: back under a free one, to settle again there
+            # (never uploaded from here without settling).
+            place_no_clobber(source, inbox, job.source)
+        fsync_dir(inbox)
+        self._remove_job_dir(self.job_dir(job))
+        self.unmark(job)
+
+    def inspect(self, job: Job) -> str | None:
+        """Fill in sha256, size and line count of the claimed input, in one streamed pass,
+        and say what makes it certainly unacceptable to IPQS (None when nothing does)."""
+        path = self.input_path(job)
+        before = path.lstat()
+        facts = inspect_file(path)
+        job.sha256, job.bytes, job.rows = facts.sha256, facts.bytes, facts.rows
+        job.mtime_ns = before.st_mtime_ns
+        if facts.problem is None and before.st_nlink > 1 and not hardlinks_protected():
+            # Without fs.protected_hardlinks anyone could link in a file they may not
+            # read; with it, a hard link only shares what its maker could read anyway.
+            return ("the file has other hard links and fs.protected_hardlinks is off: "
+                    "copy it into the inbox instead of linking it")
+        return facts.problem
+
+    def changed(self, job: Job) -> bool:
+        """Has the input changed (size or mtime) since :meth:`inspect`, or vanished?"""
+        try:
+            now = self.input_path(job).lstat()
+        except FileNotFoundError:
+            return True
+        return (now.st_size, now.st_mtime_ns) != (job.bytes, job.mtime_ns)
+
+    # -- records --------------------------------------------------------------------------
+
+    def save(self, job: Job) -> None:
+        """Write the job's state atomically; on return it survives a crash."""
+        write_record(self.job_dir(job) / JOB_FILE, job, self.file_mode)
+
+    def load(self, job_dir: Path) -> Job | None:
+        """Read a job record; None if there is none or it is not a record.
+
+        Other I/O errors (EIO, ESTALE, EACCES) are raised: a record we cannot read now is
+        not a broken job.
+        """
+        path = job_dir / JOB_FILE
+        if not path.exists():
+            # A crash in the middle of an adoption leaves the record under its aside name.
+            aside = sorted(job_dir.glob(f"{JOB_FILE}.adopt-*"))
+            if not aside:
+                return None
+            path = aside[-1]
+        return load_record(path)
+
+    def jobs(self) -> Iterator[Path]:
+        """Job folders in processing/, oldest first."""
+        with contextlib.suppress(FileNotFoundError):
+            yield from sorted(p for p in self.processing.iterdir()
+                              if p.is_dir() and not p.name.startswith("."))
+
+    # -- duplicates (see markers.py) and leases (see leases.py) ---------------------------
+
+    def mark(self, job: Job, window_seconds: float) -> dict[str, Any] | None:
+        return self.marks.mark(job, window_seconds)
+
+    def update_mark(self, job: Job) -> None:
+        self.marks.update(job)
+
+    def unmark(self, job: Job) -> None:
+        self.marks.unmark(job)
+
+    def heartbeat(self) -> None:
+        self.leases.heartbeat()
+
+    def prune_owners(self) -> None:
+        self.leases.prune()
+
+    def release(self) -> None:
+        self.leases.release()
+
+    def orphaned(self, job: Job, job_dir: Path | None = None) -> bool:
+        return self.leases.orphaned(job, job_dir)
+
+    def adopt(self, job_dir: Path) -> Job | None:
+        return self.leases.adopt(job_dir)
+
+    def owns(self, job: Job) -> bool:
+        return self.leases.owns(job)
+
+    # -- finish ---------------------------------------------------------------------------
+
+    def finish(self, job: Job) -> Path:
+        """Move input, results and record to done/ or failed/ and drop the job folder.
+
+        Idempotent: after a crash half-way it completes the same placement again. Returns the
+        path of the written record.
+        """
+        outcome_dir = self.outcome_dir(job.outcome or "failed", job.type)
+        outcome_dir.mkdir(parents=True, exist_ok=True)
+        if job.id is not None:
+            # Paid for: once the job folder is gone, only the id keeps its marker alive.
+            self.update_mark(job)
+        while True:
+            if job.final_name is None or job.state != FINISHING:
+                job.final_name = self._free_name(outcome_dir, job)
+                job.state = FINISHING
+                self.save(job)
+            if self._place(job, outcome_dir):
+                break
+            job.final_name = None
+        self._remove_job_dir(self.job_dir(job))
+        return outcome_dir / f"{job.final_name}.json"
+
+    def _free_name(self, folder: Path, job: Job) -> str:
+        stem, dot, ext = fit_name(job.source).partition(".")
+        for n in range(0, 100000):
+            name = f"{stem}{dot}{ext}" if n == 0 else f"{stem}-{n}{dot}{ext}"
+            names = [name, f"{name}.json", *(f"{name}.{s}.csv" for s in job.results)]
+            if not any(os.path.lexists(folder / n2) for n2 in names):
+                return name
+        raise OSError(errno.EEXIST, f"no free name for {job.source} in {folder}")
+
+    def _place(self, job: Job, folder: Path) -> bool:
+        """Link input and results under ``final_name``, then write the record.
+
+        False if another writer took one of the names first (then a new name is chosen).
+        """
+        assert job.final_name is not None
+        name = job.final_name
+        moves = []
+        if self.input_path(job).exists() or os.path.lexists(folder / name):
+            moves.append((self.input_path(job), folder / name))
+        else:
+            job.warning = "the input file vanished from processing/ before it was moved"
+        moves += [(self.results_dir(job) / s, folder / f"{name}.{s}.csv") for s in job.results]
+        for src, dst in moves:
+            if not link_no_clobber(src, dst):
+                return False
+        public = dict(job.record())
+        public["results"] = {s: f"{name}.{s}.csv" for s in job.results}
+        data = json.dumps(public, indent=2).encode() + b"\n"
+        record = folder / f"{name}.json"
+        if not exclusive_write(record, data, self.file_mode):
+            existing = read_json(record)
+            return existing is not None and existing.get("job") == job.job
+        fsync_dir(folder)
+        return True
+
+    def discard_dir(self, job_dir: Path) -> None:
+        """Remove a job folder that holds no input worth keeping."""
+        self._remove_job_dir(job_dir)
+
+    def _remove_job_dir(self, job_dir: Path) -> None:
+        for path in sorted(job_dir.rglob("*"), reverse=True):
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            job_dir.rmdir()
+        fsync_dir(job_dir.parent)
