@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -38,6 +38,10 @@ from daemon.errors import (
 )
 from daemon.logs import scrub
 
+if TYPE_CHECKING:  # config imports RESULT_SETS from here
+    from daemon.config import Config
+
+#: The result sets IPQS offers for download, in the order its status answer lists them.
 RESULT_SETS = ("pristine", "clean", "bad", "all")
 LIST_PAGE_SIZE = 50
 _CHUNK = 1024 * 1024
@@ -151,6 +155,15 @@ class _UploadFile(io.FileIO):
     @property
     def finished(self) -> bool:
         return self.sent >= self.size
+
+
+def make_client(config: Config) -> IpqsClient:
+    """The client the daemon and the commands use, built from the ``[api]`` config."""
+    api = config.api
+    return IpqsClient(api.base_url, api.key, key_in=api.key_in,
+                      connect_timeout=api.connect_timeout, read_timeout=api.read_timeout,
+                      ca_bundle=api.ca_bundle, download_hosts=api.download_hosts,
+                      max_download_bytes=api.max_download_bytes)
 
 
 class IpqsClient:

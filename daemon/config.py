@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import ALL_TYPES
+from daemon.api import RESULT_SETS
 
 DEFAULT_PATH = Path("/etc/ipqs-bulkd/config.toml")
 ENV_CONFIG = "IPQS_BULKD_CONFIG"
@@ -143,8 +144,6 @@ class Config:
             out[section.name] = values
         return out
 
-
-RESULT_SETS = ("all", "clean", "bad", "pristine")
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "api.key_in": ("path", "header"),

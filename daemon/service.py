@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from daemon.aio import wait_any
-from daemon.api import IpqsClient
+from daemon.api import IpqsClient, make_client
 from daemon.config import Config
 from daemon.errors import IpqsError
 from daemon.health import HealthServer, HealthState, create_app
@@ -41,14 +41,6 @@ from daemon.uploader import Uploader
 from daemon.watcher import Watcher
 
 log = structlog.get_logger(__name__)
-
-
-def make_client(config: Config) -> IpqsClient:
-    api = config.api
-    return IpqsClient(api.base_url, api.key, key_in=api.key_in,
-                      connect_timeout=api.connect_timeout, read_timeout=api.read_timeout,
-                      ca_bundle=api.ca_bundle, download_hosts=api.download_hosts,
-                      max_download_bytes=api.max_download_bytes)
 
 
 class Service:

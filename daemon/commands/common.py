@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import TextIO, TypeVar
 
 from daemon import retry
-from daemon.api import IpqsClient
 from daemon.config import Config, ConfigError
 from daemon.errors import AccountError, IpqsError, TransientError
 from daemon.logs import scrub
@@ -109,14 +108,6 @@ def _silence(stream: TextIO) -> None:
         os.close(devnull)
     except (OSError, ValueError, io.UnsupportedOperation):
         pass  # not a real file (a test's capture): nothing will flush it at exit
-
-
-def make_client(config: Config) -> IpqsClient:
-    """The daemon's client, built from the config the daemon's way."""
-    # Imported here: the service module pulls in every stage, which `status` never needs.
-    from daemon.service import make_client as daemon_client
-
-    return daemon_client(config)
 
 
 def require_key(config: Config) -> None:

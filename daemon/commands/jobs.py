@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from daemon import ALL_TYPES
-from daemon.api import LIST_PAGE_SIZE, CsvPage
+from daemon.api import LIST_PAGE_SIZE, CsvPage, make_client
 from daemon.commands.common import (
     DEFAULT_TIMEOUT,
     EXIT_HELP,
@@ -22,7 +22,6 @@ from daemon.commands.common import (
     Console,
     Patience,
     failure,
-    make_client,
     positive_float,
     positive_int,
     require_key,

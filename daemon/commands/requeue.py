@@ -31,9 +31,7 @@ from daemon.commands.common import (
     Console,
 )
 from daemon.config import Config
-from daemon.spool import place_no_clobber
-
-HISTORY = "history"
+from daemon.spool import Layout, place_no_clobber
 
 DESCRIPTION = """\
 Move failed files from failed/<type>/ back into inbox/<type>/, so the daemon tries them
@@ -102,20 +100,20 @@ def run(ns: argparse.Namespace, config: Config, console: Console) -> int:
     requeue = Requeue(config, console, force=ns.force)
     wanted = (ns.type,) if ns.type else types
     if ns.all_failed:
-        targets = [f for t in wanted for f in _all_failed(requeue.root, t)]
+        targets = [f for t in wanted for f in _all_failed(requeue.layout, t)]
         if not targets:
             console.line("nothing to retry: no failed files")
         missing = 0
     else:
-        targets, missing = _resolve_all(requeue.root, wanted, ns.files, console)
+        targets, missing = _resolve_all(requeue.layout, wanted, ns.files, console)
     for target in targets:
         requeue.move_back(target)
     console.line(f"{len(targets)} file(s) put back into their inbox")
     return EXIT_NOT_FOUND if missing else EXIT_OK
 
 
-def _all_failed(root: Path, file_type: str) -> list[Failed]:
-    folder = root / "failed" / file_type
+def _all_failed(layout: Layout, file_type: str) -> list[Failed]:
+    folder = layout.failed(file_type)
     try:
         names = sorted(e.name for e in os.scandir(folder) if e.is_file(follow_symlinks=False))
     except FileNotFoundError:
@@ -125,32 +123,32 @@ def _all_failed(root: Path, file_type: str) -> list[Failed]:
             if n.endswith(".json") and not n.startswith(".") and n[:-5] in present]
 
 
-def _resolve_all(root: Path, types: tuple[str, ...], args: list[str],
+def _resolve_all(layout: Layout, types: tuple[str, ...], args: list[str],
                  console: Console) -> tuple[list[Failed], int]:
     found: list[Failed] = []
     missing = 0
     for arg in args:
-        target = _resolve(root, types, arg)
+        target = _resolve(layout, types, arg)
         if target is None:
             console.error(f"{arg}: not found in failed/<type>/ "
-                          f"({', '.join(str(root / 'failed' / t) for t in types)})")
+                          f"({', '.join(str(layout.failed(t)) for t in types)})")
             missing += 1
         elif target not in found:
             found.append(target)
     return found, missing
 
 
-def _resolve(root: Path, types: tuple[str, ...], arg: str) -> Failed | None:
+def _resolve(layout: Layout, types: tuple[str, ...], arg: str) -> Failed | None:
     """The failed file ``arg`` names: a path under failed/<type>/, or a bare name."""
     path = Path(arg)
     if path.parent != Path("."):
         parent = path.parent.resolve()
-        folders = {(root / "failed" / t).resolve(): t for t in types}
+        folders = {layout.failed(t).resolve(): t for t in types}
         if parent not in folders:
             return None
-        candidates = [Failed(folders[parent], root / "failed" / folders[parent], path.name)]
+        candidates = [Failed(folders[parent], layout.failed(folders[parent]), path.name)]
     else:
-        candidates = [Failed(t, root / "failed" / t, path.name) for t in types]
+        candidates = [Failed(t, layout.failed(t), path.name) for t in types]
     found = [c for f in candidates if (c := _input_of(f)) is not None]
     if len(found) > 1:
         raise CommandError(EXIT_USAGE, f"{arg}: in more than one failed/ folder "
@@ -173,13 +171,14 @@ class Requeue:
     """Moves failed files back, keeping their history (see the module docstring)."""
 
     def __init__(self, config: Config, console: Console, *, force: bool) -> None:
-        self.root = config.spool.root
+        self.layout = Layout(config.spool.root)
+        self.root = self.layout.root
         self.window = config.upload.duplicate_window_hours * 3600
         self.console = console
         self.force = force
 
     def move_back(self, failed: Failed) -> None:
-        inbox = self.root / "inbox" / failed.type
+        inbox = self.layout.inbox(failed.type)
         inbox.mkdir(parents=True, exist_ok=True)
         record = _read_json(failed.record_path)
         kept = self._keep_history(failed, record)
@@ -197,7 +196,7 @@ class Requeue:
     def _keep_history(self, failed: Failed, record: dict[str, Any]) -> Path | None:
         if not os.path.lexists(failed.record_path):
             return None
-        history = self.root / HISTORY / failed.type
+        history = self.layout.history(failed.type)
         history.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         # Retried twice within a second: the second gets <stamp>-1, and so on.
@@ -215,7 +214,7 @@ class Requeue:
         sha = record.get("sha256")
         if not isinstance(sha, str) or not sha.isalnum():
             return None
-        path = self.root / "markers" / sha
+        path = self.layout.marker(sha)
         marker = _read_json(path)
         if not marker:
             return None

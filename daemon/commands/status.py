@@ -33,10 +33,8 @@ from daemon.commands.common import (
     table,
 )
 from daemon.config import Config, HealthConfig
-from daemon.spool import Spool
-from daemon.watcher import is_ignored
+from daemon.spool import OUTCOMES, Layout, Spool, is_ignored
 
-OUTCOMES = ("done", "failed")
 HEALTH_TIMEOUT = 2.0
 PAUSED_PREFIX = "uploads paused: "
 
@@ -93,12 +91,13 @@ def collect(config: Config, *, recent: int) -> dict[str, Any]:
     finished: list[tuple[float, str, str, str]] = []
     for outcome in OUTCOMES:
         for file_type in types:
-            names = _records(root / outcome / file_type)
+            folder = spool.outcome_dir(outcome, file_type)
+            names = _records(folder)
             counts[file_type][outcome] = len(names)
-            finished.extend(_stamped(root / outcome / file_type, outcome, file_type, names))
+            finished.extend(_stamped(folder, outcome, file_type, names))
     newest = heapq.nlargest(recent, finished)
     return {"root": str(root), "types": counts, "processing": processing,
-            "recent": [_finished(root, *item) for item in newest]}
+            "recent": [_finished(spool, *item) for item in newest]}
 
 
 def _count_inbox(folder: Path) -> int:
@@ -163,9 +162,9 @@ def _stamped(folder: Path, outcome: str, file_type: str,
         yield mtime, outcome, file_type, name
 
 
-def _finished(root: Path, mtime: float, outcome: str, file_type: str,
+def _finished(layout: Layout, mtime: float, outcome: str, file_type: str,
               record_name: str) -> dict[str, Any]:
-    record = _read_json(root / outcome / file_type / record_name)
+    record = _read_json(layout.outcome_dir(outcome, file_type) / record_name)
     return {"type": file_type, "name": record_name[:-5], "outcome": outcome,
             "reason": record.get("reason"), "error": record.get("error"),
             "id": record.get("id"), "status": record.get("status"),

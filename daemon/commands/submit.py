@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from daemon import ALL_TYPES
-from daemon.api import CsvJob, IpqsClient
+from daemon.api import CsvJob, IpqsClient, make_client
 from daemon.commands.common import (
     DEFAULT_TIMEOUT,
     EXIT_DUPLICATE,
@@ -36,7 +36,6 @@ from daemon.commands.common import (
     Patience,
     failure,
     human_bytes,
-    make_client,
     positive_float,
     require_key,
     retry_note,

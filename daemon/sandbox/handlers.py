@@ -24,7 +24,6 @@ from urllib.parse import quote
 
 from aiohttp import hdrs, web
 
-from daemon import ALL_TYPES
 from daemon.sandbox import answers
 from daemon.sandbox.faults import DropConnection
 from daemon.sandbox.receive import (
@@ -42,6 +41,10 @@ from daemon.sandbox.spool import SpooledFile
 from daemon.sandbox.state import FINISHED, NEW, SANDBOX, Job, SandboxState
 
 PAGE_SIZE = 50
+#: The file types IPQS accepts (its OpenAPI enum). The emulator keeps its own copy: it
+#: stands for IPQS, not for the daemon.
+FILE_TYPES = ("proxy", "email", "phone", "url", "leaked_email", "leaked_password",
+              "leaked_username")
 
 
 def public_base(request: web.Request) -> str:
@@ -72,7 +75,7 @@ async def _accept(request: web.Request, state: SandboxState, incoming: Incoming)
     if not state.key_accepted(key):
         return answers.failure(fmt, answers.INVALID_KEY)
     file_type = request.match_info.get("type") or params.get("type", "")
-    if file_type not in ALL_TYPES:
+    if file_type not in FILE_TYPES:
         return answers.failure(fmt, answers.INVALID_TYPE)
     try:
         spooled, method = await _content(state, incoming, file_type)
@@ -176,7 +179,7 @@ async def list_jobs(request: web.Request) -> web.StreamResponse:
     if not state.key_accepted(key := api_key(request, params)):
         return answers.failure(fmt, answers.INVALID_KEY)
     file_type = params.get("type") or None
-    if file_type is not None and file_type not in ALL_TYPES:
+    if file_type is not None and file_type not in FILE_TYPES:
         return answers.failure(fmt, answers.INVALID_TYPE)
     page = whole_number(params.get("page") or "1")
     if page is None or page < 1:

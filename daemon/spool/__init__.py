@@ -17,7 +17,7 @@ from daemon.spool.fs import (
     open_regular,
     place_no_clobber,
 )
-from daemon.spool.layout import OWNERS_DIR, RESULTS_DIR, Layout, is_ignored
+from daemon.spool.layout import OUTCOMES, OWNERS_DIR, RESULTS_DIR, Layout, is_ignored
 from daemon.spool.leases import Owner
 from daemon.spool.record import (
     CLAIMED,
@@ -36,8 +36,8 @@ from daemon.spool.record import (
 from daemon.spool.store import Spool
 
 __all__ = [
-    "CLAIMED", "FETCHED", "FINISHING", "JOB_FILE", "OWNERS_DIR", "RECORD_FIELDS", "RESULTS_DIR",
-    "RETURNING", "SUBMITTED", "UPLOADING", "FileFacts", "Job", "Layout", "NotRegularFileError",
-    "Owner", "Spool", "hardlinks_protected", "inspect_file", "is_ignored", "new_job_id",
-    "open_regular", "place_no_clobber", "upload_name", "utcnow",
+    "CLAIMED", "FETCHED", "FINISHING", "JOB_FILE", "OUTCOMES", "OWNERS_DIR", "RECORD_FIELDS",
+    "RESULTS_DIR", "RETURNING", "SUBMITTED", "UPLOADING", "FileFacts", "Job", "Layout",
+    "NotRegularFileError", "Owner", "Spool", "hardlinks_protected", "inspect_file",
+    "is_ignored", "new_job_id", "open_regular", "place_no_clobber", "upload_name", "utcnow",
 ]

@@ -54,8 +54,8 @@ class Spool(Layout):
     def prepare(self) -> None:
         """Create every folder of the layout (idempotent)."""
         for file_type in self.types:
-            for top in ("inbox", "done", "failed"):
-                (self.root / top / file_type).mkdir(parents=True, exist_ok=True)
+            for folder in (self.inbox(file_type), self.done(file_type), self.failed(file_type)):
+                folder.mkdir(parents=True, exist_ok=True)
         self.owners.mkdir(parents=True, exist_ok=True)
         self.markers.mkdir(parents=True, exist_ok=True)
 

@@ -1,0 +1,89 @@
+"""The layers of design.md hold: the import statements of a module, read with ``ast``
+(function-level imports included), never reach a layer above it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from daemon import ALL_TYPES
+from daemon.sandbox.handlers import FILE_TYPES
+
+PACKAGE = Path(__file__).resolve().parent.parent / "daemon"
+# Stages and the service: an operator command must work without them.
+ABOVE_COMMANDS = ("daemon.watcher", "daemon.uploader", "daemon.poller", "daemon.pipeline",
+                  "daemon.service")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported(path: Path, *, text: str | None = None) -> set[str]:
+    """Every module ``path`` imports, as dotted names; ``from a import b`` gives ``a`` and
+    ``a.b`` (b may be a module). ``text`` stands in for the file's content."""
+    package = module_name(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text() if text is None else text, str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([*package[:len(package) - node.level + 1], base]).strip(".")
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def reaches(names: set[str], forbidden: tuple[str, ...]) -> list[str]:
+    return sorted(n for n in names if any(n == f or n.startswith(f + ".") for f in forbidden))
+
+
+@pytest.mark.parametrize("source", [
+    "import daemon.watcher", "from daemon.service import Service", "from daemon import poller",
+    "from .. import uploader", "from ..pipeline import Pipeline",
+    "def f():\n    from daemon.pipeline import Pipeline\n"])
+def test_the_import_reader_sees_every_form(source: str) -> None:
+    # The checks below are only as good as this reader: it must catch each way of writing it.
+    where = PACKAGE / "commands" / "probe.py"
+    assert reaches(imported(where, text=source), ABOVE_COMMANDS) != []
+
+
+def test_the_import_reader_passes_the_lower_layers() -> None:
+    where = PACKAGE / "commands" / "probe.py"
+    text = "from daemon.spool import Spool\nfrom ..api import make_client\nimport daemon.config"
+    assert imported(where, text=text) >= {"daemon.spool", "daemon.api", "daemon.config"}
+    assert reaches(imported(where, text=text), ABOVE_COMMANDS) == []
+
+
+def commands() -> list[object]:
+    # submit.py still takes FINISHED from the poller until the job layer owns the states;
+    # strict, so that the mark must go once the import does.
+    waiting = pytest.mark.xfail(strict=True, reason="submit imports daemon.poller.FINISHED "
+                                                    "until the job layer owns job states")
+    return [pytest.param(p, id=p.name, marks=[waiting] if p.name == "submit.py" else [])
+            for p in sorted((PACKAGE / "commands").glob("*.py"))]
+
+
+@pytest.mark.parametrize("path", commands())
+def test_commands_never_import_the_stages_or_the_service(path: Path) -> None:
+    assert reaches(imported(path), ABOVE_COMMANDS) == []
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "sandbox").rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_the_sandbox_knows_nothing_of_the_daemon(path: Path) -> None:
+    outside = sorted(n for n in imported(path) if (n == "daemon" or n.startswith("daemon."))
+                     and not (n == "daemon.sandbox" or n.startswith("daemon.sandbox.")))
+    assert outside == []
+
+
+def test_the_sandbox_accepts_the_types_the_daemon_knows() -> None:
+    # Two copies of IPQS's type list, one per side of the layer line: they must agree.
+    assert FILE_TYPES == ALL_TYPES
