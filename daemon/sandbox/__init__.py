@@ -1,7 +1,8 @@
 """The sandbox: a local emulator of the IPQualityScore Bulk CSV API, with fault knobs.
 
-``create_app(settings)`` returns an aiohttp application that answers like IPQS (see
-``/work/shared/ipqs-api.md``) on ``/api/{json|xml}/csv/...`` and ``/download``, and offers
+``create_app(settings)`` returns an aiohttp application that answers like IPQS (as its
+Bulk CSV API documentation and OpenAPI description have it) on ``/api/{json|xml}/csv/...``
+and ``/download``, and offers
 ``/_sandbox/...`` admin endpoints to loopback peers. ``app[SANDBOX]`` is the live state:
 ``.settings``, ``.faults`` (change it freely), ``.uploads`` (the upload log),
 ``.advance(seconds)`` (the clock), ``.stats``.

@@ -3,7 +3,8 @@
 Fidelity assumptions:
 
 * Failures are HTTP 200 with ``{"success": false, "message": ..., "request_id": ...}``
-  (ipqs-api.md §6); they carry no ``api_version``.
+  (IPQS answers 200 even when ``success`` is false, and puts the reason in ``message``);
+  they carry no ``api_version``.
 * Only the key and credit messages are IPQS's own wording (seen in third-party code for
   other IPQS APIs); the rest are the sandbox's.
 * XML answers hold the JSON fields in a root ``<result>`` element. ``null`` becomes an

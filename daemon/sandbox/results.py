@@ -3,7 +3,8 @@
 Every value is derived from a SHA-256 of the type and the lookup value, so the same input
 always gives the same bytes. Files are written row by row; none is held in memory.
 
-Fidelity assumptions (IPQS documents none of this, see ipqs-api.md §5 and §7):
+Fidelity assumptions (IPQS documents neither the input columns nor what each result set
+holds; only one example of result file names, for email, is published):
 
 * The lookup value is column 0 of each row. The sandbox's verdict columns follow it, then
   the row's other cells, unchanged (the header names only the fixed columns).
