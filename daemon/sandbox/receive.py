@@ -4,7 +4,8 @@ Parameters come from the query string, then a urlencoded or multipart form, or a
 object body, later sources winning (IPQS takes parameters by GET or POST, and ``key`` and
 ``type`` also in a JSON body; which source wins is an assumption). The key comes from the
 path, else the ``key`` parameter, else the ``IPQS-KEY`` header (assumption: IPQS's
-precedence is not documented). The CSV id of key-less status calls is the ``id`` parameter (assumption).
+precedence is not documented). The CSV id of key-less status calls is the ``id``
+parameter (assumption).
 
 Uploads pick their method by what arrives: a multipart file part (any field name, the
 first one wins) is the file method; an ``input`` array in a JSON body is the rows method;
