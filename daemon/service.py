@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from daemon.aio import wait_any
+from daemon.aio import Wakeup, wait_any
 from daemon.api import IpqsClient, make_client
 from daemon.config import Config
 from daemon.errors import IpqsError
@@ -50,14 +50,18 @@ class Service:
     status_seconds = 2.0
     #: ...and when there is nothing to do (an idle daemon should not keep waking up).
     idle_status_seconds = 30.0
+    #: After work wakes it, the status loop waits this long, so a burst is one report.
+    status_debounce_seconds = 0.25
 
     def __init__(self, config: Config, *, client: IpqsClient | None = None,
                  notifier: Notifier | None = None) -> None:
         self.config = config
         self.stop = asyncio.Event()
+        self.changed = Wakeup()  # set on any change of a job: wakes the status loop
         self.spool = Spool(config.spool.root, config.spool.types,
                            file_mode=config.spool.file_mode,
-                           lease_seconds=config.upload.lease_seconds)
+                           lease_seconds=config.upload.lease_seconds,
+                           on_change=self.changed.set)
         self.pipe = Pipeline(config, self.spool, client or make_client(config), self.stop,
                              breaker=Breaker(config.upload.pause_initial_seconds,
                                              config.upload.pause_max_seconds))
@@ -324,13 +328,21 @@ class Service:
             await wait_any(self.stop, within=every)
 
     async def _status_loop(self) -> None:
-        """Keep the gauges and systemd's STATUS= current; cheap (a few len() calls)."""
+        """Keep the gauges and systemd's STATUS= current; cheap (a few len() calls).
+
+        Work wakes it (``changed``), so STATUS= follows a job within the debounce; the
+        timer only covers what sets no flag, and idles at ``idle_status_seconds``.
+        """
+        self.changed.bind(asyncio.get_running_loop())
         while not self.stop.is_set():
+            self.changed.event.clear()
             self._report()
             watcher = self.watcher
             busy = self.pipe.active or watcher.pending_count() or watcher.in_flight_count()
-            await wait_any(self.stop, within=self.status_seconds if busy
+            await wait_any(self.stop, self.changed.event, within=self.status_seconds if busy
                            else max(self.idle_status_seconds, self.status_seconds))
+            if self.changed.event.is_set():  # a burst of changes makes one report
+                await wait_any(self.stop, within=self.status_debounce_seconds)
 
     def refresh_gauges(self) -> str:
         """Set the queue and in-flight gauges from the stages; return the status line."""

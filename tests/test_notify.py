@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.aio import Wakeup
 from daemon.notify import Notifier
 from daemon.service import Service
 from tests.support import (
@@ -163,6 +164,43 @@ async def test_daemon_reports_ready_status_watchdog_and_stopping(
     assert statuses[0] == "inbox 0, queued 0, uploading 0, at IPQS 0, done 0, failed 0"
     # Sent when it changes, not every round.
     assert all(a != b for a, b in itertools.pairwise(statuses))
+
+
+async def test_a_wakeup_set_in_a_worker_thread_wakes_the_loop() -> None:
+    wakeup = Wakeup()
+    wakeup.bind(asyncio.get_running_loop())
+    waiter = asyncio.create_task(wakeup.event.wait())
+    await asyncio.to_thread(wakeup.set)  # as the spool does, from asyncio.to_thread
+    await asyncio.wait_for(waiter, timeout=5)
+    assert wakeup.event.is_set()
+
+
+async def test_work_wakes_the_status_line_of_an_idle_daemon(
+        tmp_path: Path, systemd: Systemd) -> None:
+    async with gated_sandbox(quick_settings(tmp_path), "upload") as (sandbox, gate):
+        root = tmp_path / "spool"
+        service = Service(daemon_config(root, sandbox.api_base),
+                          notifier=Notifier(systemd.environ()))
+        # Far beyond the wait below: only a wake-up by the work can send the line in time.
+        service.idle_status_seconds = 3600.0
+        task = asyncio.create_task(service.run())
+        try:
+            await systemd.wait(lambda m: m.get("STATUS", "").startswith("inbox 0, queued 0"),
+                               "the idle status line")
+            drop(root, "email", "list.csv", emails(3))
+            # Claimed, and held at the upload by the gate.
+            await asyncio.wait_for(
+                systemd.wait(lambda m: "uploading 1," in m.get("STATUS", ""), "uploading 1"),
+                timeout=5)
+            await asyncio.wait_for(gate.arrived.wait(), timeout=30)
+            gate.open()
+            await asyncio.wait_for(
+                systemd.wait(lambda m: m.get("STATUS", "").endswith("done 1, failed 0"),
+                             "done 1"), timeout=5)
+        finally:
+            service.stop.set()
+            assert await asyncio.wait_for(task, timeout=30) == 0
+    assert "list.csv" in records(root, "done")
 
 
 async def test_a_crashed_stage_stops_the_daemon_with_a_failure_status(

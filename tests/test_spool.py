@@ -200,3 +200,22 @@ def test_a_record_moved_aside_by_a_live_adopter_is_left_alone(tmp_path: Path) ->
     live = Owner(me.owner.host, 1, "init")  # pid 1 lives as long as the system does
     (job_dir / "job.json").rename(job_dir / f"job.json.adopt-{live.name}")
     assert me.adopt(job_dir) is None
+
+
+def test_every_change_of_a_job_is_announced(tmp_path: Path) -> None:
+    changes: list[str] = []
+    spool = make_spool(tmp_path, on_change=lambda: changes.append("changed"))
+    job = spool.claim("email", drop(spool, "a.csv"), "multipart")
+    assert job is not None and changes  # the claim (its record, then the rename)
+    changes.clear()
+    spool.save(job)
+    assert changes == ["changed"]
+    changes.clear()
+    spool.unclaim(job)
+    assert changes  # put back
+    again = spool.claim("email", spool.inbox("email") / "a.csv", "multipart")
+    assert again is not None
+    again.outcome = "done"
+    changes.clear()
+    spool.finish(again)
+    assert changes and changes[-1] == "changed"

@@ -7,7 +7,7 @@ import contextlib
 import errno
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,12 @@ class Spool(Layout):
     """Paths and atomic moves under one spool root. All methods block: call in a thread."""
 
     def __init__(self, root: Path, types: tuple[str, ...], *, owner: Owner | None = None,
-                 file_mode: int = 0o640, lease_seconds: float = 60.0) -> None:
+                 file_mode: int = 0o640, lease_seconds: float = 60.0,
+                 on_change: Callable[[], None] | None = None) -> None:
+        """``on_change`` is called (in the calling thread) after every change of a job: a
+        claim, a saved state, a file finished or put back."""
         super().__init__(root)
+        self._on_change = on_change or _nothing
         self.types = types
         self.owner = owner or Owner.current()
         self.file_mode = file_mode
@@ -88,6 +92,7 @@ class Spool(Layout):
                 return None
         fsync_dir(job_dir)
         fsync_dir(path.parent)
+        self._on_change()
         return job
 
     def unclaim(self, job: Job) -> None:
@@ -109,6 +114,7 @@ class Spool(Layout):
         fsync_dir(inbox)
         self._remove_job_dir(self.job_dir(job))
         self.unmark(job)
+        self._on_change()
 
     def inspect(self, job: Job) -> str | None:
         """Fill in sha256, size and line count of the claimed input, in one streamed pass,
@@ -138,6 +144,7 @@ class Spool(Layout):
     def save(self, job: Job) -> None:
         """Write the job's state atomically; on return it survives a crash."""
         write_record(self.job_dir(job) / JOB_FILE, job, self.file_mode)
+        self._on_change()
 
     def load(self, job_dir: Path) -> Job | None:
         """Read a job record; None if there is none or it is not a record.
@@ -211,6 +218,7 @@ class Spool(Layout):
                 break
             job.final_name = None
         self._remove_job_dir(self.job_dir(job))
+        self._on_change()
         return outcome_dir / f"{job.final_name}.json"
 
     def _free_name(self, folder: Path, job: Job) -> str:
@@ -261,3 +269,7 @@ class Spool(Layout):
         with contextlib.suppress(FileNotFoundError):
             job_dir.rmdir()
         fsync_dir(job_dir.parent)
+
+
+def _nothing() -> None:
+    pass
