@@ -643,6 +643,31 @@ async def test_results_are_deterministic_and_sorted_into_sets(sandbox, http):
     assert bad and clean and pristine  # the input exercises every set
 
 
+@pytest.mark.parametrize(
+    ("content", "names", "tails"),
+    [
+        (b"email,name,city\r\na@example.com,Ann,Oslo\r\nb@example.com\r\n"
+         b"c@example.com,Cy,Rome,extra,more\r\n", ["name", "city", "input_4", "input_5"],
+         [["Ann", "Oslo", "", ""], ["", "", "", ""], ["Cy", "Rome", "extra", "more"]]),
+        (b"a@example.com,x,y\r\nbroken,z\r\n", ["input_2", "input_3"],
+         [["x", "y"], ["z", ""]]),
+    ],
+)
+async def test_result_rows_have_the_header_width_with_several_input_columns(
+    sandbox, http, content, names, tails
+):
+    job = await upload(http, sandbox.url, content)
+    links = (await status(http, sandbox.url, job["id"]))["downloads"]
+    for name, link in links.items():
+        if link is None:
+            continue
+        header, *rows = parse_rows((await fetch(http, link))[2])
+        assert header[-len(names):] == names
+        assert rows and all(len(row) == len(header) for row in rows), (header, rows)
+        if name == "all":  # the input's own cells, unchanged, in their named columns
+            assert [row[-len(names):] for row in rows] == tails
+
+
 @pytest.mark.parametrize("file_type", ALL_TYPES)
 async def test_every_type_gets_named_result_files(sandbox, http, file_type):
     product = {

@@ -7,7 +7,9 @@ Fidelity assumptions (IPQS documents neither the input columns nor what each res
 holds; only one example of result file names, for email, is published):
 
 * The lookup value is column 0 of each row. The sandbox's verdict columns follow it, then
-  the row's other cells, unchanged (the header names only the fixed columns).
+  the row's other cells, unchanged. Every row has the header's width: the header names
+  the other cells after the input's header row (``input_2``, ``input_3``, ... where it
+  has none), and shorter rows are padded with empty cells.
 * A first row whose first cell is a column name (``email``, ``ip``, ``phone``, ``url``,
   ``value``, ... case-insensitive) is a header and is skipped. Blank rows are skipped.
 * A row is *invalid* when its value is syntactically impossible for the type: an email
@@ -81,7 +83,9 @@ def result_path(directory: Path, result_set: str) -> Path:
 
 def generate_results(file_type: str, source: Path, directory: Path) -> ResultSummary:
     """Judge every row of ``source`` and write the four result sets into ``directory``."""
-    header, judge = _TYPES[file_type]
+    fixed, judge = _TYPES[file_type]
+    input_header, extra = _input_shape(source)
+    header = [*fixed, *_extra_names(input_header, extra)]
     counts = dict.fromkeys(RESULT_SETS, 0)
     invalid_records = 0
     with ExitStack() as stack:
@@ -96,6 +100,7 @@ def generate_results(file_type: str, source: Path, directory: Path) -> ResultSum
             writer.writerow(header)
         for row in _lookup_rows(source):
             invalid, score, cells = _judge_row(file_type, judge, row)
+            cells += [""] * (len(header) - len(cells))
             invalid_records += invalid
             for name in _sets_of(invalid, score):
                 writers[name].writerow(cells)
@@ -108,18 +113,45 @@ MAX_CELL = 64 * 1024 * 1024
 
 def _lookup_rows(source: Path) -> Iterator[list[str]]:
     """The non-blank rows of the input, without a header row."""
+    rows = _rows(source)
+    first = next(rows, None)
+    if first is not None and not _is_header(first):
+        yield first
+    yield from rows
+
+
+def _rows(source: Path) -> Iterator[list[str]]:
     # Lookup lists may carry long extra cells; the csv module's default cap is 128 KiB.
     csv.field_size_limit(max(csv.field_size_limit(), MAX_CELL))
     with source.open(encoding="utf-8-sig", newline="") as handle:
-        first = True
-        for row in csv.reader(handle):
-            if not any(cell.strip() for cell in row):
-                continue
-            if first and row[0].strip().lower() in HEADER_WORDS:
-                first = False
-                continue
-            first = False
-            yield row
+        yield from (row for row in csv.reader(handle) if any(cell.strip() for cell in row))
+
+
+def _is_header(row: list[str]) -> bool:
+    return row[0].strip().lower() in HEADER_WORDS
+
+
+def _input_shape(source: Path) -> tuple[list[str], int]:
+    """The input's header row (empty if none) and the most cells any row has after column 0.
+
+    A pass of its own, so that the result header can name every column before the first
+    row is written: rows are streamed, never held.
+    """
+    rows = _rows(source)
+    first = next(rows, None)
+    if first is None:
+        return [], 0
+    header = first if _is_header(first) else []
+    extra = max((len(row) - 1 for row in rows), default=0)
+    return header, max(extra, len(first) - 1)
+
+
+def _extra_names(input_header: list[str], extra: int) -> list[str]:
+    """Names for the input's other cells: its own header's, else ``input_<column>``."""
+    named = [cell.strip() for cell in input_header[1:]]
+    return [
+        (named[i] if i < len(named) and named[i] else f"input_{i + 2}") for i in range(extra)
+    ]
 
 
 def _judge_row(file_type: str, judge: Judge, row: list[str]) -> tuple[bool, int, list[str]]:
