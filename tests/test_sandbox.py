@@ -40,6 +40,7 @@ from daemon.sandbox import (
     settings_from_args,
 )
 from daemon.sandbox import answers as msg
+from daemon.sandbox.account import UNLIMITED_CREDITS
 from daemon.sandbox.admin import is_loopback, loopback_only
 from daemon.sandbox.results import RESULT_SETS
 from daemon.sandbox.spool import BOM, SpoolWriter
@@ -49,6 +50,7 @@ OPENAPI = Path(__file__).parent / "data" / "ipqs-openapi" / "openapi.bundled.yam
 UPLOAD_PATH = "/json/csv/{apiKey}/{fileType}/upload"
 STATUS_PATH = "/json/csv/{apiKey}/status/{csvId}"
 LIST_PATH = "/json/csv/{apiKey}/list"
+ACCOUNT_PATH = "/json/account/{apiKey}"
 
 # Good and bad rows together: the official status schema types downloads.bad and .all as
 # non-nullable URIs (it was written from a FINISHED example that had both).
@@ -856,6 +858,58 @@ async def test_credits_run_out(sandbox, http):
     assert (await admin(http, sandbox.url, "faults"))["credits"] == 0
 
 
+async def test_account_answers_match_the_openapi_schema(sandbox, http):
+    answer = await call(http, "GET", f"{sandbox.url}/api/json/account/{TEST_KEY}")
+    assert_schema(answer, ACCOUNT_PATH, "get")
+    assert answer["credits"] == UNLIMITED_CREDITS and answer["usage"] == 0
+    sandbox.state.faults.credits = 50
+    await upload(http, sandbox.url)  # 4 email rows, the header line included
+    await upload(http, sandbox.url, b"1.2.3.4\n", file_type="proxy")
+    await upload(http, sandbox.url, b"a@b.c\n", file_type="leaked_email")
+    answer = await call(http, "GET", f"{sandbox.url}/api/json/account/{TEST_KEY}")
+    assert_schema(answer, ACCOUNT_PATH, "get")
+    assert (answer["credits"], answer["usage"]) == (50 - 4 - 1 - 1, 6)
+    assert (answer["email_usage"], answer["proxy_usage"], answer["phone_usage"]) == (4, 1, 0)
+
+
+async def test_account_takes_the_key_in_the_path_a_parameter_or_the_header(sandbox, http):
+    sandbox.state.settings.key = TEST_KEY
+    base = f"{sandbox.url}/api/json/account"
+    for method, url, kwargs in (
+        ("GET", f"{base}/{TEST_KEY}", {}),
+        ("GET", base, {"params": {"key": TEST_KEY}}),
+        ("POST", base, {"data": {"key": TEST_KEY}}),
+        ("GET", base, {"headers": {"IPQS-KEY": TEST_KEY}}),
+    ):
+        assert (await call(http, method, url, **kwargs))["success"] is True, (method, kwargs)
+    assert_refused(await call(http, "GET", f"{base}/wrong-key"), msg.INVALID_KEY)
+    assert_refused(await call(http, "GET", base), msg.INVALID_KEY)
+    async with http.get(f"{sandbox.url}/api/xml/account/{TEST_KEY}") as response:
+        assert ET.fromstring(await response.read()).findtext("credits") == str(UNLIMITED_CREDITS)
+
+
+async def test_uploads_debit_their_rows_and_the_admin_sets_the_balance(sandbox, http):
+    account = f"{sandbox.url}/api/json/account/{TEST_KEY}"
+    await admin(http, sandbox.url, "faults", {"credits": 7})
+    assert (await upload(http, sandbox.url))["success"] is True  # 4 rows
+    refused = await upload(http, sandbox.url)  # 4 rows > 3 left: refused, nothing charged
+    assert_refused(refused, "You have insufficient credits to make this query.")
+    assert (await call(http, "GET", account))["credits"] == 3
+    await admin(http, sandbox.url, "faults", {"credits": 1000})  # a top-up while running
+    assert (await upload(http, sandbox.url))["success"] is True
+    answer = await call(http, "GET", account)
+    assert (answer["credits"], answer["email_usage"]) == (996, 8)
+    assert len(sandbox.state.uploads) == 2
+
+
+async def test_account_missing_fault_answers_404(sandbox, http):
+    await admin(http, sandbox.url, "faults", {"account_missing": True})
+    async with http.get(f"{sandbox.url}/api/json/account/{TEST_KEY}") as response:
+        assert response.status == 404
+    assert (await upload(http, sandbox.url))["success"] is True  # only the account API
+    assert (await admin(http, sandbox.url, "stats"))["faults"] == {"account_missing": 1}
+
+
 async def test_invalid_key_fault_refuses_every_call(sandbox, http):
     job = await upload(http, sandbox.url)
     sandbox.state.faults.invalid_key = True
@@ -1046,6 +1100,7 @@ def test_command_line_flags_build_settings():
         "--port", "9000", "--key", "K", "--new-seconds", "0", "--per-row-seconds", "0.5",
         "--drop-rate", "0.25", "--error-5xx-rate", "1", "--credits", "10", "--outage",
         "--fault-operations", "upload,status", "--seed", "7", "--retry-after-seconds", "3",
+        "--account-missing",
     ])
     settings = settings_from_args(ns)
 
@@ -1055,6 +1110,7 @@ def test_command_line_flags_build_settings():
     assert settings.faults == Faults(
         drop_rate=0.25, error_5xx_rate=1, credits=10, outage=True, seed=7,
         retry_after_seconds=3, operations=frozenset({"upload", "status"}),
+        account_missing=True,
     )
     for bad in (["--drop-rate", "2"], ["--credits", "-1"], ["--fault-operations", "poll"]):
         with pytest.raises(SystemExit):

@@ -1,16 +1,15 @@
 """The sandbox: a local emulator of the IPQualityScore Bulk CSV API, with fault knobs.
 
 ``create_app(settings)`` returns an aiohttp application that answers like IPQS (as its
-Bulk CSV API documentation and OpenAPI description have it) on ``/api/{json|xml}/csv/...``
-and ``/download``, and offers
-``/_sandbox/...`` admin endpoints to loopback peers. ``app[SANDBOX]`` is the live state:
+Bulk CSV API documentation and OpenAPI description have it) on ``/api/{json|xml}/csv/...``,
+``/api/{json|xml}/account`` and ``/download``, and offers ``/_sandbox/...`` admin endpoints to loopback peers. ``app[SANDBOX]`` is the live state:
 ``.settings``, ``.faults`` (change it freely), ``.uploads`` (the upload log),
 ``.advance(seconds)`` (the clock), ``.stats``.
 
 Each module's docstring lists the fidelity assumptions it makes where IPQS documents
 nothing: :mod:`.answers` (failure bodies, XML), :mod:`.receive` (parameters, methods),
-:mod:`.handlers` (names, status fields, list, dead links), :mod:`.state` (ids, lifecycle,
-tokens), :mod:`.results` (header rows, result sets), :mod:`.faults` (fault order).
+:mod:`.handlers` (names, status fields, list, dead links), :mod:`.account` (balance,
+usage), :mod:`.state` (ids, lifecycle, tokens), :mod:`.results` (header rows, result sets), :mod:`.faults` (fault order).
 """
 
 from daemon.sandbox.app import create_app

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from daemon.sandbox import handlers
+from daemon.sandbox.account import account
 from daemon.sandbox.admin import admin_app
 from daemon.sandbox.faults import Handler, fault_middleware
 from daemon.sandbox.settings import SandboxSettings
@@ -39,6 +40,10 @@ def create_app(settings: SandboxSettings | None = None) -> web.Application:
         resource = app.router.add_resource("/api/{fmt:json|xml}/csv" + path, name=name)
         for method in methods:
             resource.add_route(method, handler)
+    for name, path in (("account:keyless", ""), ("account:path", "/{key}")):
+        resource = app.router.add_resource("/api/{fmt:json|xml}/account" + path, name=name)
+        for method in ("GET", "POST"):
+            resource.add_route(method, account)
     app.router.add_resource("/download", name="download:link").add_route(
         "GET", handlers.download
     )

@@ -11,7 +11,8 @@ Per request, in this order:
 3. The handler. Uploads then draw ``lost_answer_rate`` after the job is created (when
    ``upload`` is in ``faults.operations``) and, if it hits, close without answering.
 
-``invalid_key`` and ``credits`` act inside the handlers, as IPQS answers them.
+``invalid_key`` and ``credits`` act inside the handlers, as IPQS answers them;
+``account_missing`` makes the account API answer 404 (see :mod:`.account`).
 
 Retry-After carries ``retry_after_seconds`` as written: a whole number for whole seconds
 (RFC 9110), a decimal otherwise, so tests can retry fast; clients should parse a float.
@@ -174,6 +175,7 @@ _KNOBS: dict[str, Callable[[object], Any]] = {
     "latency_ms": _non_negative,
     "retry_after_seconds": _non_negative,
     "credits": _count_or_none,
+    "account_missing": _flag,
     "invalid_key": _flag,
     "outage": _flag,
     "operations": _operations,

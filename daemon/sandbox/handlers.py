@@ -81,7 +81,7 @@ async def _accept(request: web.Request, state: SandboxState, incoming: Incoming)
         spooled, method = await _content(state, incoming, file_type)
     except Refused as refused:
         return answers.failure(fmt, str(refused))
-    if not state.take_credits(spooled.rows):
+    if not state.take_credits(spooled.rows, file_type):
         return answers.failure(fmt, answers.NO_CREDITS)
     file_name = params.get("file_name") or _default_name(file_type)
     job = state.create_job(key, file_type, file_name, spooled, method, link_of(params))

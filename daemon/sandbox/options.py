@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--retry-after-seconds", type=_non_negative, default=knobs.retry_after_seconds
     )
     faults.add_argument("--credits", type=_credits, help="rows left (default: unlimited)")
+    faults.add_argument(
+        "--account-missing", action="store_true", help="answer the account API with 404"
+    )
     faults.add_argument("--invalid-key", action="store_true", help="refuse every key")
     faults.add_argument("--outage", action="store_true", help="drop every API connection")
     faults.add_argument(
@@ -87,6 +90,7 @@ def settings_from_args(ns: argparse.Namespace) -> SandboxSettings:
         drop_rate=ns.drop_rate,
         lost_answer_rate=ns.lost_answer_rate,
         credits=ns.credits,
+        account_missing=ns.account_missing,
         invalid_key=ns.invalid_key,
         outage=ns.outage,
         operations=ns.fault_operations,

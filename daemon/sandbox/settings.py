@@ -17,7 +17,7 @@ from pathlib import Path
 TEST_KEY = "sandbox-test-key-not-a-real-key"
 
 #: The API operations the rate faults and the latency can be aimed at.
-OPERATIONS = frozenset({"upload", "status", "list", "download"})
+OPERATIONS = frozenset({"upload", "status", "list", "download", "account"})
 
 #: Knobs that are probabilities from 0 to 1.
 RATE_KNOBS = (
@@ -44,6 +44,7 @@ class Faults:
     drop_rate: float = 0
     lost_answer_rate: float = 0
     credits: int | None = None
+    account_missing: bool = False
     invalid_key: bool = False
     outage: bool = False
     operations: frozenset[str] = OPERATIONS

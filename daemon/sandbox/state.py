@@ -105,6 +105,7 @@ class SandboxState:
         self.jobs: dict[int, Job] = {}
         self.links: dict[str, Link] = {}
         self.stats = Stats()
+        self.usage: Counter[str] = Counter()  # rows charged per type, for the account API
         self.http: aiohttp.ClientSession | None = None  # only when fetch_urls is on
         self._offset = 0.0
         self._next_id = settings.first_id
@@ -164,15 +165,16 @@ class SandboxState:
             return bool(key)
         return secrets.compare_digest(key.encode(), expected.encode())
 
-    def take_credits(self, rows: int) -> bool:
-        """Charge ``rows`` credits; False (and nothing charged) when too few are left."""
+    def take_credits(self, rows: int, file_type: str = "") -> bool:
+        """Charge ``rows`` credits to ``file_type``'s usage; False (and nothing charged)
+        when too few are left."""
         left = self.faults.credits
-        if left is None:
-            return True
-        if rows > left:
+        if left is not None and rows > left:
             self.fired("credits")
             return False
-        self.faults.credits = left - rows
+        if left is not None:
+            self.faults.credits = left - rows
+        self.usage[file_type] += rows
         return True
 
     # -- jobs ----------------------------------------------------------------------
@@ -275,12 +277,13 @@ class SandboxState:
         self.http, self._spool = None, None
 
     async def reset(self) -> None:
-        """Forget jobs, links, the upload log and stats; faults back to the settings'."""
+        """Forget jobs, links, the upload log, stats and usage; faults back to the settings'."""
         await self._settle_results()
         self.jobs.clear()
         self.links.clear()
         self.uploads.clear()
         self.stats = Stats()
+        self.usage.clear()
         self.faults = dataclasses.replace(self.settings.faults)
         self.reseed()
         await asyncio.to_thread(self._empty_spool)
