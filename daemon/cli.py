@@ -128,10 +128,16 @@ def _check_config(config: Config) -> int:
     for section, values in config.as_dict().items():
         print(f"[{section}]")
         for key, value in values.items():
-            text = oct(value) if key == "file_mode" else json.dumps(value)
+            text = oct(value) if key == "file_mode" else _toml_value(value)
             print(f"{key} = {text}")
         print()
     return EXIT_OK
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, dict):  # an inline table; JSON's {"a": 1} is not TOML
+        return "{ " + ", ".join(f"{name} = {json.dumps(v)}" for name, v in value.items()) + " }"
+    return json.dumps(value)
 
 
 def _run(config: Config, *, once: bool, sandbox: bool) -> int:

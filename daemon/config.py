@@ -118,6 +118,28 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True)
+class BudgetConfig:
+    """Money guards (see README "Money"); every default leaves behaviour as before."""
+
+    check_credits: bool = True
+    reserve_credits: int = 0
+    max_rows_per_day: int = 0  # 0 = no limit; per UTC day, shared by the spool's daemons
+    max_rows_per_day_by_type: dict[str, int] = field(default_factory=dict)
+    max_rows_per_file: int = 0  # 0 = no cap
+
+    def check(self, types: tuple[str, ...]) -> None:
+        """Raise ``ConfigError`` for a per-type budget that is negative or names a type
+        that is not in ``spool.types`` (it could never apply)."""
+        key = "budget.max_rows_per_day_by_type"
+        for name, rows in self.max_rows_per_day_by_type.items():
+            if name not in types:
+                raise ConfigError(f"config key {key} has {name!r}, which is not in "
+                                  f"spool.types ({', '.join(types)})")
+            if rows < 0:
+                raise ConfigError(f"config key {key} must not be negative, got {name} = {rows}")
+
+
+@dataclass(frozen=True)
 class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
@@ -128,6 +150,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     def as_dict(self, *, redact: bool = True) -> dict[str, dict[str, Any]]:
         """The effective configuration as plain TOML-able data, the key masked."""
@@ -154,7 +177,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 _MEMBERS: dict[str, tuple[str, ...]] = {"spool.types": ALL_TYPES, "results.sets": RESULT_SETS}
 # Keys whose value may be zero; every other number must be strictly positive.
-_ZERO_OK = {"upload.duplicate_window_hours", "health.port", "spool.file_mode"}
+_ZERO_OK = {"upload.duplicate_window_hours", "health.port", "spool.file_mode",
+            "budget.reserve_credits", "budget.max_rows_per_day", "budget.max_rows_per_file"}
 
 
 def default_config_path(environ: Mapping[str, str]) -> Path:
@@ -177,6 +201,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     if data:
         raise ConfigError(f"unknown config section [{sorted(data)[0]}]")
     _check_pairs(config)
+    config.budget.check(config.spool.types)
     return _with_key(config, environ)
 
 
@@ -264,6 +289,8 @@ _ACCEPT: dict[Any, tuple[typing.Callable[[Any], bool], typing.Callable[[Any], An
     Path: (lambda v: isinstance(v, str) and bool(v), Path),
     tuple[str, ...]: (lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
                       tuple),
+    dict[str, int]: (lambda v: isinstance(v, dict) and all(
+        isinstance(n, int) and not isinstance(n, bool) for n in v.values()), dict),
 }
 
 
@@ -293,12 +320,29 @@ def _from_env(key: str, hint: Any, env: _EnvValue) -> Any:
                           f"got {env.raw!r}") from None
     if typing.get_origin(hint) is tuple:
         return [item.strip() for item in raw.split(",") if item.strip()]
+    if typing.get_origin(hint) is dict:
+        return _table_from_env(key, env)
     return raw
+
+
+def _table_from_env(key: str, env: _EnvValue) -> dict[str, int]:
+    """``email=100000,phone=5000`` as a table of whole numbers."""
+    table: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in env.raw.split(","))):
+        name, _, number = item.partition("=")
+        try:
+            table[name.strip()] = int(number.strip())
+        except ValueError:
+            raise ConfigError(f"config key {key} (from {env.var}) must be like "
+                              f"'email=100000,phone=5000', got {env.raw!r}") from None
+    return table
 
 
 def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is tuple:
         return "a list of strings"
+    if typing.get_origin(hint) is dict:
+        return "a table of whole numbers, like { email = 100000 }"
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
              Path: "a non-empty path"}
     return names.get(hint, str(hint))

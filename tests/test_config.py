@@ -57,10 +57,41 @@ def test_key_file_and_credentials_directory(tmp_path: Path) -> None:
     ("[poll]\ninitial_seconds = 90.0\n", "poll.initial_seconds"),
     ("[upload]\nretry_initial_seconds = 120.0\n", "upload.retry_initial_seconds"),
     ("not toml ][", "not valid TOML"),
+    ("[budget]\nreserve_credits = -1\n", "budget.reserve_credits"),
+    ("[budget]\nmax_rows_per_day = 1.5\n", "budget.max_rows_per_day"),
+    ("[budget]\nmax_rows_per_file = -5\n", "budget.max_rows_per_file"),
+    ("[budget]\ncheck_credits = 'yes'\n", "budget.check_credits"),
+    ("[budget]\nmax_rows_per_day_by_type = { email = -1 }\n", "budget.max_rows_per_day_by_type"),
+    ("[budget]\nmax_rows_per_day_by_type = { email = 'x' }\n",
+     "budget.max_rows_per_day_by_type"),
+    ("[budget]\nmax_rows_per_day_by_type = 5\n", "budget.max_rows_per_day_by_type"),
+    ("[spool]\ntypes = ['email']\n[budget]\nmax_rows_per_day_by_type = { phone = 5 }\n",
+     "budget.max_rows_per_day_by_type has 'phone', which is not in spool.types"),
 ])
 def test_errors_name_the_key(tmp_path: Path, text: str, named: str) -> None:
     with pytest.raises(ConfigError, match=named.replace("[", r"\[").replace("]", r"\]")):
         load_config(write(tmp_path, text), {})
+
+
+def test_budget_section(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert Config().budget.check_credits and Config().budget.max_rows_per_day == 0
+    path = write(tmp_path, "[budget]\ncheck_credits = false\nreserve_credits = 0\n"
+                           "max_rows_per_day = 50\nmax_rows_per_day_by_type = { email = 0 }\n"
+                           "max_rows_per_file = 100\n")
+    budget = load_config(path, {}).budget
+    assert (budget.check_credits, budget.reserve_credits, budget.max_rows_per_day,
+            budget.max_rows_per_day_by_type, budget.max_rows_per_file) == (
+        False, 0, 50, {"email": 0}, 100)
+    from_env = load_config(None, {"IPQS_BULKD_BUDGET_MAX_ROWS_PER_DAY_BY_TYPE":
+                                  "email=100000, phone=5"}).budget
+    assert from_env.max_rows_per_day_by_type == {"email": 100000, "phone": 5}
+    with pytest.raises(ConfigError, match="IPQS_BULKD_BUDGET_MAX_ROWS_PER_DAY_BY_TYPE"):
+        load_config(None, {"IPQS_BULKD_BUDGET_MAX_ROWS_PER_DAY_BY_TYPE": "email:5"})
+    # check-config prints the section as TOML that reads back the same.
+    assert main(["check-config", "--config", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "max_rows_per_day_by_type = { email = 0 }" in printed
+    assert load_config(write(tmp_path, printed), {}).budget == budget
 
 
 def test_bad_env_value_names_key_and_variable() -> None:
