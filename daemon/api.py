@@ -98,6 +98,27 @@ class CsvPage:
     total_csvs: int
 
 
+@dataclass(frozen=True)
+class Account:
+    """The Credit Usage API's answer. Any field may be None.
+
+    ``credits`` is taken to be the remaining balance: IPQS does not say so. ``usage`` is
+    the total; ``usage_by_product`` holds each ``<product>_usage`` counter by product.
+    """
+
+    credits: int | None
+    usage: int | None = None
+    usage_by_product: dict[str, int | None] = field(default_factory=dict)
+    request_id: str | None = None
+
+    @classmethod
+    def from_answer(cls, data: dict[str, Any]) -> Account:
+        by_product = {name.removesuffix("_usage"): _as_int(value)
+                      for name, value in data.items() if name.endswith("_usage")}
+        return cls(credits=_as_int(data.get("credits")), usage=_as_int(data.get("usage")),
+                   usage_by_product=by_product, request_id=_as_str(data.get("request_id")))
+
+
 def _as_int(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
@@ -341,6 +362,12 @@ class IpqsClient:
         page = await self.list(None, 1)
         ids = [j.id for j in page.csvs if j.id is not None]
         return max(ids) if ids else None
+
+    async def account(self) -> Account:
+        """The account's credits and usage, from ``/api/json/account``."""
+        key = [quote(self._key, safe="")] if self._key_in == "path" else []
+        url = "/".join([self._base, "json", "account", *key])
+        return Account.from_answer(await self._request("account", "GET", url))
 
     async def download(self, url: str, dest: Path, *, mode: int = 0o640) -> int:
         """Fetch a one-time result link into ``dest``: temporary file, length check, rename.
