@@ -24,8 +24,8 @@ MAX_CELL = 64 * 1024 * 1024
 _CHUNK = 1024 * 1024
 _BOM = codecs.BOM_UTF8
 _CONTENT = re.compile(rb"\S")
-# A line that holds content: from a line start, any whitespace but a newline, then content.
-_LINE_WITH_CONTENT = re.compile(rb"^[^\S\n]*\S", re.MULTILINE)
+# A newline that opens a blank line: whitespace other than newlines up to the next one.
+_OPENS_BLANK_LINE = re.compile(rb"\n[^\S\n]*(?=\n)")
 
 
 class RowCounter:
@@ -69,8 +69,11 @@ class RowCounter:
         # The line left open by earlier chunks ends at ``first``.
         if self._open_line_has_content or _CONTENT.search(chunk, 0, first):
             self.rows += 1
-        # Lines wholly inside the chunk, counted at C speed: files have millions of them.
-        self.rows += len(_LINE_WITH_CONTENT.findall(chunk, first + 1, last))
+        # Lines wholly inside the chunk: every line end, less the blank lines. Both are
+        # found at C speed with nothing made per line; files have millions of lines.
+        lines = chunk.count(b"\n", first + 1, last + 1)
+        blank = sum(1 for _ in _OPENS_BLANK_LINE.finditer(chunk, first, last + 1))
+        self.rows += lines - blank
         self._open_line_has_content = _CONTENT.search(chunk, last + 1) is not None
 
 
