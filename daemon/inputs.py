@@ -1,7 +1,7 @@
 """What makes an input file sendable by each method: shared by the daemon and `submit`.
 
-Also what an input costs. IPQS bills rows; ipqs-api.md §7 and §10 say nothing about
-header lines, so a header is billed like any other line: the count is what is sent.
+Also what an input costs. IPQS bills rows; its documentation says nothing about header
+lines, so a header is billed like any other line: the count is what is sent.
 A row of a CSV is a non-blank line (one with a byte that is not ASCII whitespace), CRLF
 and LF alike, a UTF-8 byte order mark at the start not being content; the JSON method
 bills the rows it sends; a ``.url`` file's rows are unknown until IPQS fetches it.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.ledger import BUDGET_DIR, Ledger, Limits, TornEntryError, utc_day
+from daemon.spool.ledger import Ledger, Limits, TornEntryError, utc_day
 
 DAY = date(2026, 11, 30)
 
@@ -74,7 +74,7 @@ def test_the_ledger_survives_a_restart_and_is_shared(tmp_path: Path):
     assert second.reserve("b", "phone", 10, DAY)
     assert not first.reserve("c", "email", 1, DAY)  # first sees second's entry
     assert first.used(DAY) == {"email": 20, "phone": 10}
-    entries = sorted((tmp_path / BUDGET_DIR / "2026-11-30").iterdir())
+    entries = sorted((tmp_path / "budget" / "2026-11-30").iterdir())
     assert [p.name for p in entries] == ["00000001", "00000002"]
     assert json.loads(entries[1].read_text()) == {"job": "b", "type": "phone", "rows": 10}
 
@@ -82,7 +82,7 @@ def test_the_ledger_survives_a_restart_and_is_shared(tmp_path: Path):
 def test_unknown_rows_count_nothing(tmp_path: Path):
     ledger = Ledger(tmp_path, Limits(per_day=10))
     assert ledger.reserve("link", "url", 0, DAY)
-    assert ledger.used(DAY) == {} and not (tmp_path / BUDGET_DIR).exists()
+    assert ledger.used(DAY) == {} and not (tmp_path / "budget").exists()
 
 
 def test_without_hard_links_exclusive_create_still_decides(tmp_path: Path,
@@ -96,12 +96,12 @@ def test_without_hard_links_exclusive_create_still_decides(tmp_path: Path,
     assert not second.reserve("b", "email", 10, DAY)
     assert second.reserve("b", "email", 5, DAY)
     assert first.used(DAY) == {"email": 15}
-    assert not list((tmp_path / BUDGET_DIR / "2026-11-30").glob(".*.tmp"))
+    assert not list((tmp_path / "budget" / "2026-11-30").glob(".*.tmp"))
 
 
 def test_an_entry_that_cannot_be_read_admits_nothing_more(tmp_path: Path):
     ledger = Ledger(tmp_path, Limits(per_day=100))
-    folder = tmp_path / BUDGET_DIR / "2026-11-30"
+    folder = tmp_path / "budget" / "2026-11-30"
     folder.mkdir(parents=True)
     (folder / "00000001").write_bytes(b"")  # a writer without hard links died mid-way
     assert not ledger.reserve("a", "email", 1, DAY)
@@ -113,9 +113,9 @@ def test_prune_removes_older_days_only(tmp_path: Path):
     ledger = Ledger(tmp_path, Limits(per_day=10))
     for day in (date(2026, 11, 28), date(2026, 11, 29), DAY):
         assert ledger.reserve("a", "email", 1, day)
-    (tmp_path / BUDGET_DIR / "not-a-day").mkdir()
+    (tmp_path / "budget" / "not-a-day").mkdir()
     assert ledger.prune(date(2026, 11, 29)) == 1
-    assert sorted(p.name for p in (tmp_path / BUDGET_DIR).iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "budget").iterdir()) == [
         "2026-11-29", "2026-11-30", "not-a-day"]
 
 
@@ -123,7 +123,7 @@ _RACER = textwrap.dedent("""
     import json, os, sys, time
     from datetime import date
     from pathlib import Path
-    from daemon.ledger import Ledger, Limits
+    from daemon.spool.ledger import Ledger, Limits
     root, name, budget, sizes, go = sys.argv[1:6]
     ledger = Ledger(Path(root), Limits(per_day=int(budget)))
     while not os.path.exists(go):

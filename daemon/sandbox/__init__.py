@@ -2,14 +2,16 @@
 
 ``create_app(settings)`` returns an aiohttp application that answers like IPQS (as its
 Bulk CSV API documentation and OpenAPI description have it) on ``/api/{json|xml}/csv/...``,
-``/api/{json|xml}/account`` and ``/download``, and offers ``/_sandbox/...`` admin endpoints to loopback peers. ``app[SANDBOX]`` is the live state:
-``.settings``, ``.faults`` (change it freely), ``.uploads`` (the upload log),
-``.advance(seconds)`` (the clock), ``.stats``.
+``/api/{json|xml}/account`` and ``/download``, and offers ``/_sandbox/...`` admin
+endpoints to loopback peers. ``app[SANDBOX]`` is the live state: ``.settings``,
+``.faults`` (change it freely), ``.uploads`` (the upload log), ``.advance(seconds)`` (the
+clock), ``.stats``.
 
 Each module's docstring lists the fidelity assumptions it makes where IPQS documents
 nothing: :mod:`.answers` (failure bodies, XML), :mod:`.receive` (parameters, methods),
 :mod:`.handlers` (names, status fields, list, dead links), :mod:`.account` (balance,
-usage), :mod:`.state` (ids, lifecycle, tokens), :mod:`.results` (header rows, result sets), :mod:`.faults` (fault order).
+usage), :mod:`.state` (ids, lifecycle, tokens), :mod:`.results` (header rows, result
+sets), :mod:`.faults` (fault order).
 """
 
 from daemon.sandbox.app import create_app

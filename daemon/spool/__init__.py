@@ -5,6 +5,7 @@
 - :mod:`~daemon.spool.record`: the job record and its fields;
 - :mod:`~daemon.spool.layout`: where everything is under the root, and the inbox naming rule;
 - :mod:`~daemon.spool.markers`: duplicate markers;
+- :mod:`~daemon.spool.ledger`: rows used per UTC day, for the daily budgets;
 - :mod:`~daemon.spool.leases`: owners, heartbeats and adoption between daemons;
 - :mod:`~daemon.spool.store`: the :class:`Spool` (claim, unclaim, finish, save and load).
 """

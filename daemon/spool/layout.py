@@ -8,6 +8,7 @@ Layout under the spool root::
     processing/<job>/results/<set>   downloaded result sets
     processing/.owners/<owner>       one heartbeat file per running daemon (leases)
     markers/<sha256>                 duplicate markers, made by exclusive create
+    budget/<YYYY-MM-DD>/<n>          rows reserved per UTC day (:mod:`~daemon.spool.ledger`)
     done/<type>/<name>, <name>.json, <name>.<set>.csv
     failed/<type>/<name>, <name>.json
     history/<type>/<name>.<stamp>.json   records of retried files (``retry``)
@@ -45,6 +46,7 @@ class Layout:
         self.root = root
         self.processing = root / "processing"
         self.markers = root / "markers"
+        self.budget = root / "budget"
         self.owners = self.processing / OWNERS_DIR
 
     def inbox(self, file_type: str) -> Path:

@@ -23,8 +23,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import os
-import secrets
 import shutil
 import threading
 from collections import Counter
@@ -35,9 +33,11 @@ from pathlib import Path
 
 import structlog
 
+from daemon.spool.fs import exclusive_write, fsync_dir
+from daemon.spool.layout import Layout
+
 log = structlog.get_logger(__name__)
 
-BUDGET_DIR = "budget"
 _NAME_DIGITS = 8
 
 
@@ -99,7 +99,7 @@ class Ledger:
     """
 
     def __init__(self, spool_root: Path, limits: Limits, *, file_mode: int = 0o640) -> None:
-        self.root = spool_root / BUDGET_DIR
+        self.root = Layout(spool_root).budget
         self.limits = limits
         self._mode = file_mode
         self._known: dict[date, list[Entry]] = {}  # entries 1..n read so far, per day
@@ -183,9 +183,9 @@ class Ledger:
         folder = self._folder(day)
         folder.mkdir(parents=True, exist_ok=True)
         data = json.dumps({"job": entry.job, "type": entry.type, "rows": entry.rows}).encode()
-        if not _create_whole(folder / _name(number), data, self._mode):
+        if not exclusive_write(folder / _name(number), data, self._mode):
             return False
-        _fsync_dir(folder)
+        fsync_dir(folder)  # exclusive_write does not where it falls back to O_EXCL
         self._known[day].append(entry)
         log.debug("budget_entry", day=day.isoformat(), number=number, job=entry.job,
                   type=entry.type, rows=entry.rows)
@@ -223,47 +223,3 @@ def _load(path: Path) -> Entry | None:
         return None
     except (ValueError, KeyError, TypeError):
         raise TornEntryError(errno.EIO, "budget entry cannot be read whole", str(path)) from None
-
-
-def _create_whole(path: Path, data: bytes, mode: int) -> bool:
-    """Create ``path`` holding ``data`` unless it exists: written aside, then linked."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        _write_synced(tmp, data, mode, os.O_CREAT | os.O_EXCL)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EMLINK):
-                raise
-            # No hard links here: O_EXCL still decides who owns the number.
-            try:
-                _write_synced(path, data, mode, os.O_CREAT | os.O_EXCL)
-            except FileExistsError:
-                return False
-        return True
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_synced(path: Path, data: bytes, mode: int, flags: int) -> None:
-    fd = os.open(path, os.O_WRONLY | flags, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems (SMB, some FUSE) refuse fsync on folders
-    finally:
-        os.close(fd)
