@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from daemon.spool import FINISHING, Job, Owner, Spool, upload_name
 
@@ -219,3 +225,52 @@ def test_every_change_of_a_job_is_announced(tmp_path: Path) -> None:
     changes.clear()
     spool.finish(again)
     assert changes and changes[-1] == "changed"
+
+
+#: Another daemon's marker for the same content, already paid for.
+WINNER = {"job": "the-winner", "source": "b.csv", "type": "email", "id": 7,
+          "created": time.time()}
+
+
+def _sshfs_loser(real: Callable[..., Any], winner: Path | None) -> Callable[..., Any]:
+    """An ``os.link``/``os.open`` that answers as SSHFS does to the loser of a race: the
+    other mount's create lands first (``winner`` is written), then this call says EPERM."""
+    linking = real is os.link
+
+    def call(*args: Any, **kw: Any) -> Any:
+        target = Path(args[1] if linking else args[0])
+        if target.name.startswith("."):  # the temporary file: not part of the race
+            return real(*args, **kw)
+        if winner is not None:
+            winner.write_text(json.dumps(WINNER))
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(target))
+
+    return call
+
+
+def test_a_losing_exclusive_create_that_says_eperm_means_exists(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = make_spool(tmp_path / "spool")
+    job = Job(job="j1", type="email", source="a.csv", file_name="a", method="multipart",
+              sha256="ab" * 32)
+    marker = spool.markers / job.sha256  # type: ignore[operator]
+    monkeypatch.setattr(os, "link", _sshfs_loser(os.link, marker))
+    # The marker is the winner's: this job is told it is a duplicate, nothing overwritten.
+    assert spool.mark(job, 3600) == WINNER
+    assert json.loads(marker.read_text()) == WINNER
+    marker.unlink()
+    # No hard links at all and the O_EXCL create loses with EPERM too.
+    monkeypatch.setattr(os, "link", _sshfs_loser(os.link, None))
+    monkeypatch.setattr(os, "open", _sshfs_loser(os.open, marker))
+    assert spool.mark(job, 3600) == WINNER
+
+
+def test_an_eperm_without_the_file_is_a_real_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = make_spool(tmp_path / "spool")
+    job = Job(job="j1", type="email", source="a.csv", file_name="a", method="multipart",
+              sha256="cd" * 32)
+    monkeypatch.setattr(os, "link", _sshfs_loser(os.link, None))
+    monkeypatch.setattr(os, "open", _sshfs_loser(os.open, None))
+    with pytest.raises(PermissionError):
+        spool.mark(job, 3600)

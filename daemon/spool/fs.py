@@ -185,6 +185,8 @@ def exclusive_write(path: Path, data: bytes, mode: int) -> bool:
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EMLINK):
                 raise
+            if _lost_race(exc, path):
+                return False
             # No hard links here: O_EXCL create still gives exclusivity, minus atomicity.
             return _exclusive_create(path, data, mode)
     finally:
@@ -198,11 +200,22 @@ def _exclusive_create(path: Path, data: bytes, mode: int) -> bool:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:
         return False
+    except PermissionError as exc:
+        if _lost_race(exc, path):
+            return False
+        raise
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     return True
+
+
+def _lost_race(exc: OSError, path: Path) -> bool:
+    """An EPERM that means "exists": SSHFS answers the loser of a race of two exclusive
+    creates (link or O_EXCL, through two mounts) with EPERM instead of EEXIST. Only when
+    the name really exists now; a true permission problem still raises."""
+    return exc.errno == errno.EPERM and os.path.lexists(path)
 
 
 def _write_synced(path: Path, data: bytes, mode: int) -> None:
