@@ -484,6 +484,7 @@ _SUFFIXES = st.sampled_from([".tmp", ".part", ".partial", ".crdownload", "~", ".
 def test_temporary_and_hidden_names_are_ignored(name: str, suffix: str) -> None:
     assert is_ignored(name + suffix)
     assert is_ignored("." + name)
+    assert is_ignored("~$" + name)  # Office's lock file beside an open document
 
 
 @given(stem=st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_ .-]{0,30}", fullmatch=True))

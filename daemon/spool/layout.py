@@ -34,9 +34,10 @@ def is_ignored(name: str) -> bool:
 
     Hidden names (rsync and many editors write ``.name.XXXX`` then rename) and the usual
     temporary suffixes. Suffixes match in any case: a ``.TMP`` from a Windows tool is just
-    as unfinished, and skipping a file is cheaper than uploading half of one.
+    as unfinished, and skipping a file is cheaper than uploading half of one. ``~$name``
+    is the lock file Office keeps beside a document it has open (often on a Samba share).
     """
-    return name.startswith(".") or name.lower().endswith(_IGNORED_SUFFIXES)
+    return name.startswith((".", "~$")) or name.lower().endswith(_IGNORED_SUFFIXES)
 
 
 class Layout:
