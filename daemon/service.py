@@ -37,6 +37,7 @@ from daemon.spool import (
     Job,
     Spool,
 )
+from daemon.spool.mounts import MisplacedFiles, advise_on_network, refuse_foreign_inboxes
 from daemon.uploader import Uploader
 from daemon.watcher import Watcher
 
@@ -73,6 +74,7 @@ class Service:
         self.uploader = Uploader(self.pipe, self.watcher.queue, self.watcher.done_with,
                                  self.poller)
         self.health = HealthState(paused_reason=lambda: self.pipe.breaker.reason)
+        self.misplaced = MisplacedFiles(self.spool, config.spool.types)
         self.health_server: HealthServer | None = None
         self.notifier = notifier or Notifier()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -91,6 +93,7 @@ class Service:
         crashed (so that systemd's ``Restart=on-failure`` restarts the daemon).
         """
         await asyncio.to_thread(self.spool.prepare)
+        await asyncio.to_thread(self._check_spool)
         # Our lease exists before we touch any job, so no other daemon takes ours for
         # abandoned while we recover.
         await asyncio.to_thread(self.spool.heartbeat)
@@ -316,12 +319,20 @@ class Service:
                         "paying twice")
         self.spool.finish(job)
 
+    def _check_spool(self) -> None:
+        """Refuse inboxes a claim cannot rename out of (ConfigError); advise on a network
+        spool."""
+        refuse_foreign_inboxes(self.spool, self.config.spool.types)
+        advise_on_network(self.config.spool.root, self.config.watch)
+
     async def _housekeeping(self, *, sweep: bool) -> None:
-        """Heartbeat our lease; with ``sweep``, also take over jobs left behind (by us or by
-        a daemon that died)."""
+        """Heartbeat our lease and report misplaced files; with ``sweep``, also take over
+        jobs left behind (by us or by a daemon that died)."""
         every = min(self.config.upload.lease_seconds / 3, 60.0)
         while not self.stop.is_set():
             await asyncio.to_thread(self.spool.heartbeat)
+            count = await asyncio.to_thread(self.misplaced.sweep)
+            self.pipe.metrics.misplaced.set(count)
             if sweep:
                 await self.recover()
                 await asyncio.to_thread(self.spool.prune_owners)

@@ -547,7 +547,8 @@ def test_status_json_on_a_spool_with_files_in_each_state(
     result = cli(capsys, "status", "--json", "--config", config)
     report = json.loads(result.out)
     assert result.code == 0
-    assert set(report) == {"root", "types", "processing", "recent", "daemon"}
+    assert set(report) == {"root", "types", "processing", "misplaced", "recent", "daemon"}
+    assert report["misplaced"] == []
     assert report["types"] == {"email": {"inbox": 1, "processing": 0, "done": 1, "failed": 1},
                                "phone": {"inbox": 0, "processing": 1, "done": 1, "failed": 0}}
     [job] = report["processing"]

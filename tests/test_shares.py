@@ -4,6 +4,7 @@ taken by daemons run as subprocesses, checked against what the sandbox was paid 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -11,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
+from daemon.config import WatchConfig
+from daemon.spool.mounts import advise_on_network
 from tests.shares import (
     SambaShare,
     daemon_process,
@@ -277,6 +281,16 @@ async def test_a_daemon_on_a_mount_and_one_on_the_local_folder(
     assert_all_done_once(local, sandbox, expected)
     shares = [submitted_by(log) for log in logs]
     assert sum(shares) == 60
+    # The spool on FUSE is recognised, once; these settings already fit it.
+    [advice] = [json.loads(line) for line in logs[0].read_text().splitlines()
+                if "spool_on_network_fs" in line]
+    assert (advice["fs_type"], advice["advice"]) == ("fuse.sshfs", "settings fit")
+    assert "spool_on_network_fs" not in logs[1].read_text()
+    with capture_logs() as seen:
+        assert advise_on_network(m1, WatchConfig()) == "fuse.sshfs"
+    [event] = seen
+    assert "watch.force_polling = true" in event["advice"]
+    assert 'watch.writer_check = "quiet"' in event["advice"]
     print(f"\nsshfs + local: dropped=60 uploads={len(sandbox.uploads())} "
           f"distinct={len(paid(sandbox))} mount/local={shares}")
 

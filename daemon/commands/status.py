@@ -34,6 +34,7 @@ from daemon.commands.common import (
 )
 from daemon.config import Config, HealthConfig
 from daemon.spool import OUTCOMES, Layout, Spool, is_ignored
+from daemon.spool.mounts import misplaced
 
 HEALTH_TIMEOUT = 2.0
 PAUSED_PREFIX = "uploads paused: "
@@ -97,6 +98,7 @@ def collect(config: Config, *, recent: int) -> dict[str, Any]:
             finished.extend(_stamped(folder, outcome, file_type, names))
     newest = heapq.nlargest(recent, finished)
     return {"root": str(root), "types": counts, "processing": processing,
+            "misplaced": [str(p.relative_to(root)) for p in misplaced(spool, types)],
             "recent": [_finished(spool, *item) for item in newest]}
 
 
@@ -216,6 +218,11 @@ def render(report: dict[str, Any], console: Console) -> None:
             for t, c in report["types"].items()]
     console.line(table(["TYPE", "INBOX", "PROCESSING", "DONE", "FAILED"], rows))
     console.line()
+    stray = report["misplaced"]
+    if stray:
+        shown = ", ".join(stray[:5]) + (", ..." if len(stray) > 5 else "")
+        console.line(f"misplaced: {len(stray)} (never taken; move into inbox/<type>/): {shown}")
+        console.line()
     console.line(f"uploads: {_uploads(report['daemon'])}")
     console.line()
     jobs = report["processing"]
