@@ -93,7 +93,9 @@ class Service:
         crashed (so that systemd's ``Restart=on-failure`` restarts the daemon).
         """
         await asyncio.to_thread(self.spool.prepare)
-        await asyncio.to_thread(self._check_spool)
+        # A claim cannot rename out of an inbox on another file system: ConfigError, exit 2.
+        await asyncio.to_thread(refuse_foreign_inboxes, self.spool, self.config.spool.types)
+        await asyncio.to_thread(advise_on_network, self.config.spool.root, self.config.watch)
         # Our lease exists before we touch any job, so no other daemon takes ours for
         # abandoned while we recover.
         await asyncio.to_thread(self.spool.heartbeat)
@@ -318,12 +320,6 @@ class Service:
                   error="the job record was missing or unreadable; not re-sent, to avoid "
                         "paying twice")
         self.spool.finish(job)
-
-    def _check_spool(self) -> None:
-        """Refuse inboxes a claim cannot rename out of (ConfigError); advise on a network
-        spool."""
-        refuse_foreign_inboxes(self.spool, self.config.spool.types)
-        advise_on_network(self.config.spool.root, self.config.watch)
 
     async def _housekeeping(self, *, sweep: bool) -> None:
         """Heartbeat our lease and report misplaced files; with ``sweep``, also take over
