@@ -36,7 +36,6 @@ from daemon.spool.layout import is_ignored
 
 log = structlog.get_logger(__name__)
 
-_WRITER_CHECKS = ("auto", "proc", "quiet")
 _WATCH_STEP_MS = 50  # a renamed-in file is reported this long after the rename
 _WATCH_DEBOUNCE_MS = 500  # a stream of changes still gets reported at least this often
 _WATCH_TIMEOUT_MS = 1000  # bounds how long cancelling the watch thread can take
@@ -185,7 +184,6 @@ class Watcher:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        _validate(settings)
         self._settings = settings
         self._stop = stop
         self._clock = clock
@@ -659,15 +657,6 @@ class Watcher:
             task.cancel()
         # Collects the helpers' CancelledErrors (we asked for those); ours still propagates.
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _validate(settings: WatchSettings) -> None:
-    if settings.writer_check not in _WRITER_CHECKS:
-        raise ValueError(f"writer_check must be one of {', '.join(_WRITER_CHECKS)}")
-    if settings.queue_size < 1:
-        raise ValueError("queue_size must be at least 1")  # 0 would make it unbounded
-    if min(settings.settle_seconds, settings.quiet_seconds, settings.rescan_seconds) <= 0:
-        raise ValueError("settle_seconds, quiet_seconds and rescan_seconds must be positive")
 
 
 def _accept_change(change: watchfiles.Change, path: str) -> bool:
