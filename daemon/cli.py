@@ -23,11 +23,29 @@ from aiohttp import web
 
 from daemon import __version__
 from daemon import commands as people
-from daemon.config import Config, ConfigError, default_config_path, load_config
+from daemon.config import (
+    ENV_CONFIG,
+    ENV_KEY,
+    Config,
+    ConfigError,
+    SpoolConfig,
+    default_config_path,
+    key_source,
+    load_config,
+)
 from daemon.logs import add_secret, configure
+from daemon.notify import Notifier
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 SANDBOX_SPOOL = Path("ipqs-spool")
+#: The one rule for the sandbox's spool, as --help, README.md and _load() apply it.
+SANDBOX_RULE = ("spool: spool.root from the config you name (--config or "
+                "$IPQS_BULKD_CONFIG) or IPQS_BULKD_SPOOL_ROOT, else ./ipqs-spool; "
+                "/etc/ipqs-bulkd/config.toml is not read")
+#: How to check the key where systemd hands it over (LoadCredential=) as the unit does.
+UNIT_CHECK = ("systemd-run -P -p LoadCredential=api-key:/etc/ipqs-bulkd/api-key "
+              "-p Environment=IPQS_BULKD_API_KEY_FILE=api-key "
+              "/opt/ipqs-bulkd/venv/bin/ipqs-bulkd check-config")
 
 log = structlog.get_logger(__name__)
 
@@ -58,14 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
                           "exit: 0 if all ended in done/, 1 if any ended in failed/")
     run.add_argument("--sandbox", action="store_true",
                      help="start the built-in IPQS emulator on loopback and use it (no key "
-                          "needed; spool in ./ipqs-spool unless configured)")
+                          f"needed; {SANDBOX_RULE})")
 
     sandbox = commands.add_parser(
         "sandbox", help="run the local IPQS Bulk CSV API emulator",
         description="A faithful local emulator of the IPQS Bulk CSV API, with fault knobs.")
     add_sandbox_arguments(sandbox)
 
-    check = commands.add_parser("check-config", help="validate and print the effective config")
+    check = commands.add_parser(
+        "check-config", help="validate and print the effective config",
+        description="Load the configuration the way `run` does (file, then IPQS_BULKD_* "
+                    "environment variables, then IPQS_API_KEY), check every key, and print "
+                    "the effective values as TOML, paths absolute and the key redacted, "
+                    "with a first line that says where the API key comes from. A problem "
+                    "is one line naming the key, exit status 2. The key file of the "
+                    "systemd unit (LoadCredential=) exists only inside the unit; check "
+                    f"it there with: {UNIT_CHECK}",
+        epilog="exit status: 0 valid, 2 a configuration error (the message names the key)")
     _add_config(check)
 
     # Commands for people (submit, status, jobs, retry): daemon/commands/.
@@ -83,17 +110,18 @@ def _load(ns: argparse.Namespace, *, sandbox: bool = False) -> Config:
     """The config from --config, $IPQS_BULKD_CONFIG or the default path.
 
     The default path may be absent (defaults + environment apply); an explicit one may not.
+    ``run --sandbox`` follows :data:`SANDBOX_RULE`.
     """
-    explicit = ns.config or (Path(os.environ["IPQS_BULKD_CONFIG"])
-                             if os.environ.get("IPQS_BULKD_CONFIG") else None)
+    explicit = ns.config or (Path(os.environ[ENV_CONFIG]) if os.environ.get(ENV_CONFIG)
+                             else None)
+    if sandbox:
+        # The emulator's made-up results (and duplicate markers) must never land in the
+        # production spool: the production config is not read, and the default root is
+        # ./ipqs-spool. A root that is set (config named, environment) is used as set.
+        sandbox_spool = SpoolConfig(root=Path.cwd() / SANDBOX_SPOOL)
+        return load_config(explicit, os.environ, defaults=Config(spool=sandbox_spool))
     path = explicit or default_config_path(os.environ)
-    config = load_config(path if explicit or path.exists() else None, os.environ)
-    if sandbox and "IPQS_BULKD_SPOOL_ROOT" not in os.environ:
-        # The emulator's made-up results (and duplicate markers) must never land in a
-        # real spool: --sandbox keeps to its own, unless the environment names one.
-        config = dataclasses.replace(
-            config, spool=dataclasses.replace(config.spool, root=SANDBOX_SPOOL.resolve()))
-    return config
+    return load_config(path if explicit or path.exists() else None, os.environ)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -122,9 +150,13 @@ def run_main() -> None:
 
 
 def _check_config(config: Config) -> int:
-    if not config.api.key:
-        print("# warning: no API key (set api.key, api.key_file or IPQS_API_KEY)",
+    source = key_source(config.api, os.environ)
+    if source is None:
+        print(f"# warning: no API key here (set api.key, api.key_file or {ENV_KEY}); under "
+              f"systemd it comes from LoadCredential=, check it with: {UNIT_CHECK}",
               file=sys.stderr)
+    else:
+        print(f"# API key: from {source}")
     for section, values in config.as_dict().items():
         print(f"[{section}]")
         for key, value in values.items():
@@ -154,9 +186,10 @@ async def _serve(config: Config, *, once: bool, sandbox: bool) -> int:
     from daemon.service import Service
 
     runner: web.AppRunner | None = None
+    banner = ""
     if sandbox:
-        runner, config = await _start_sandbox(config)
-    service = Service(config)
+        runner, config, banner = await _start_sandbox(config)
+    service = Service(config, notifier=_ReadyBanner(banner))
     service.install_signal_handlers()
     try:
         return await service.run(once=once)
@@ -166,7 +199,24 @@ async def _serve(config: Config, *, once: bool, sandbox: bool) -> int:
             await runner.cleanup()
 
 
-async def _start_sandbox(config: Config) -> tuple[web.AppRunner, Config]:
+class _ReadyBanner(Notifier):
+    """systemd's notifier; prints ``banner`` once the daemon is ready, not before.
+
+    So a daemon that cannot start (a taken health port...) says only why.
+    """
+
+    def __init__(self, banner: str) -> None:
+        super().__init__()
+        self._banner = banner
+
+    def send(self, **fields: str) -> bool:
+        if "READY" in fields and self._banner:
+            print(self._banner, file=sys.stderr, flush=True)
+            self._banner = ""
+        return super().send(**fields)
+
+
+async def _start_sandbox(config: Config) -> tuple[web.AppRunner, Config, str]:
     """Start the emulator on a free loopback port and point the config at it."""
     from daemon.sandbox import TEST_KEY, SandboxSettings, create_app
 
@@ -180,11 +230,10 @@ async def _start_sandbox(config: Config) -> tuple[web.AppRunner, Config]:
                               key=config.api.key or TEST_KEY)
     config = dataclasses.replace(config, api=api)
     inbox = config.spool.root / "inbox"
-    print(f"ipqs-bulkd: sandbox IPQS at http://127.0.0.1:{port}; put CSV files into "
-          f"{inbox}/<type>/ (types: {', '.join(config.spool.types)}) by writing them "
-          f"elsewhere and renaming them in; results appear in {config.spool.root}/done/.",
-          file=sys.stderr, flush=True)
-    return runner, config
+    banner = (f"ipqs-bulkd: sandbox IPQS at http://127.0.0.1:{port}; put CSV files into "
+              f"{inbox}/<type>/ (types: {', '.join(config.spool.types)}) by writing them "
+              f"elsewhere and renaming them in; results appear in {config.spool.root}/done/.")
+    return runner, config, banner
 
 
 def _sandbox(ns: argparse.Namespace) -> int:

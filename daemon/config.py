@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import os
+import pwd
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,7 +44,8 @@ from daemon.constraints import (
     field_type,
 )
 
-__all__ = ["Config", "ConfigError", "FieldError", "key_source", "load_config"]
+__all__ = ["Config", "ConfigError", "FieldError", "key_source", "load_config",
+           "spool_root_error"]
 
 DEFAULT_PATH = Path("/etc/ipqs-bulkd/config.toml")
 ENV_CONFIG = "IPQS_BULKD_CONFIG"
@@ -397,3 +400,18 @@ def _read_key_file(name: str, environ: Mapping[str, str]) -> str:
                           f"{exc.strerror}{hint}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config key api.key_file: {path} is not UTF-8 text") from None
+
+
+def spool_root_error(root: Path, exc: OSError) -> ConfigError:
+    """A spool root that cannot be created or written, as one line that says the fix."""
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = f"uid {os.geteuid()}"
+    # Not a directory: some part of the root is a file; show the root, not the subfolder.
+    where = root if exc.errno == errno.ENOTDIR or not exc.filename else exc.filename
+    fix = f"point spool.root (or IPQS_BULKD_SPOOL_ROOT) at a folder user {user} can write"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        fix += f", or create it for them: sudo install -d -o {user} {root}"
+    return ConfigError(f"config key spool.root: cannot create {where} "
+                       f"({exc.strerror or exc}); {fix}")

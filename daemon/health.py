@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from daemon.config import ConfigError
 from daemon.metrics import Metrics
 
 
@@ -64,6 +67,9 @@ class HealthServer:
     """Runs the health application on ``host:port`` until closed.
 
     ``port`` is the bound port once :meth:`start` returned (``port = 0`` picks a free one).
+    A listener that cannot start is a :class:`ConfigError` naming ``health.host`` or
+    ``health.port``: running on without it would leave liveness probes failing (and
+    ``status`` reading another daemon's ``/readyz``).
     """
 
     def __init__(self, app: web.Application, host: str, port: int) -> None:
@@ -77,11 +83,29 @@ class HealthServer:
         site = web.TCPSite(self._runner, self._host, self._port)
         try:
             await site.start()
-        except OSError:  # e.g. the port is taken: leave nothing half set up behind
+        except OSError as exc:  # e.g. the port is taken: leave nothing half set up behind
             await self._runner.cleanup()
-            raise
+            raise bind_error(exc, self._host, self._port) from None
         addresses = self._runner.addresses
         self.port = int(addresses[0][1]) if addresses else self._port
 
     async def close(self) -> None:
         await self._runner.cleanup()
+
+
+def bind_error(exc: OSError, host: str, port: int) -> ConfigError:
+    """Why the listener cannot start, as one line naming the setting to change."""
+    where = f"{host}:{port}"
+    if isinstance(exc, socket.gaierror):
+        return ConfigError(f"config key health.host: cannot resolve {host!r} ({exc.strerror})")
+    if exc.errno == errno.EADDRINUSE:
+        return ConfigError(f"config key health.port: {where} is already in use (another "
+                           "ipqs-bulkd?): give each daemon its own health.port, 0 for any "
+                           "free port, or set health.enabled = false")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return ConfigError(f"config key health.host: {host!r} is not an address of this host")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return ConfigError(f"config key health.port: {where} needs privileges; use a port "
+                           "above 1023")
+    return ConfigError(f"config key health.host/health.port: cannot listen on {where} "
+                       f"({exc.strerror or exc})")

@@ -21,7 +21,7 @@ import structlog
 
 from daemon.aio import Wakeup, wait_any
 from daemon.api import IpqsClient, make_client
-from daemon.config import Config
+from daemon.config import Config, spool_root_error
 from daemon.errors import IpqsError
 from daemon.health import HealthServer, HealthState, create_app
 from daemon.notify import Notifier
@@ -92,14 +92,16 @@ class Service:
         Returns the exit status: 0, or 1 when a file of a ``--once`` batch failed or a stage
         crashed (so that systemd's ``Restart=on-failure`` restarts the daemon).
         """
-        await asyncio.to_thread(self.spool.prepare)
+        # A spool or health listener that cannot be set up is a config error (exit 2),
+        # found before anything else starts, so nothing is left to clean up.
+        await asyncio.to_thread(self._prepare_spool)
         # A claim cannot rename out of an inbox on another file system: ConfigError, exit 2.
         await asyncio.to_thread(refuse_foreign_inboxes, self.spool, self.config.spool.types)
         await asyncio.to_thread(advise_on_network, self.config.spool.root, self.config.watch)
+        await self._start_health()
         # Our lease exists before we touch any job, so no other daemon takes ours for
         # abandoned while we recover.
         await asyncio.to_thread(self.spool.heartbeat)
-        await self._start_health()
         try:
             await self._learn_newest_id()
             await self.recover()
@@ -380,12 +382,15 @@ class Service:
         if not cfg.enabled:
             return
         app = create_app(self.health, self.pipe.metrics, refresh=self.refresh_gauges)
-        self.health_server = HealthServer(app, cfg.host, cfg.port)
+        server = HealthServer(app, cfg.host, cfg.port)
+        await server.start()  # raises ConfigError naming health.host or health.port
+        self.health_server = server
+
+    def _prepare_spool(self) -> None:
         try:
-            await self.health_server.start()
+            self.spool.prepare()
         except OSError as exc:
-            log.error("health_listener_failed", host=cfg.host, port=cfg.port, error=str(exc))
-            self.health_server = None
+            raise spool_root_error(self.config.spool.root, exc) from None
 
     async def watchdog(self) -> None:
         """Ping systemd's watchdog from the event loop, at half its timeout."""

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.config import Config
+from daemon.config import Config, ConfigError
 from daemon.sandbox import SANDBOX, SandboxSettings, create_app
 from daemon.sandbox.faults import operation_of
 from daemon.service import Service
@@ -206,21 +207,21 @@ async def test_health_listener_can_be_turned_off(tmp_path: Path) -> None:
         assert await asyncio.wait_for(task, timeout=30) == 0
 
 
-async def test_a_taken_health_port_does_not_stop_the_daemon(tmp_path: Path) -> None:
+async def test_a_taken_health_port_refuses_to_start_naming_health_port(tmp_path: Path) -> None:
+    # Running on without health would fail liveness probes and let `status` read another
+    # daemon's /readyz: the second daemon on a port stops at once, as a config error.
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         async with sandbox_server(quick_settings(tmp_path)) as sandbox:
             root = tmp_path / "spool"
-            service = Service(health_config(root, sandbox.api_base, health={"port": port}))
-            task = asyncio.create_task(service.run())
-            await wait_for(lambda: service.health.watching or task.done(), what="ready")
-            assert service.health_server is None and not task.done()
             drop(root, "email", "list.csv", emails(2))
-            await wait_for(lambda: "list.csv" in records(root, "done"), what="file done")
-            service.stop.set()
-            assert await asyncio.wait_for(task, timeout=30) == 0
+            service = Service(health_config(root, sandbox.api_base, health={"port": port}))
+            with pytest.raises(ConfigError, match=f"health.port: 127.0.0.1:{port} is already"):
+                await asyncio.wait_for(service.run(), timeout=30)
+            assert service.health_server is None and sandbox.uploads() == []
+            assert (root / "inbox" / "email" / "list.csv").exists()
 
 
 # -- metrics -------------------------------------------------------------------------------

@@ -1,0 +1,265 @@
+"""First run, as a new user meets it: the real command in a subprocess, one line and exit 2.
+
+Every configuration mistake, whether found while loading or only when the daemon starts
+(a spool root it cannot create, a health port that is taken), is one line on stderr that
+names the key, and exit status 2: never a traceback, never a daemon running without health.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.support import FAKE_KEY, emails
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any ipqs-bulkd setting, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("IPQS_", "CREDENTIALS_DIRECTORY"))}
+    # /dev/null is an empty, valid config file that every user can read.
+    return {**env, "IPQS_BULKD_CONFIG": "/dev/null", "PYTHONDONTWRITEBYTECODE": "1", **extra}
+
+
+def cli(*args: str, cwd: Path | str, env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (), timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*prefix, sys.executable, "-m", "daemon", *args], cwd=cwd,
+                          env=clean_env() if env is None else env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def assert_one_line(result: subprocess.CompletedProcess[str], *named: str) -> str:
+    """Exit 2, and stderr is exactly one line starting ``ipqs-bulkd: config ...``."""
+    err = result.stderr
+    assert result.returncode == 2, err[-2000:]
+    assert err.count("\n") == 1 and err.startswith("ipqs-bulkd: config "), err[-2000:]
+    for text in named:
+        assert text in err
+    return err
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+FAST = """
+[watch]
+settle_seconds = 0.05
+writer_check = "proc"
+[poll]
+initial_seconds = 0.1
+max_seconds = 0.5
+"""
+
+
+# -- mistakes found while loading (issue 18, item 8) -----------------------------------------
+
+
+@pytest.mark.parametrize(("text", "named"), [
+    ('[api]\nbase_url = "http://[::1"\n', "api.base_url"),
+    ('[api]\nbase_url = "http://127.0.0.1:99999/api"\n', "api.base_url"),
+    ('[health]\nport = 65536\n', "health.port"),
+    ('[health]\nhost = "local host"\n', "health.host"),
+    ('[upload]\nconcurrency = 100000000\n', "upload.concurrency"),
+], ids=["ipv6-unclosed", "url-port", "health-port", "host-space", "huge-count"])
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_config_mistakes_are_one_line_exit_2_at_load(tmp_path: Path, command: str, text: str,
+                                                     named: str) -> None:
+    (tmp_path / "config.toml").write_text(text)
+    result = cli(command, "--config", "config.toml", cwd=tmp_path,
+                 env=clean_env(IPQS_API_KEY=FAKE_KEY))
+    assert_one_line(result, f"config key {named} ")
+    assert not (tmp_path / "spool").exists()
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path: Path, command: str) -> None:
+    (tmp_path / "config.toml").write_bytes(b'[spool]\nroot = "caf\xe9"\n')
+    result = cli(command, "--config", "config.toml", cwd=tmp_path,
+                 env=clean_env(IPQS_API_KEY=FAKE_KEY))
+    assert_one_line(result, "config.toml is not UTF-8", "0xe9")
+
+
+# -- mistakes that only the start can find (issue 18 item 8, issue 14 items 1 and 13) ---------
+
+
+def test_a_health_host_that_does_not_resolve_stops_the_start(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text('[spool]\nroot = "spool"\n'
+                                          '[health]\nhost = "no-such-host.invalid"\n')
+    result = cli("run", "--config", "config.toml", cwd=tmp_path,
+                 env=clean_env(IPQS_API_KEY=FAKE_KEY))
+    assert_one_line(result, "config key health.host: cannot resolve 'no-such-host.invalid'")
+
+
+def test_a_health_host_of_another_machine_stops_the_start(tmp_path: Path) -> None:
+    # 192.0.2.1 is TEST-NET-1: a valid address that is no address of this host.
+    result = cli("run", cwd=tmp_path, env=clean_env(
+        IPQS_API_KEY=FAKE_KEY, IPQS_BULKD_SPOOL_ROOT="spool", IPQS_BULKD_HEALTH_HOST="192.0.2.1"))
+    assert_one_line(result, "config key health.host: '192.0.2.1' is not an address")
+
+
+@pytest.mark.parametrize("root", ["/etc/passwd", "/etc/passwd/x"])
+def test_a_spool_root_inside_a_file_is_one_line_naming_it(tmp_path: Path, root: str) -> None:
+    result = cli("run", cwd=tmp_path, env=clean_env(IPQS_API_KEY=FAKE_KEY,
+                                                    IPQS_BULKD_SPOOL_ROOT=root))
+    err = assert_one_line(result, f"config key spool.root: cannot create {root} ",
+                          "(Not a directory)", "point spool.root")
+    assert "Traceback" not in err
+
+
+def as_nobody() -> tuple[str, ...]:
+    """A prefix that runs a command as ``nobody``; skips where that is not possible."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv to run a command as nobody")
+    prefix = (setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import daemon.cli"], cwd="/",
+                           capture_output=True, check=False, env=clean_env())
+    if probe.returncode != 0:
+        pytest.skip("nobody cannot run this interpreter or read this checkout")
+    return prefix
+
+
+def test_the_default_spool_root_as_a_plain_user_is_one_line_with_the_fix() -> None:
+    default_root = Path("/var/lib/ipqs-bulkd")
+    if default_root.exists():
+        pytest.skip(f"{default_root} exists on this machine")
+    result = cli("run", cwd="/", prefix=as_nobody(),
+                 env=clean_env(IPQS_API_KEY=FAKE_KEY, IPQS_BULKD_HEALTH_PORT="0"))
+    assert_one_line(result, "config key spool.root: cannot create /var/lib/ipqs-bulkd "
+                            "(Permission denied)",
+                    "user nobody", "sudo install -d -o nobody /var/lib/ipqs-bulkd")
+    assert not default_root.exists()
+
+
+def test_a_root_owned_spool_as_a_plain_user_names_the_folder(tmp_path: Path) -> None:
+    locked = Path("/tmp") / f"ipqs-locked-{os.getpid()}"
+    locked.mkdir(mode=0o755)
+    try:
+        result = cli("run", cwd="/", prefix=as_nobody(), env=clean_env(
+            IPQS_API_KEY=FAKE_KEY, IPQS_BULKD_HEALTH_PORT="0",
+            IPQS_BULKD_SPOOL_ROOT=str(locked / "spool")))
+        assert_one_line(result, f"cannot create {locked}/spool (Permission denied)",
+                        "IPQS_BULKD_SPOOL_ROOT")
+    finally:
+        shutil.rmtree(locked)
+
+
+def daemon_config(folder: Path, port: int, root: str = "spool") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.toml"
+    path.write_text(f'[spool]\nroot = "{root}"\ntypes = ["email"]\n'
+                    f"[health]\nport = {port}\n{FAST}")
+    return path
+
+
+@pytest.mark.slow
+def test_a_second_daemon_on_the_same_health_port_refuses_to_start(tmp_path: Path) -> None:
+    port = free_port()
+    first_config = daemon_config(tmp_path / "a", port)
+    second_config = daemon_config(tmp_path / "b", port)
+    env = clean_env()
+    with subprocess.Popen([sys.executable, "-m", "daemon", "run", "--sandbox", "--config",
+                           str(first_config)], cwd=tmp_path, env=env, text=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as first:
+        try:
+            wait_until(lambda: answers(f"http://127.0.0.1:{port}/readyz")
+                       or first.poll() is not None, "the first daemon ready")
+            assert first.poll() is None
+            second = cli("run", "--sandbox", "--config", str(second_config), cwd=tmp_path,
+                         env=env)
+            assert_one_line(second, f"config key health.port: 127.0.0.1:{port} is already in "
+                                    "use", "0 for any free port")
+            # It stopped before taking a lease on its spool, let alone a job.
+            assert list((tmp_path / "b" / "spool" / "processing" / ".owners").iterdir()) == []
+            assert answers(f"http://127.0.0.1:{port}/healthz")  # the first one runs on
+            first.send_signal(signal.SIGTERM)
+            _, err = first.communicate(timeout=30)
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.communicate()
+    assert first.returncode == 0, err[-2000:]
+
+
+# -- relative spool roots (issue 18 item 4) and the sandbox's spool (issue 14 item 4) ---------
+
+
+def printed_root(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("root = "))
+    return str(json.loads(line.removeprefix("root = ")))
+
+
+@pytest.mark.slow
+def test_a_relative_spool_root_is_the_config_folders_from_any_working_directory(
+        tmp_path: Path) -> None:
+    w1, w2 = tmp_path / "w1", tmp_path / "w2"
+    w2.mkdir()
+    # health.port = 0: a free port, so `run` with it keeps working.
+    config = daemon_config(w1, 0)
+    env = clean_env(IPQS_API_KEY=FAKE_KEY)
+    roots = {printed_root(cli("check-config", "--config", str(config), cwd=here, env=env))
+             for here in (w1, w2, tmp_path)}
+    assert roots == {str(w1 / "spool")}
+    inbox = w1 / "spool" / "inbox" / "email"
+    inbox.mkdir(parents=True)
+    (inbox / "list.csv").write_bytes(emails(2))
+    # The daemon started from w2 works on w1/spool, the spool the config file names;
+    # --sandbox too uses the spool.root of a config it is given.
+    result = cli("run", "--sandbox", "--once", "--config", "../w1/config.toml", cwd=w2,
+                 env=clean_env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (w1 / "spool" / "done" / "email" / "list.csv.json").exists()
+    assert not (w2 / "spool").exists() and not (w2 / "ipqs-spool").exists()
+
+
+def test_home_and_environment_roots(tmp_path: Path) -> None:
+    (tmp_path / "w").mkdir()
+    home = cli("check-config", cwd=tmp_path / "w",
+               env=clean_env(HOME=str(tmp_path), IPQS_BULKD_SPOOL_ROOT="~/spool"))
+    assert printed_root(home) == str(tmp_path / "spool")
+    # From the environment, a relative root is taken from the working directory.
+    relative = cli("check-config", cwd=tmp_path / "w",
+                   env=clean_env(IPQS_BULKD_SPOOL_ROOT="../spool"))
+    assert printed_root(relative) == str(tmp_path / "spool")
+
+
+def test_the_sandbox_spool_without_a_config_is_ipqs_spool_here(tmp_path: Path) -> None:
+    env = clean_env(IPQS_BULKD_HEALTH_PORT="0")
+    del env["IPQS_BULKD_CONFIG"]
+    result = cli("run", "--sandbox", "--once", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "ipqs-spool" / "inbox" / "email").is_dir()
+    assert str(tmp_path / "ipqs-spool") in result.stderr
