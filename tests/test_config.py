@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from daemon.cli import main
-from daemon.config import Config, ConfigError, load_config
+from daemon.config import Config, ConfigError, WatchConfig, load_config
+from daemon.constraints import Between, Mode, Section, field_type
+from daemon.logs import MASK, add_secret, redact
 
 FAKE_KEY = "fake-key-for-tests-0000"
 
@@ -155,3 +158,132 @@ def test_usage_errors_are_one_line_naming_the_command(capsys: pytest.CaptureFixt
         assert caught.value.code == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"ipqs-bulkd {command}".rstrip() + ":")
+
+
+# -- limits declared on the fields (issue 12) ------------------------------------------------
+
+
+def test_every_section_is_checked_by_its_declared_limits() -> None:
+    for f in dataclasses.fields(Config):
+        section = getattr(Config(), f.name)
+        assert isinstance(section, Section) and section.section_name == f.name
+    # Built directly (as the watcher's tests do), a section checks itself all the same.
+    with pytest.raises(ConfigError, match=r"config key watch\.queue_size must be at least 1"):
+        WatchConfig(queue_size=0)
+    with pytest.raises(ConfigError, match=r"watch\.writer_check must be one of auto, proc, quiet"):
+        dataclasses.replace(WatchConfig(), writer_check="sometimes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("var", "value", "message"), [
+    ("IPQS_BULKD_UPLOAD_CONCURRENCY", "100000000", "upload.concurrency (from {var}) must be at "
+                                                   "least 1 and at most 256"),
+    ("IPQS_BULKD_WATCH_QUEUE_SIZE", "4x", "watch.queue_size (from {var}) must be an integer"),
+    ("IPQS_BULKD_POLL_INITIAL_SECONDS", "600", "poll.initial_seconds (from {var}) (600) must "
+                                               "not exceed poll.max_seconds (60)"),
+    ("IPQS_BULKD_API_BASE_URL", "http://[::1", "api.base_url (from {var}) must be an http"),
+    ("IPQS_BULKD_HEALTH_PORT", "65536", "health.port (from {var}) must be at least 0 and at "
+                                        "most 65535"),
+])
+def test_limits_name_the_key_and_the_variable(var: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, {var: value})
+    assert str(caught.value).startswith("config key " + message.format(var=var))
+
+
+def test_every_count_and_duration_has_an_upper_bound() -> None:
+    for f in dataclasses.fields(Config):
+        section = type(getattr(Config(), f.name))
+        for name in (g.name for g in dataclasses.fields(section)):
+            base, marks = field_type(section, name)
+            if base in (int, float):
+                assert any(isinstance(m, Between | Mode) for m in marks), f"{f.name}.{name}"
+
+
+# -- relative paths (issue 18, item 4) ------------------------------------------------------
+
+
+def test_a_relative_root_is_taken_from_the_config_files_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "etc").mkdir()
+    path = write(tmp_path / "etc", '[spool]\nroot = "../spool"\n')
+    monkeypatch.chdir(tmp_path / "etc")
+    assert load_config(Path("config.toml"), {}).spool.root == tmp_path / "spool"
+    monkeypatch.chdir("/")
+    assert load_config(path, {}).spool.root == tmp_path / "spool"
+    assert load_config(None, {"IPQS_BULKD_SPOOL_ROOT": "srv/x"}).spool.root == Path("/srv/x")
+    home = load_config(path, {"IPQS_BULKD_SPOOL_ROOT": "~/s"})
+    assert home.spool.root == Path.home() / "s"
+
+
+# -- typos (issue 14, item 6) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "environ", "message"), [
+    ('[spool]\nrot = "/x"\n', {}, "unknown config key spool.rot (did you mean spool.root?)"),
+    ("[uplaod]\n", {}, "unknown config section [uplaod] (did you mean [upload]?)"),
+    ("", {"IPQS_BULKD_SPOOL_ROTO": "/x"},
+     "environment variable IPQS_BULKD_SPOOL_ROTO names no config key (did you mean "
+     "IPQS_BULKD_SPOOL_ROOT?)"),
+    ("", {"IPQS_BULKD_SPOLL_ROOT": "/x"}, "IPQS_BULKD_SPOLL_ROOT names no config key (did you "
+                                          "mean IPQS_BULKD_SPOOL_ROOT?)"),
+])
+def test_typos_get_a_suggestion(tmp_path: Path, text: str, environ: dict[str, str],
+                                message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), environ)
+    assert str(caught.value).endswith(message)
+
+
+# -- the key (issue 14, items 5 and 12) -----------------------------------------------------
+
+
+def test_short_keys_are_refused_naming_where_they_came_from(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^config key api.key \(from IPQS_API_KEY\) is only "
+                                          r"1 characters long"):
+        load_config(None, {"IPQS_API_KEY": "k"})
+    (tmp_path / "api-key").write_text("0123456789abcde\n")  # 15
+    with pytest.raises(ConfigError, match=rf"api.key \(from api.key_file {tmp_path}/api-key "
+                                          r"\(systemd LoadCredential=\)\) is only 15"):
+        load_config(None, {"IPQS_BULKD_API_KEY_FILE": "api-key",
+                           "CREDENTIALS_DIRECTORY": str(tmp_path)})
+    with pytest.raises(ConfigError, match=rf"api.key \(from api.key_file {tmp_path}/api-key\) "
+                                          r"is only 15 characters"):
+        load_config(None, {"IPQS_BULKD_API_KEY_FILE": str(tmp_path / "api-key")})
+    with pytest.raises(ConfigError, match=r"^config key api.key is only 5 characters"):
+        load_config(write(tmp_path, '[api]\nkey = "short"\n'), {})
+    assert load_config(None, {"IPQS_API_KEY": "x" * 16}).api.key == "x" * 16
+
+
+def test_a_valid_key_is_masked_and_short_words_are_not() -> None:
+    # Only keys of 16 characters or more get this far, so masking one cannot eat common words.
+    config = load_config(None, {"IPQS_API_KEY": FAKE_KEY})
+    add_secret(config.api.key)
+    event = redact(None, "info", {"event": "k_is_a_letter", "word": f"kitten key {FAKE_KEY}"})
+    assert event == {"event": "k_is_a_letter", "word": f"kitten key {MASK}"}
+
+
+@pytest.mark.parametrize(("environ", "says"), [
+    ({"IPQS_API_KEY": FAKE_KEY}, "# API key: from IPQS_API_KEY"),
+    ({"IPQS_BULKD_API_KEY_FILE": "api-key", "CREDENTIALS_DIRECTORY": "{tmp}"},
+     "# API key: from api.key_file {tmp}/api-key (systemd LoadCredential=)"),
+    ({"IPQS_BULKD_API_KEY_FILE": "{tmp}/api-key"}, "# API key: from api.key_file {tmp}/api-key"),
+])
+def test_check_config_says_where_the_key_comes_from(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        environ: dict[str, str], says: str) -> None:
+    (tmp_path / "api-key").write_text(FAKE_KEY)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value.format(tmp=tmp_path))
+    assert main(["check-config", "--config", str(write(tmp_path, ""))]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == says.format(tmp=tmp_path)
+
+
+def test_check_config_without_a_key_says_how_to_check_under_systemd(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "--config", str(write(tmp_path, ""))]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("# warning: no API key here") and err.count("\n") == 1
+    assert "LoadCredential=api-key:/etc/ipqs-bulkd/api-key" in err and "systemd-run -P" in err
+    # A bare key_file name outside the unit says why it cannot be found.
+    with pytest.raises(ConfigError, match="bare name is a systemd credential"):
+        load_config(None, {"IPQS_BULKD_API_KEY_FILE": "no-such-credential"})

@@ -29,18 +29,27 @@ EXIT_DUPLICATE = 5
 EXIT_NOT_FOUND = 6
 EXIT_INTERRUPTED = 130
 
-EXIT_HELP = """\
-exit status:
-  0    done
-  1    IPQS refused, aborted or did not finish the job; or a local file could not
-       be read or written
-  2    usage or configuration error (the message names the option or config key)
-  3    account error: the API key is invalid or the account has no credits
-  4    IPQS unreachable: still failing after retrying for --timeout seconds
-  5    duplicate: the same content was already taken (by the daemon or submit)
-  6    not found: a named file is not there
-  130  interrupted (Ctrl-C)
-"""
+_EXIT_MEANINGS = {
+    EXIT_OK: "done",
+    EXIT_FAILED: "IPQS refused, aborted or did not finish the job; or a local file could not\n"
+                 "       be read or written",
+    EXIT_USAGE: "usage or configuration error (the message names the option or config key)",
+    EXIT_ACCOUNT: "account error: the API key is invalid or the account has no credits",
+    EXIT_UNREACHABLE: "IPQS unreachable: still failing after retrying for --timeout seconds",
+    EXIT_DUPLICATE: "duplicate: the same content was already taken (by the daemon or submit)",
+    EXIT_NOT_FOUND: "not found: a named file is not there",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+}
+
+
+def exit_help(*codes: int, meanings: dict[int, str] | None = None) -> str:
+    """The "exit status:" part of a command's --help: ``codes`` only (default: all)."""
+    meaning = {**_EXIT_MEANINGS, **(meanings or {})}
+    lines = [f"  {code:<4} {meaning[code]}" for code in codes or _EXIT_MEANINGS]
+    return "exit status:\n" + "\n".join(lines) + "\n"
+
+
+EXIT_HELP = exit_help()
 
 #: Default for ``--timeout``: how long transient trouble is retried before giving up.
 DEFAULT_TIMEOUT = 300.0

@@ -23,11 +23,13 @@ from typing import Any
 import aiohttp
 
 from daemon.commands.common import (
-    EXIT_HELP,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     CommandError,
     Console,
+    exit_help,
     human_age,
     positive_int,
     table,
@@ -53,7 +55,8 @@ examples:
   ipqs-bulkd status --recent 30
   ipqs-bulkd status --json | jq .types
 
-{EXIT_HELP}"""
+{exit_help(EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED,
+           meanings={EXIT_OK: "shown", EXIT_FAILED: "a folder or record could not be read"})}"""
 
 
 def add_parser(commands: Any, add_config: Callable[[argparse.ArgumentParser], None]) -> None:

@@ -37,30 +37,57 @@ def _operations(text: str) -> frozenset[str]:
     return names
 
 
+_TIMING_HELP = {
+    "new_seconds": "a job stays NEW this long after its upload",
+    "processing_seconds": "then PROCESSING this long, plus --per-row-seconds per row, "
+                          "then FINISHED",
+    "per_row_seconds": "extra PROCESSING time per row of the job",
+    "link_ttl_seconds": "a result download link works this long after it is handed out",
+}
+_RATE_HELP = {
+    "error_5xx_rate": "share of requests answered 500, 502 or 503 with an HTML body",
+    "rate_limit_403_rate": "share answered 403 success:false, IPQS's rate-limit answer, with "
+                           "Retry-After",
+    "rate_limit_429_rate": "share answered 429 Too Many Requests, with Retry-After",
+    "drop_rate": "share of connections closed without an answer, before anything is done",
+    "lost_answer_rate": "share of uploads whose job is created but whose answer is lost "
+                        "(the connection closes)",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the sandbox flags: where to listen, timing knobs and one flag per fault knob."""
     defaults, knobs = SandboxSettings(), Faults()
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8089, help="port to listen on")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on "
+                        "(default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8089, help="port to listen on "
+                        "(default: %(default)s)")
     parser.add_argument("--key", help="the only API key accepted (default: any non-empty key)")
-    parser.add_argument("--public-url", help="base of status and download URLs")
-    parser.add_argument("--spool-dir", type=Path, help="keep received files here")
+    parser.add_argument("--public-url", help="base of status and download URLs (default: "
+                        "the scheme and host each request came to)")
+    parser.add_argument("--spool-dir", type=Path, help="keep received files here (default: "
+                        "a temporary folder, removed at exit)")
     parser.add_argument(
         "--fetch-urls", action="store_true", help="really fetch upload-by-URL links (loopback only)"
     )
     timing = parser.add_argument_group("timing (seconds on the sandbox clock)")
-    for name in ("new_seconds", "processing_seconds", "per_row_seconds", "link_ttl_seconds"):
-        timing.add_argument(_flag(name), type=_non_negative, default=getattr(defaults, name))
-    faults = parser.add_argument_group("faults")
-    faults.add_argument("--latency-ms", type=_non_negative, default=knobs.latency_ms)
-    for name in ("error_5xx_rate", "rate_limit_403_rate", "rate_limit_429_rate"):
-        faults.add_argument(_flag(name), type=_probability, default=0.0)
-    faults.add_argument("--drop-rate", type=_probability, default=0.0)
-    faults.add_argument("--lost-answer-rate", type=_probability, default=0.0)
+    for name, text in _TIMING_HELP.items():
+        timing.add_argument(_flag(name), type=_non_negative, default=getattr(defaults, name),
+                            metavar="S", help=f"{text} (default: %(default)s)")
+    faults = parser.add_argument_group(
+        "faults (a share is a probability from 0 to 1; rates and latency apply to "
+        "--fault-operations)")
+    faults.add_argument("--latency-ms", type=_non_negative, default=knobs.latency_ms,
+                        metavar="MS", help="delay before each answer (default: %(default)s)")
+    for name, text in _RATE_HELP.items():
+        faults.add_argument(_flag(name), type=_probability, default=0.0, metavar="P",
+                            help=f"{text} (default: %(default)s)")
     faults.add_argument(
-        "--retry-after-seconds", type=_non_negative, default=knobs.retry_after_seconds
+        "--retry-after-seconds", type=_non_negative, default=knobs.retry_after_seconds,
+        metavar="S", help="Retry-After sent with the rate-limit answers (default: %(default)s)"
     )
-    faults.add_argument("--credits", type=_credits, help="rows left (default: unlimited)")
+    faults.add_argument("--credits", type=_credits, help="rows left on the account; an upload "
+                        "with more rows is refused (default: unlimited)")
     faults.add_argument(
         "--account-missing", action="store_true", help="answer the account API with 404"
     )
@@ -70,9 +97,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fault-operations",
         type=_operations,
         default=OPERATIONS,
-        help="comma-separated operations the rate faults and latency apply to",
+        metavar="OPS",
+        help="comma-separated operations the rate faults and latency apply to: "
+             f"{', '.join(sorted(OPERATIONS))} (default: all)",
     )
-    faults.add_argument("--seed", type=int, help="seed for reproducible fault draws")
+    faults.add_argument("--seed", type=int, help="seed for reproducible fault draws "
+                        "(default: a random seed)")
 
 
 def _flag(name: str) -> str:
