@@ -43,9 +43,18 @@ SANDBOX_RULE = ("spool: spool.root from the config you name (--config or "
                 "$IPQS_BULKD_CONFIG) or IPQS_BULKD_SPOOL_ROOT, else ./ipqs-spool; "
                 "/etc/ipqs-bulkd/config.toml is not read")
 #: How to check the key where systemd hands it over (LoadCredential=) as the unit does.
-UNIT_CHECK = ("systemd-run -P -p LoadCredential=api-key:/etc/ipqs-bulkd/api-key "
-              "-p Environment=IPQS_BULKD_API_KEY_FILE=api-key "
-              "/opt/ipqs-bulkd/venv/bin/ipqs-bulkd check-config")
+_UNIT_CHECK_LINES = ("systemd-run -P -p LoadCredential=api-key:/etc/ipqs-bulkd/api-key",
+                     "-p Environment=IPQS_BULKD_API_KEY_FILE=api-key",
+                     "/opt/ipqs-bulkd/venv/bin/ipqs-bulkd check-config")
+UNIT_CHECK = " ".join(_UNIT_CHECK_LINES)
+CHECK_CONFIG_HELP = """\
+Load the configuration the way `run` does (the file, then IPQS_BULKD_* environment
+variables, then IPQS_API_KEY), check every key, and print the effective values as TOML:
+paths absolute, the key redacted, and a first line that says where the API key comes
+from. A problem is one line that names the key, exit status 2.
+
+The key of the systemd unit (LoadCredential=) exists only inside the unit; check it there:
+  """ + " \\\n      ".join(_UNIT_CHECK_LINES) + "\n"
 
 log = structlog.get_logger(__name__)
 
@@ -85,14 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "check-config", help="validate and print the effective config",
-        description="Load the configuration the way `run` does (file, then IPQS_BULKD_* "
-                    "environment variables, then IPQS_API_KEY), check every key, and print "
-                    "the effective values as TOML, paths absolute and the key redacted, "
-                    "with a first line that says where the API key comes from. A problem "
-                    "is one line naming the key, exit status 2. The key file of the "
-                    "systemd unit (LoadCredential=) exists only inside the unit; check "
-                    f"it there with: {UNIT_CHECK}",
-        epilog="exit status: 0 valid, 2 a configuration error (the message names the key)")
+        description=CHECK_CONFIG_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit status:\n  0    valid\n  2    a configuration error (the message names "
+               "the key)")
     _add_config(check)
 
     # Commands for people (submit, status, jobs, retry): daemon/commands/.

@@ -7,6 +7,7 @@ names the key, and exit status 2: never a traceback, never a daemon running with
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from daemon import cli as cli_module
+from daemon.cli import SANDBOX_RULE
 from tests.support import FAKE_KEY, emails
 
 REPO = Path(__file__).resolve().parent.parent
@@ -263,3 +266,95 @@ def test_the_sandbox_spool_without_a_config_is_ipqs_spool_here(tmp_path: Path) -
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "ipqs-spool" / "inbox" / "email").is_dir()
     assert str(tmp_path / "ipqs-spool") in result.stderr
+
+
+def test_the_sandbox_spool_rule_is_one_rule_in_code_help_and_readme(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    production = tmp_path / "etc.toml"
+    production.write_text('[spool]\nroot = "/srv/production-spool"\n')
+    monkeypatch.setattr("daemon.config.DEFAULT_PATH", production)
+    for name in list(os.environ):
+        if name.startswith(("IPQS_", "CREDENTIALS_DIRECTORY")):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    named = tmp_path / "named" / "config.toml"
+    named.parent.mkdir()
+    named.write_text('[spool]\nroot = "spool"\n')
+
+    def root(*argv: str, sandbox: bool = True) -> Path:
+        return cli_module._load(cli_module.build_parser().parse_args(["run", *argv]),
+                                sandbox=sandbox).spool.root
+
+    assert root(sandbox=False) == Path("/srv/production-spool")  # the production config...
+    assert root() == tmp_path / "ipqs-spool"  # ...is never read by --sandbox
+    assert root("--config", str(named)) == tmp_path / "named" / "spool"
+    monkeypatch.setenv("IPQS_BULKD_SPOOL_ROOT", "/srv/elsewhere")
+    assert root() == Path("/srv/elsewhere")
+    # The same words in --help and in the README.
+    with pytest.raises(SystemExit):
+        cli_module.main(["run", "--help"])
+    assert " ".join(SANDBOX_RULE.split()) in " ".join(capsys.readouterr().out.split())
+    readme = " ".join((REPO / "README.md").read_text().replace("`", "").split())
+    assert SANDBOX_RULE.removeprefix("spool: ") in readme
+
+
+# -- docs and help (issue 14, items 7, 8 and 9) ---------------------------------------------
+
+
+def test_the_readme_opens_with_the_two_commands_and_leads_to_the_operator_commands() -> None:
+    text = (REPO / "README.md").read_text()
+    lines = text.splitlines()
+    assert lines[:9] == [
+        "# ipqs-bulkd", "", "```sh",
+        "python3 -m venv .venv && .venv/bin/pip install -q -e . && .venv/bin/ipqs-bulkd run "
+        "--sandbox", "```", "", "```sh",
+        "python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]' && .venv/bin/python "
+        "-m pytest", "```"]
+    top = text[:text.index("## What it does")]
+    assert "python3-venv" in top and "## Operator commands" in top
+    for command in ("status", "submit", "jobs", "retry", "check-config"):
+        assert f"ipqs-bulkd {command}" in top
+    systemd = text[text.index("### Run it under systemd"):text.index("### Run it in a container")]
+    assert "apt install python3-venv" in systemd
+    assert "systemd-run -P -p LoadCredential=api-key:" in systemd
+
+
+def test_the_compose_examples_key_file_is_git_ignored() -> None:
+    git = shutil.which("git")
+    if git is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    result = subprocess.run([git, "check-ignore", "-q", "examples/ipqs_api_key.txt"], cwd=REPO,
+                            check=False)
+    assert result.returncode == 0
+
+
+def help_of(*argv: str, capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exited:
+        cli_module.main([*argv, "--help"])
+    assert exited.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_sandbox_help_shows_each_default_and_what_each_flag_does(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    parser = cli_module.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sandbox = commands.choices["sandbox"]
+    for action in sandbox._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, action.dest
+        if action.default not in (None, False):
+            assert "(default: %(default)s)" in action.help or "default: all" in action.help, \
+                action.dest
+    out = help_of("sandbox", capsys=capsys)
+    assert "port to listen on (default: 8089)" in out
+    assert "--new-seconds S a job stays NEW this long after its upload (default: 0.5)" in out
+
+
+def test_check_config_help_describes_it(capsys: pytest.CaptureFixture[str]) -> None:
+    out = help_of("check-config", capsys=capsys)
+    assert "print the effective values as TOML" in out and "where the API key comes from" in out
+    assert "systemd-run -P -p LoadCredential=api-key:/etc/ipqs-bulkd/api-key" in out
+    assert "exit status: 0 valid 2 a configuration error" in out
