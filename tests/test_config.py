@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from daemon.cli import main
-from daemon.config import Config, ConfigError, WatchConfig, load_config
+from daemon.config import Config, ConfigError, WatchConfig, _from_env, load_config
 from daemon.constraints import Between, Mode, Section, field_type
 from daemon.logs import MASK, add_secret, redact
 
@@ -287,3 +287,22 @@ def test_check_config_without_a_key_says_how_to_check_under_systemd(
     # A bare key_file name outside the unit says why it cannot be found.
     with pytest.raises(ConfigError, match="bare name is a systemd credential"):
         load_config(None, {"IPQS_BULKD_API_KEY_FILE": "no-such-credential"})
+
+
+@dataclasses.dataclass(frozen=True)
+class PerTypeConfig(Section):
+    """A section as a new one is written: one dataclass, its limits on its fields."""
+
+    by_type: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def test_a_new_section_is_one_dataclass_with_its_limits() -> None:
+    assert PerTypeConfig.section_name == "pertype"
+    assert PerTypeConfig(by_type={"email": 5}).by_type == {"email": 5}
+    with pytest.raises(ConfigError, match=r"^config key pertype\.by_type must be a table of "
+                                          r"whole numbers, like \{ email = 100000 \}, got \{"):
+        PerTypeConfig(by_type={"email": "five"})  # type: ignore[dict-item]
+    assert _from_env(dict[str, int], "email=5, phone=16", ()) == {"email": 5, "phone": 16}
+    with pytest.raises(ConfigError, match=r"\(from IPQS_BULKD_BUDGET_MAX_ROWS_PER_DAY_BY_TYPE\) "
+                                          r"must be at least 0 .*, got -1 for email$"):
+        load_config(None, {"IPQS_BULKD_BUDGET_MAX_ROWS_PER_DAY_BY_TYPE": "email=-1"})
