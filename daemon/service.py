@@ -24,8 +24,9 @@ from daemon.api import IpqsClient, make_client
 from daemon.config import Config, spool_root_error
 from daemon.errors import IpqsError
 from daemon.health import HealthServer, HealthState, create_app
+from daemon.job.breaker import Breaker
 from daemon.notify import Notifier
-from daemon.pipeline import Breaker, Pipeline
+from daemon.pipeline import Pipeline
 from daemon.poller import Poller
 from daemon.spool import (
     CLAIMED,
@@ -145,14 +146,15 @@ class Service:
                 return 1
             if drained.is_set() and self._batch_finished():
                 break
-            await wait_any(self.pipe.idle, self.stop, within=0.2)
-        log.info("batch_finished", **self.pipe.outcomes, left_in_processing=len(self.pipe.left))
+            await wait_any(self.pipe.jobs.idle, self.stop, within=0.2)
+        log.info("batch_finished", **self.pipe.outcomes,
+                 left_in_processing=self.pipe.jobs.left_count())
         self.stop.set()
         if self._signal is not None:
             return 128 + self._signal  # interrupted: not every file got its outcome
         if self.crashed or self.uploader.claim_failures:
             return 1
-        return 1 if self.pipe.outcomes["failed"] or self.pipe.left else 0
+        return 1 if self.pipe.outcomes["failed"] or self.pipe.jobs.left_count() else 0
 
     async def _drain(self, drained: asyncio.Event) -> None:
         await self.watcher.drain_settled()
@@ -162,7 +164,7 @@ class Service:
         # In-flight counts a file from the moment it leaves the queue until its job is
         # registered as active, so no moment in between looks idle.
         return (self.watcher.in_flight_count() == 0 and self.watcher.pending_count() == 0
-                and self.watcher.queue.empty() and not self.pipe.active
+                and self.watcher.queue.empty() and not self.pipe.jobs.count()
                 and self.poller.waiting() == 0)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -235,14 +237,14 @@ class Service:
         job_dirs = await asyncio.to_thread(lambda: list(self.spool.jobs()))
         resumed = 0
         for job_dir in job_dirs:
-            if job_dir.name in self.pipe.active:
+            if job_dir.name in self.pipe.jobs:
                 continue
             try:
                 job = await asyncio.to_thread(self._take_over, job_dir)
             except OSError as exc:  # unreadable now (EIO, ESTALE...): try again next sweep
                 log.warning("job_unreadable", job=job_dir.name, error=str(exc))
                 continue
-            if job is not None and job.job not in self.pipe.active:
+            if job is not None and job.job not in self.pipe.jobs:
                 try:
                     await self._resume(job)
                 except OSError as exc:  # disk trouble: the job waits for the next sweep
@@ -347,7 +349,7 @@ class Service:
             self.changed.event.clear()
             self._report()
             watcher = self.watcher
-            busy = self.pipe.active or watcher.pending_count() or watcher.in_flight_count()
+            busy = self.pipe.jobs.count() or watcher.pending_count() or watcher.in_flight_count()
             await wait_any(self.stop, self.changed.event, within=self.status_seconds if busy
                            else max(self.idle_status_seconds, self.status_seconds))
             if self.changed.event.is_set():  # a burst of changes makes one report
@@ -357,7 +359,7 @@ class Service:
         """Set the queue and in-flight gauges from the stages; return the status line."""
         pending = self.watcher.pending_count()
         at_ipqs = self.poller.waiting()
-        uploading = max(len(self.pipe.active) - at_ipqs, 0)
+        uploading = max(self.pipe.jobs.count() - at_ipqs, 0)
         m = self.pipe.metrics
         m.queue_depth.set(pending + self.watcher.queue.qsize())
         m.oldest_pending.set(self.watcher.oldest_pending_age() or 0)

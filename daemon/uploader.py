@@ -26,7 +26,8 @@ from daemon.errors import (
     TransientError,
 )
 from daemon.inputs import URL_SUFFIX, read_rows, rows_problem, url_file_problem
-from daemon.pipeline import Permit, Pipeline
+from daemon.job.breaker import Permit
+from daemon.pipeline import Pipeline
 from daemon.spool import CLAIMED, SUBMITTED, UPLOADING, Job, new_job_id, utcnow
 from daemon.watcher import Candidate
 
@@ -96,17 +97,17 @@ class Uploader:
         # Registered before its folder exists, so the recovery sweep never mistakes a
         # claim under way for a job left behind.
         job_id = new_job_id()
-        self.pipe.active.add(job_id)
+        self.pipe.jobs.started(job_id)
         try:
             job = await asyncio.to_thread(self.pipe.spool.claim, candidate.type,
                                           candidate.path, self._method(candidate.path), job_id)
         except BaseException:
-            self.pipe.forget_id(job_id)
+            self.pipe.jobs.forget(job_id)
             raise
         finally:
             self.done_with(candidate.path)  # claimed or gone: the watcher may look again
         if job is None:
-            self.pipe.forget_id(job_id)
+            self.pipe.jobs.forget(job_id)
             return
         await self.process(job, permit, candidate)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.pipeline import Breaker
+from daemon.job.breaker import Breaker
 from daemon.service import Service
 from daemon.spool import Job, Spool
 from daemon.watcher import Candidate
