@@ -17,6 +17,7 @@ from daemon.api import IpqsClient
 from daemon.config import Config
 from daemon.job.breaker import Breaker
 from daemon.job.inflight import InFlight
+from daemon.job.state import JobState, advance
 from daemon.metrics import Metrics
 from daemon.spool import Job, Spool, utcnow
 
@@ -42,8 +43,16 @@ class Pipeline:
     def started(self, job: Job) -> None:
         self.jobs.started(job.job)
 
-    async def save(self, job: Job) -> None:
+    async def save(self, job: Job, state: JobState | None = None) -> None:
+        """Write the job's record, moved to ``state`` first if given (a checked transition)."""
+        if state is not None:
+            advance(job, state)
         await asyncio.to_thread(self.spool.save, job)
+
+    async def unclaim(self, job: Job) -> None:
+        """Put the input back into its inbox; ``returning`` is saved first."""
+        await self.save(job, JobState.RETURNING)
+        await asyncio.to_thread(self.spool.unclaim, job)
 
     def retrying(self, operation: str, *, retry_lost_answers: bool = True) -> AsyncRetrying:
         cfg = self.config.upload
@@ -70,6 +79,7 @@ class Pipeline:
         delay = 1.0
         while True:
             try:
+                advance(job, JobState.FINISHING)  # spool.finish saves it with final_name
                 record = await asyncio.to_thread(self.spool.finish, job)
                 break
             except OSError as exc:

@@ -20,8 +20,9 @@ import structlog
 from daemon.aio import wait_any
 from daemon.api import CsvJob
 from daemon.errors import AccountError, RejectedError, TransientError
+from daemon.job.state import JobState
 from daemon.pipeline import Pipeline
-from daemon.spool import FETCHED, Job, utcnow
+from daemon.spool import Job, utcnow
 
 log = structlog.get_logger(__name__)
 
@@ -129,7 +130,7 @@ class Poller:
 
     async def _check(self, entry: _Entry) -> None:
         job, pipe, cfg = entry.job, self.pipe, self.pipe.config.poll
-        if job.state == FETCHED:
+        if job.state == JobState.FETCHED:
             await pipe.finish(job, "done")
             return
         if job.id is None:
@@ -177,8 +178,7 @@ class Poller:
             await pipe.finish(job, "failed", "rejected",
                               f"results could not be downloaded: {exc.message}")
             return
-        job.state = FETCHED
-        await pipe.save(job)
+        await pipe.save(job, JobState.FETCHED)
         await pipe.finish(job, "done")
 
     async def _download(self, job: Job, name: str, answer: CsvJob) -> CsvJob:

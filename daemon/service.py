@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +25,11 @@ from daemon.config import Config, spool_root_error
 from daemon.errors import IpqsError
 from daemon.health import HealthServer, HealthState, create_app
 from daemon.job.breaker import Breaker
+from daemon.job.state import JobState, advance, state_of
 from daemon.notify import Notifier
 from daemon.pipeline import Pipeline
 from daemon.poller import Poller
-from daemon.spool import (
-    CLAIMED,
-    FINISHING,
-    JOB_FILE,
-    RETURNING,
-    SUBMITTED,
-    UPLOADING,
-    Job,
-    Spool,
-)
+from daemon.spool import JOB_FILE, Job, Spool
 from daemon.spool.mounts import MisplacedFiles, advise_on_network, refuse_foreign_inboxes
 from daemon.uploader import Uploader
 from daemon.watcher import Watcher
@@ -268,25 +260,43 @@ class Service:
 
     async def _resume(self, job: Job) -> None:
         log.info("job_resumed", job=job.job, state=job.state, id=job.id)
+        await _RESUME[state_of(job)](self, job)
+
+    # What resuming does, per saved state (the table is _RESUME, below the class).
+
+    async def _resume_claimed(self, job: Job) -> None:
         spool = self.spool
-        if job.state == CLAIMED and not await asyncio.to_thread(spool.input_path(job).exists):
+        if not await asyncio.to_thread(spool.input_path(job).exists):
             # Crash between writing the record and the claiming rename: the input is still
             # in its inbox (or was never there); only the folder goes.
             await asyncio.to_thread(spool.discard_dir, spool.job_dir(job))
-        elif job.state == RETURNING:
-            await asyncio.to_thread(spool.unclaim, job)
-        elif job.state in (CLAIMED, UPLOADING) or (job.id is None and job.state == SUBMITTED):
-            job.state = UPLOADING if job.state == SUBMITTED else job.state
-            self.pipe.started(job)
-            self._spawn_job(self.uploader.process(job), job)
-        elif job.state == FINISHING:
-            self.pipe.started(job)
-            self._spawn_job(self.pipe.finish(job, job.outcome or "failed", job.reason,
-                                             job.error), job)
-        else:  # SUBMITTED or FETCHED
-            # A crash right after the id was saved may have kept it from the marker.
-            await asyncio.to_thread(spool.update_mark, job)
-            self.poller.track(job)
+            return
+        await self._resume_upload(job)
+
+    async def _resume_upload(self, job: Job) -> None:
+        self.pipe.started(job)
+        self._spawn_job(self.uploader.process(job), job)
+
+    async def _resume_submitted(self, job: Job) -> None:
+        if job.id is None:
+            # Saved without its id: the upload's answer is as good as lost; look it up.
+            advance(job, JobState.UPLOADING)
+            await self._resume_upload(job)
+            return
+        await self._resume_follow(job)
+
+    async def _resume_follow(self, job: Job) -> None:
+        # A crash right after the id was saved may have kept it from the marker.
+        await asyncio.to_thread(self.spool.update_mark, job)
+        self.poller.track(job)
+
+    async def _resume_finish(self, job: Job) -> None:
+        self.pipe.started(job)
+        self._spawn_job(self.pipe.finish(job, job.outcome or "failed", job.reason, job.error),
+                        job)
+
+    async def _resume_return(self, job: Job) -> None:
+        await self.pipe.unclaim(job)
 
     def _spawn_job(self, coro: Coroutine[Any, Any, None], job: Job) -> None:
         """Run one resumed job. Unlike a stage, its failure never stops the daemon."""
@@ -403,3 +413,13 @@ class Service:
             self.notifier.send(WATCHDOG="1")
             await wait_any(self.stop, within=seconds / 2)
 
+
+#: Recovery at start, driven by the state each job was saved in.
+_RESUME: dict[JobState, Callable[[Service, Job], Awaitable[None]]] = {
+    JobState.CLAIMED: Service._resume_claimed,
+    JobState.UPLOADING: Service._resume_upload,
+    JobState.SUBMITTED: Service._resume_submitted,
+    JobState.FETCHED: Service._resume_follow,
+    JobState.FINISHING: Service._resume_finish,
+    JobState.RETURNING: Service._resume_return,
+}

@@ -27,8 +27,9 @@ from daemon.errors import (
 )
 from daemon.inputs import URL_SUFFIX, read_rows, rows_problem, url_file_problem
 from daemon.job.breaker import Permit
+from daemon.job.state import JobState, advance
 from daemon.pipeline import Pipeline
-from daemon.spool import CLAIMED, SUBMITTED, UPLOADING, Job, new_job_id, utcnow
+from daemon.spool import Job, new_job_id, utcnow
 from daemon.watcher import Candidate
 
 log = structlog.get_logger(__name__)
@@ -131,7 +132,7 @@ class Uploader:
         try:
             if candidate is not None and await self._stale(job, candidate):
                 return
-            if job.state == CLAIMED and not await self._prepare(job):
+            if job.state == JobState.CLAIMED and not await self._prepare(job):
                 return
             if permit is not None:
                 await self._submit(job, permit)
@@ -224,7 +225,7 @@ class Uploader:
     async def _submit(self, job: Job, permit: Permit) -> None:
         pipe = self.pipe
         while True:
-            if job.state == UPLOADING:
+            if job.state == JobState.UPLOADING:
                 found = await self._lookup(job)
                 if found is not None:
                     pipe.metrics.adopted.inc()
@@ -261,7 +262,7 @@ class Uploader:
         pipe = self.pipe
         async with self._slots:  # "uploading" is saved once a slot is ours
             await self._may_send(job, permit)
-            job.state = UPLOADING
+            advance(job, JobState.UPLOADING)
             job.upload_started_at = utcnow()
             job.floor_id = self.newest_id
             job.uploads += 1
@@ -278,13 +279,13 @@ class Uploader:
         since the permit was issued, and the job is still ours."""
         pipe = self.pipe
         if pipe.stop.is_set():
-            if job.state == CLAIMED:  # never sent: back to its inbox, not left behind
+            if job.state == JobState.CLAIMED:  # never sent: back to its inbox, not left behind
                 await self._return_to_inbox(job)
             raise _Stop  # no new attempt once the daemon is stopping
         if await asyncio.to_thread(pipe.spool.changed, job):
             raise _InputChanged
         if not pipe.breaker.allows(permit):
-            if job.state == CLAIMED:
+            if job.state == JobState.CLAIMED:
                 await self._return_to_inbox(job)
             raise _Stop
         if not await asyncio.to_thread(pipe.spool.owns, job):
@@ -332,7 +333,7 @@ class Uploader:
         pipe = self.pipe
         job.id = answer.id
         job.status = answer.status
-        job.state = SUBMITTED
+        advance(job, JobState.SUBMITTED)
         job.submitted_at = utcnow()
         if answer.id is not None:
             self.newest_id = max(self.newest_id or 0, answer.id)
@@ -345,7 +346,7 @@ class Uploader:
     async def _return_to_inbox(self, job: Job, reason: str | None = None) -> None:
         """Nothing was sent (or IPQS refused the account, which creates nothing): the file
         goes back to its inbox, and the job is no longer ours to run."""
-        await asyncio.to_thread(self.pipe.spool.unclaim, job)
+        await self.pipe.unclaim(job)
         log.info("file_returned_to_inbox", reason=reason)
         raise _Stop
 
