@@ -5,23 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeVar
 
 import structlog
 from tenacity import AsyncRetrying
 
 from daemon import retry
-from daemon.api import IpqsClient
+from daemon.api import CsvJob, IpqsClient
 from daemon.config import Config
 from daemon.job.breaker import Breaker
+from daemon.job.conversation import Conversation, Hooks
 from daemon.job.inflight import InFlight
 from daemon.job.state import JobState, advance
 from daemon.metrics import Metrics
 from daemon.spool import Job, Spool, utcnow
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -35,6 +40,11 @@ class Pipeline:
     metrics: Metrics = field(default_factory=Metrics)
     breaker: Breaker = field(default_factory=Breaker)
     jobs: InFlight = field(default_factory=InFlight)
+    talk: Conversation = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.talk = Conversation(self.client, self.config, self, stop=self.stop,
+                                 hooks=Metered(self.metrics), save=self.save)
 
     @property
     def outcomes(self) -> Mapping[str, int]:
@@ -66,6 +76,14 @@ class Pipeline:
         return retry.retrying(initial=cfg.retry_initial_seconds, maximum=cfg.retry_max_seconds,
                               stop=self.stop, on_retry=on_retry,
                               retry_lost_answers=retry_lost_answers)
+
+    async def call(self, what: str, fn: Callable[[], Awaitable[T]], *,
+                   retry_lost_answers: bool = True) -> T:
+        """One API call, retried on transient trouble until it works or the daemon stops."""
+        async for attempt in self.retrying(what, retry_lost_answers=retry_lost_answers):
+            with attempt:
+                return await fn()
+        raise AssertionError("unreachable: the retry loop returns or raises")
 
     async def finish(self, job: Job, outcome: str, reason: str | None = None,
                      error: str | None = None) -> None:
@@ -102,6 +120,26 @@ class Pipeline:
         # Still in processing/ without an outcome: a batch did not complete it.
         self.jobs.forget(job.job, left_behind=job.outcome is None
                          and self.spool.job_dir(job).exists())
+
+
+class Metered(Hooks):
+    """The daemon's ear on the conversation: metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def timed(self, what: str) -> AbstractContextManager[object]:
+        return self.metrics.api_latency.labels(what).time()
+
+    def sending(self, job: Job, note: str | None) -> None:
+        self.metrics.uploads.labels(job.method).inc()
+
+    def sent(self, job: Job) -> None:
+        self.metrics.upload_bytes.inc(job.bytes or 0)
+
+    def looked_up(self, job: Job, found: CsvJob | None) -> None:
+        if found is not None:
+            self.metrics.adopted.inc()
 
 
 def _seconds_since(iso: str | None) -> float | None:

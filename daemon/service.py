@@ -220,7 +220,7 @@ class Service:
     async def _learn_newest_id(self) -> None:
         """The newest job id before we send anything: lookups page back to it, no further."""
         try:
-            self.uploader.newest_id = await self.pipe.client.newest_id()
+            self.pipe.talk.newest_id = await self.pipe.client.newest_id()
         except IpqsError as exc:  # an unknown floor only makes lookups page further
             log.warning("newest_id_unknown", error=str(exc))
 

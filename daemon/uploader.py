@@ -11,25 +11,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Protocol
 
 import structlog
 
-from daemon import retry
-from daemon.api import CsvJob
 from daemon.errors import (
     AccountError,
     IpqsError,
-    LostAnswerError,
     RejectedError,
     TransientError,
 )
-from daemon.inputs import URL_SUFFIX, read_rows, rows_problem, url_file_problem
+from daemon.inputs import URL_SUFFIX, rows_problem, url_file_problem
 from daemon.job.breaker import Permit
-from daemon.job.state import JobState, advance
+from daemon.job.state import JobState
 from daemon.pipeline import Pipeline
-from daemon.spool import Job, new_job_id, utcnow
+from daemon.spool import Job, new_job_id
 from daemon.watcher import Candidate
 
 log = structlog.get_logger(__name__)
@@ -55,7 +53,6 @@ class Uploader:
         self.queue = queue
         self.done_with = done_with
         self.tracker = tracker
-        self.newest_id: int | None = None
         self.claim_failures = 0  # files left in their inbox because the claim failed
         # Workers and resumed jobs together never upload more than ``concurrency`` at once.
         # A slot is held for the POST only; with twice as many workers as slots, the next
@@ -224,62 +221,43 @@ class Uploader:
 
     async def _submit(self, job: Job, permit: Permit) -> None:
         pipe = self.pipe
-        while True:
-            if job.state == JobState.UPLOADING:
-                found = await self._lookup(job)
-                if found is not None:
-                    pipe.metrics.adopted.inc()
-                    log.warning("upload_adopted", id=found.id, file_name=job.file_name)
-                    await self._submitted(job, found)
-                    return
-            try:
-                answer = await self._upload_once(job, permit)
-            except _InputChanged:
-                await pipe.finish(job, "failed", "invalid-input",
-                                  "the file changed or vanished after it was claimed")
-                return
-            except LostAnswerError as exc:
-                log.warning("upload_answer_lost", error=str(exc))
-                continue
-            except RejectedError as exc:
-                pipe.breaker.success()
-                await asyncio.to_thread(pipe.spool.unmark, job)
-                await pipe.finish(job, "failed", "rejected", exc.message)
-                return
-            except AccountError as exc:
-                pipe.breaker.failure(exc.message, permit)
-                if job.uploads > 1:
-                    # An earlier POST of this job may yet show up at IPQS: keep its name,
-                    # so the next attempt looks it up instead of paying under a new one.
-                    raise _Stop from None
-                await self._return_to_inbox(job, exc.message)
-                return
-            await self._submitted(job, answer)
-            return
 
-    async def _upload_once(self, job: Job, permit: Permit) -> CsvJob:
-        """Save ``uploading``, then POST (retrying what surely never arrived)."""
-        pipe = self.pipe
-        async with self._slots:  # "uploading" is saved once a slot is ours
+        def slot() -> AbstractAsyncContextManager[object]:
+            return self._slots  # "uploading" is saved once a slot is ours
+
+        async def check(job: Job) -> None:
             await self._may_send(job, permit)
-            advance(job, JobState.UPLOADING)
-            job.upload_started_at = utcnow()
-            job.floor_id = self.newest_id
-            job.uploads += 1
-            await pipe.save(job)
-            async for attempt in pipe.retrying("upload", retry_lost_answers=False):
-                with attempt:
-                    if attempt.retry_state.attempt_number > 1:
-                        await self._may_send(job, permit)
-                    return await self._send(job)
-        raise AssertionError("unreachable: the retry loop returns or raises")
+
+        try:
+            await pipe.talk.send(job, path=pipe.spool.input_path(job), check=check, slot=slot)
+        except _InputChanged:
+            await pipe.finish(job, "failed", "invalid-input",
+                              "the file changed or vanished after it was claimed")
+            return
+        except RejectedError as exc:
+            pipe.breaker.success()
+            await asyncio.to_thread(pipe.spool.unmark, job)
+            await pipe.finish(job, "failed", "rejected", exc.message)
+            return
+        except AccountError as exc:
+            pipe.breaker.failure(exc.message, permit)
+            if job.uploads > 1:
+                # An earlier POST of this job may yet show up at IPQS: keep its name,
+                # so the next attempt looks it up instead of paying under a new one.
+                raise _Stop from None
+            await self._return_to_inbox(job, exc.message)
+            return
+        await asyncio.to_thread(pipe.spool.update_mark, job)
+        pipe.breaker.success()
+        log.info("file_submitted", id=job.id, file_name=job.file_name, method=job.method)
+        self.tracker.track(job)
 
     async def _may_send(self, job: Job, permit: Permit) -> None:
         """Last checks before a POST: the input is as claimed, the breaker has not opened
         since the permit was issued, and the job is still ours."""
         pipe = self.pipe
         if pipe.stop.is_set():
-            if job.state == JobState.CLAIMED:  # never sent: back to its inbox, not left behind
+            if job.state == JobState.CLAIMED:  # never sent: back to its inbox
                 await self._return_to_inbox(job)
             raise _Stop  # no new attempt once the daemon is stopping
         if await asyncio.to_thread(pipe.spool.changed, job):
@@ -291,57 +269,6 @@ class Uploader:
         if not await asyncio.to_thread(pipe.spool.owns, job):
             log.warning("job_taken_over", owner_now="another daemon")
             raise _Stop
-
-    async def _send(self, job: Job) -> CsvJob:
-        pipe = self.pipe
-        path = pipe.spool.input_path(job)
-        client = pipe.client
-        pipe.metrics.uploads.labels(job.method).inc()
-        with pipe.metrics.api_latency.labels("upload").time():
-            if job.method == "url":
-                url = (await asyncio.to_thread(path.read_text, "utf-8")).strip()
-                return await client.upload_url(job.type, url, job.file_name)
-            if job.method == "json":
-                rows = await asyncio.to_thread(read_rows, path)
-                answer = await client.upload_rows(job.type, rows, job.file_name)
-            else:
-                answer = await client.upload_file(job.type, path, job.file_name)
-        pipe.metrics.upload_bytes.inc(job.bytes or 0)
-        return answer
-
-    async def _lookup(self, job: Job) -> CsvJob | None:
-        """Is the job at IPQS already? Two "absent" answers, ``upload.lookup_delay_seconds``
-        apart, say no: IPQS may still have been working on the request we gave up on."""
-        pipe = self.pipe
-        # Each unanswered upload doubles the wait (up to an hour) before "absent" is
-        # believed: a list that lags behind IPQS's jobs must not become repeated payments.
-        delay = min(pipe.config.upload.lookup_delay_seconds * 2 ** max(job.uploads - 1, 0),
-                    max(pipe.config.upload.lookup_delay_seconds, 3600.0))
-        for check in range(2):
-            await retry.stoppable_sleep(pipe.stop)(delay if check else min(delay, 1.0))
-            if pipe.stop.is_set():
-                raise TransientError("stopping before the lookup was confirmed", cause="stop")
-            async for attempt in pipe.retrying("lookup"):
-                with attempt, pipe.metrics.api_latency.labels("lookup").time():
-                    found = await pipe.client.find(job.file_name, job.type, floor_id=job.floor_id)
-            if found is not None:
-                return found
-        log.info("upload_not_found", file_name=job.file_name)
-        return None
-
-    async def _submitted(self, job: Job, answer: CsvJob) -> None:
-        pipe = self.pipe
-        job.id = answer.id
-        job.status = answer.status
-        advance(job, JobState.SUBMITTED)
-        job.submitted_at = utcnow()
-        if answer.id is not None:
-            self.newest_id = max(self.newest_id or 0, answer.id)
-        await pipe.save(job)
-        await asyncio.to_thread(pipe.spool.update_mark, job)
-        pipe.breaker.success()
-        log.info("file_submitted", id=job.id, file_name=job.file_name, method=job.method)
-        self.tracker.track(job)
 
     async def _return_to_inbox(self, job: Job, reason: str | None = None) -> None:
         """Nothing was sent (or IPQS refused the account, which creates nothing): the file

@@ -1,0 +1,332 @@
+"""The one conversation with IPQS about a job: send it once, follow it, fetch its results.
+
+The money rules live here, for the daemon's stages and for ``submit`` alike:
+
+- ``uploading`` is saved before any POST; an upload whose answer was lost is looked up
+  through the list API by its unique ``file_name`` before anything is sent again, and only
+  "surely absent" (two lookups, a doubling wait apart) allows a new POST;
+- status is followed until FINISHED, aborted, or the deadline;
+- result links are one-time: a refused link is replaced through a status call.
+
+Callers differ only in how patient they are (:class:`Caller`) and in what they tell
+people or metrics along the way (:class:`Hooks`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import functools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import structlog
+
+from daemon import retry
+from daemon.api import CsvJob, IpqsClient
+from daemon.config import Config
+from daemon.errors import LostAnswerError, RejectedError, TransientError
+from daemon.inputs import read_rows
+from daemon.job.state import JobState, advance
+from daemon.spool import Job, utcnow
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+RUNNING_STATES = ("NEW", "PROCESSING", "QUEUED", "PENDING")
+FINISHED = "FINISHED"
+#: A one-time result link that IPQS refuses is replaced by asking for the status again.
+MAX_LINK_REFRESHES = 3
+#: The lookup wait doubles with each unanswered upload, up to this (or the configured one).
+LOOKUP_WAIT_CAP_SECONDS = 3600.0
+
+
+class Caller(Protocol):
+    """Rides out transient trouble of one API call (the daemon: until it stops; ``submit``:
+    until ``--timeout``). Only LostAnswerError may be exempted from the retries."""
+
+    async def call(self, what: str, fn: Callable[[], Awaitable[T]], *,
+                   retry_lost_answers: bool = True) -> T: ...
+
+
+class Hooks:
+    """What a caller hears along the way; every method does nothing unless overridden."""
+
+    def timed(self, what: str) -> AbstractContextManager[object]:
+        """Around each API request (``upload``, ``lookup``, ``status``, ``download``)."""
+        return contextlib.nullcontext()
+
+    def sending(self, job: Job, note: str | None) -> None:
+        """An upload attempt starts (``note`` says what goes, for url and json)."""
+
+    def upload_started(self, name: str, size: int) -> None: ...
+
+    def upload_progress(self, n_bytes: int) -> None: ...
+
+    def upload_ended(self) -> None: ...
+
+    def sent(self, job: Job) -> None:
+        """A file's bytes (multipart or json) reached IPQS and were answered."""
+
+    def answer_lost(self, job: Job, exc: LostAnswerError) -> None: ...
+
+    def looked_up(self, job: Job, found: CsvJob | None) -> None: ...
+
+    def status(self, job: Job) -> None: ...
+
+    def note(self, text: str) -> None: ...
+
+
+class Verdict(enum.Enum):
+    """What a status answer means for the job."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+    OVERDUE = "overdue"     # past poll.deadline_hours
+    UNKNOWN = "unknown"     # a status IPQS has not documented
+
+
+async def _no_save(job: Job) -> None:
+    return None
+
+
+class Conversation:
+    """Talks to IPQS about jobs; the job's own state lives in :class:`Job`."""
+
+    def __init__(self, client: IpqsClient, config: Config, caller: Caller, *,
+                 stop: asyncio.Event | None = None, hooks: Hooks | None = None,
+                 save: Callable[[Job], Awaitable[None]] = _no_save) -> None:
+        self.client = client
+        self.config = config
+        self.caller = caller
+        self.stop = stop or asyncio.Event()
+        self.hooks = hooks or Hooks()
+        self.save = save
+        #: The newest IPQS job id seen: lookups for later uploads page back no further.
+        self.newest_id: int | None = None
+
+    async def learn_newest_id(self) -> None:
+        self.newest_id = await self.caller.call("lookup", self.client.newest_id)
+
+    # -- send once ---------------------------------------------------------------------------
+
+    async def send(self, job: Job, *, path: Path | None = None, url: str | None = None,
+                   check: Callable[[Job], Awaitable[None]] | None = None,
+                   slot: Callable[[], AbstractAsyncContextManager[object]] | None = None,
+                   max_sends: int | None = None) -> CsvJob:
+        """Get the job to IPQS exactly once; returns IPQS's answer (saved as ``submitted``).
+
+        ``check`` runs before ``uploading`` is saved and before each retried POST (and may
+        raise to stop); ``slot`` is held around the save and the POST. After ``max_sends``
+        uploads whose answers were lost and which no lookup found, it gives up.
+        """
+        sends = 0
+        while True:
+            if job.state == JobState.UPLOADING:
+                found = await self.lookup(job)
+                self.hooks.looked_up(job, found)
+                if found is not None:
+                    log.warning("upload_adopted", id=found.id, file_name=job.file_name)
+                    return await self._accepted(job, found)
+                if max_sends is not None and sends >= max_sends:
+                    raise TransientError(f"the answers to {max_sends} uploads were lost",
+                                         cause="dropped")
+            sends += 1
+            try:
+                answer = await self._upload(job, path, url, check, slot)
+            except LostAnswerError as exc:
+                log.warning("upload_answer_lost", error=str(exc))
+                self.hooks.answer_lost(job, exc)
+                continue
+            return await self._accepted(job, answer)
+
+    async def _upload(self, job: Job, path: Path | None, url: str | None,
+                      check: Callable[[Job], Awaitable[None]] | None,
+                      slot: Callable[[], AbstractAsyncContextManager[object]] | None) -> CsvJob:
+        """Save ``uploading``, then POST (retrying only what surely never arrived)."""
+        async with slot() if slot is not None else _nothing():
+            if check is not None:
+                await check(job)
+            advance(job, JobState.UPLOADING)
+            job.upload_started_at = utcnow()
+            job.floor_id = self.newest_id
+            job.uploads += 1
+            await self.save(job)
+            attempts = 0
+
+            async def attempt() -> CsvJob:
+                nonlocal attempts
+                attempts += 1
+                if attempts > 1 and check is not None:
+                    await check(job)
+                return await self._post(job, path, url)
+
+            return await self.caller.call("upload", attempt, retry_lost_answers=False)
+
+    async def _post(self, job: Job, path: Path | None, url: str | None) -> CsvJob:
+        client, hooks = self.client, self.hooks
+        if job.method == "url":
+            if url is None:
+                assert path is not None
+                url = (await asyncio.to_thread(path.read_text, "utf-8")).strip()
+            hooks.sending(job, f"asking IPQS to fetch {url}")
+            with hooks.timed("upload"):
+                return await client.upload_url(job.type, url, job.file_name)
+        assert path is not None
+        if job.method == "json":
+            rows = await asyncio.to_thread(read_rows, path)
+            hooks.sending(job, f"sending {len(rows)} rows of {job.source} as JSON")
+            with hooks.timed("upload"):
+                answer = await client.upload_rows(job.type, rows, job.file_name)
+        else:
+            hooks.sending(job, None)
+            hooks.upload_started(job.source, job.bytes or 0)
+            try:
+                with hooks.timed("upload"):
+                    answer = await client.upload_file(job.type, path, job.file_name,
+                                                      progress=hooks.upload_progress)
+            finally:
+                hooks.upload_ended()
+        hooks.sent(job)
+        return answer
+
+    async def lookup(self, job: Job) -> CsvJob | None:
+        """Is the job at IPQS already? Two "absent" answers, a wait apart, say no: IPQS may
+        still have been working on the request we gave up on."""
+        base = self.config.upload.lookup_delay_seconds
+        # Each unanswered upload doubles the wait (up to an hour) before "absent" is
+        # believed: a list that lags behind IPQS's jobs must not become repeated payments.
+        delay = min(base * 2 ** max(job.uploads - 1, 0), max(base, LOOKUP_WAIT_CAP_SECONDS))
+        find = functools.partial(self._find, job)
+        for check in range(2):
+            await retry.stoppable_sleep(self.stop)(delay if check else min(delay, 1.0))
+            if self.stop.is_set():
+                raise TransientError("stopping before the lookup was confirmed", cause="stop")
+            found = await self.caller.call("lookup", find)
+            if found is not None:
+                return found
+        log.info("upload_not_found", file_name=job.file_name)
+        return None
+
+    async def _find(self, job: Job) -> CsvJob | None:
+        with self.hooks.timed("lookup"):
+            return await self.client.find(job.file_name, job.type, floor_id=job.floor_id)
+
+    async def _accepted(self, job: Job, answer: CsvJob) -> CsvJob:
+        job.id = answer.id
+        job.status = answer.status
+        advance(job, JobState.SUBMITTED)
+        job.submitted_at = utcnow()
+        if answer.id is not None:
+            self.newest_id = max(self.newest_id or 0, answer.id)
+        await self.save(job)
+        return answer
+
+    # -- follow ------------------------------------------------------------------------------
+
+    async def status(self, job: Job) -> tuple[CsvJob, Verdict]:
+        """One status check (no retries: the caller decides when to look again)."""
+        if job.id is None:
+            raise AssertionError("a job without an IPQS id cannot be followed")
+        with self.hooks.timed("status"):
+            answer = await self.client.status(job.id)
+        job.invalid_records = answer.invalid_records
+        if answer.status != job.status:
+            log.info("status_changed", id=job.id, status=answer.status)
+            job.status = answer.status
+            await self.save(job)  # what `ipqs-bulkd status` shows
+        self.hooks.status(job)
+        return answer, self._verdict(job, answer)
+
+    def _verdict(self, job: Job, answer: CsvJob) -> Verdict:
+        if answer.aborted is True:
+            return Verdict.ABORTED
+        if answer.status == FINISHED:
+            return Verdict.FINISHED
+        if self.overdue(job):
+            return Verdict.OVERDUE
+        if answer.status not in (*RUNNING_STATES, None):
+            return Verdict.UNKNOWN
+        return Verdict.RUNNING
+
+    def overdue(self, job: Job) -> bool:
+        if job.submitted_at is None:
+            return False
+        started = datetime.fromisoformat(job.submitted_at.replace("Z", "+00:00")).timestamp()
+        return time.time() - started > self.config.poll.deadline_hours * 3600
+
+    async def follow(self, job: Job) -> tuple[CsvJob, Verdict]:
+        """Check the status at the daemon's growing intervals until it is not RUNNING."""
+        cfg = self.config.poll
+        interval = cfg.initial_seconds
+        while True:
+            answer, verdict = await self.caller.call("status", functools.partial(self.status,
+                                                                                 job))
+            if verdict is not Verdict.RUNNING:
+                return answer, verdict
+            await retry.stoppable_sleep(self.stop)(interval)
+            if self.stop.is_set():
+                raise TransientError("stopping while following the job", cause="stop")
+            interval = min(interval * cfg.factor, cfg.max_seconds)
+
+    # -- fetch -------------------------------------------------------------------------------
+
+    async def fetch(self, job: Job, answer: CsvJob, target: Callable[[str], Path], *,
+                    mode: int = 0o640,
+                    placed: Callable[[str, Path, int], Awaitable[None]] | None = None,
+                    ) -> CsvJob:
+        """Download every configured, non-empty result set to ``target(set)``; ``placed`` is
+        told of each. Raises RejectedError when a set stays refused."""
+        for name in self.config.results.sets:
+            answer, size = await self.download(job, name, answer, target(name), mode=mode)
+            if size is not None and placed is not None:
+                await placed(name, target(name), size)
+        return answer
+
+    async def download(self, job: Job, name: str, answer: CsvJob, dest: Path, *,
+                       mode: int = 0o640) -> tuple[CsvJob, int | None]:
+        """Fetch one set (None: empty); a refused link is replaced by asking again."""
+        job_id = job.id
+        assert job_id is not None
+        status = functools.partial(self.client.status, job_id)
+        for refresh in range(MAX_LINK_REFRESHES + 1):
+            link = answer.downloads.get(name)
+            if link is None:
+                log.info("result_set_empty", set=name)
+                self.hooks.note(f"result set {name}: empty")
+                return answer, None
+            attempts = 0
+
+            async def attempt() -> int:
+                nonlocal attempts, answer, link
+                attempts += 1
+                if attempts > 1:  # a failed transfer may have used the one-time link up
+                    answer = await status()
+                    link = answer.downloads.get(name) or link
+                assert link is not None
+                with self.hooks.timed("download"):
+                    return await self.client.download(link, dest, mode=mode)
+
+            try:
+                size = await self.caller.call("download", attempt)
+            except RejectedError as exc:
+                if refresh == MAX_LINK_REFRESHES:
+                    raise
+                log.info("download_link_refused", set=name, error=exc.message)
+                answer = await self.caller.call("status", status)
+                continue
+            log.info("results_downloaded", set=name, bytes=size)
+            return answer, size
+        raise AssertionError("unreachable: the loop returns or raises")
+
+
+@contextlib.asynccontextmanager
+async def _nothing() -> AsyncIterator[None]:
+    yield
