@@ -13,22 +13,20 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from pathlib import Path
 
 import structlog
 
 from daemon.aio import wait_any
 from daemon.api import CsvJob
 from daemon.errors import AccountError, RejectedError, TransientError
+from daemon.job.conversation import Verdict
 from daemon.job.state import JobState
 from daemon.pipeline import Pipeline
 from daemon.spool import Job, utcnow
 
 log = structlog.get_logger(__name__)
 
-RUNNING_STATES = ("NEW", "PROCESSING", "QUEUED", "PENDING")
-FINISHED = "FINISHED"
-_MAX_LINK_REFRESHES = 3
 
 
 @dataclass(order=True)
@@ -133,37 +131,23 @@ class Poller:
         if job.state == JobState.FETCHED:
             await pipe.finish(job, "done")
             return
-        if job.id is None:
-            raise AssertionError("a job without an IPQS id reached the poller")
-        with pipe.metrics.api_latency.labels("status").time():
-            answer = await pipe.client.status(job.id)
-        job.invalid_records = answer.invalid_records
-        if answer.status != job.status:
-            log.info("status_changed", id=job.id, status=answer.status)
-            job.status = answer.status
-            await pipe.save(job)  # what `ipqs-bulkd status` shows
-        if answer.aborted is True:
+        answer, verdict = await pipe.talk.status(job)
+        if verdict is Verdict.ABORTED:
             await pipe.finish(job, "failed", "aborted",
                               f"IPQS aborted the job (status {answer.status!r})")
-        elif answer.status == FINISHED:
+        elif verdict is Verdict.FINISHED:
             await self._fetch(job, answer)
-        elif self._overdue(job):
+        elif verdict is Verdict.OVERDUE:
             await pipe.finish(job, "failed", "timeout",
                               f"IPQS did not finish the job within {cfg.deadline_hours:g} h "
                               "(poll.deadline_hours)")
         else:
             # NEW, PROCESSING, or a status IPQS has not documented: wait (the deadline is
             # the backstop), rather than abandon results that may be paid for.
-            if answer.status not in (*RUNNING_STATES, None):
+            if verdict is Verdict.UNKNOWN:
                 log.warning("status_unknown", status=answer.status)
             interval = min(entry.interval * cfg.factor, cfg.max_seconds)
             self._push(job, entry.interval, interval)
-
-    def _overdue(self, job: Job) -> bool:
-        if job.submitted_at is None:
-            return False
-        started = datetime.fromisoformat(job.submitted_at.replace("Z", "+00:00")).timestamp()
-        return time.time() - started > self.pipe.config.poll.deadline_hours * 3600
 
     async def _fetch(self, job: Job, answer: CsvJob) -> None:
         """Download every configured, non-empty result set, then finish the job."""
@@ -171,42 +155,16 @@ class Poller:
         folder = pipe.spool.results_dir(job)
         job.finished_at = job.finished_at or utcnow()
         await asyncio.to_thread(folder.mkdir, exist_ok=True)
+
+        async def placed(name: str, path: Path, size: int) -> None:
+            job.results[name] = name
+
         try:
-            for name in pipe.config.results.sets:
-                answer = await self._download(job, name, answer)
+            await pipe.talk.fetch(job, answer, folder.joinpath, mode=pipe.spool.file_mode,
+                                  placed=placed)
         except RejectedError as exc:
             await pipe.finish(job, "failed", "rejected",
                               f"results could not be downloaded: {exc.message}")
             return
         await pipe.save(job, JobState.FETCHED)
         await pipe.finish(job, "done")
-
-    async def _download(self, job: Job, name: str, answer: CsvJob) -> CsvJob:
-        """Fetch one set; a refused link (expired, used) is replaced by asking again."""
-        pipe = self.pipe
-        assert job.id is not None
-        for refresh in range(_MAX_LINK_REFRESHES + 1):
-            link = answer.downloads.get(name)
-            if link is None:
-                log.info("result_set_empty", set=name)
-                return answer
-            try:
-                async for attempt in pipe.retrying("download"):
-                    with attempt:
-                        if attempt.retry_state.attempt_number > 1:
-                            # A failed transfer may have used the one-time link up.
-                            answer = await pipe.client.status(job.id)
-                            link = answer.downloads.get(name) or link
-                        with pipe.metrics.api_latency.labels("download").time():
-                            size = await pipe.client.download(
-                                link, pipe.spool.results_dir(job) / name,
-                                mode=pipe.spool.file_mode)
-                job.results[name] = name
-                log.info("results_downloaded", set=name, bytes=size)
-                return answer
-            except RejectedError as exc:
-                if refresh == _MAX_LINK_REFRESHES:
-                    raise
-                log.info("download_link_refused", set=name, error=exc.message)
-                answer = await pipe.client.status(job.id)
-        raise AssertionError("unreachable: the loop returns or raises")

@@ -2,19 +2,18 @@
 
 It follows the daemon's rules: the same client and retry policy; the same duplicate guard
 (a marker in the configured spool's ``markers/``, so the daemon and ``submit`` never both
-pay for the same content); and an upload whose answer was lost is looked up by its unique
-``file_name`` before it is ever sent again.
+pay for the same content); and the daemon's own conversation with IPQS
+(:mod:`daemon.job.conversation`), so an upload whose answer was lost is looked up by its
+unique ``file_name`` with the daemon's lookup policy before it is ever sent again.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import hashlib
 import os
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from daemon import ALL_TYPES
-from daemon.api import CsvJob, IpqsClient, make_client
+from daemon.api import CsvJob, make_client
 from daemon.commands.common import (
     DEFAULT_TIMEOUT,
     EXIT_DUPLICATE,
@@ -46,17 +45,14 @@ from daemon.errors import (
     IpqsError,
     LostAnswerError,
     RejectedError,
-    TransientError,
 )
-from daemon.inputs import URL_SUFFIX, read_rows, url_of, url_problem
-from daemon.poller import FINISHED, RUNNING_STATES
+from daemon.inputs import URL_SUFFIX, url_of, url_problem
+from daemon.job.conversation import Conversation, Hooks, Verdict
 from daemon.spool import Job, Spool, inspect_file, new_job_id, place_no_clobber, upload_name
 
 # After this many uploads whose answers were lost (and which a lookup then did not find),
 # give up rather than keep sending.
 MAX_SENDS = 3
-# A one-time result link that IPQS refuses is replaced by asking for the status again.
-MAX_LINK_REFRESHES = 3
 
 DESCRIPTION = """\
 Send one CSV file (or a URL) to IPQS now, without the daemon, and optionally wait for the
@@ -248,8 +244,10 @@ def _unusable(spool: Spool, exc: OSError) -> CommandError:
 # -- talking to IPQS ------------------------------------------------------------------------
 
 
-class Submission:
-    """One submit: upload, then (with --wait) follow the job and fetch its results."""
+class Submission(Hooks):
+    """One submit: upload, then (with --wait) follow the job and fetch its results, all
+    through the daemon's :class:`~daemon.job.conversation.Conversation`. What is left here
+    is what people see: progress, messages and exit codes."""
 
     def __init__(self, config: Config, console: Console, job: Job, payload: Payload,
                  guard: DuplicateGuard, *, timeout: float) -> None:
@@ -263,7 +261,6 @@ class Submission:
         self.patience = Patience(config, timeout, self._retrying)
         # True while an upload may have reached IPQS without our knowing its id.
         self.maybe_sent = False
-        self.floor: int | None = None
 
     def _retrying(self, what: str, exc: BaseException, wait: float) -> None:
         self.reporter.note(f"{retry_note(what, exc)}; retrying in {wait:.1f} s")
@@ -271,155 +268,92 @@ class Submission:
     async def run(self, *, wait: bool, out: Path) -> int:
         try:
             async with make_client(self.config) as client:
-                answer = await self._upload(client)
+                talk = Conversation(client, self.config, self.patience, hooks=self)
+                answer = await self._upload(talk)
                 self._accepted(answer)
                 if not wait:
                     return EXIT_OK
-                answer = await self._follow(client)
-                saved = await self._fetch(client, answer, out)
+                answer = await self._follow(talk)
+                saved = await self._fetch(talk, answer, out)
         finally:
             self.reporter.close()
         self._report_results(answer, saved)
         return EXIT_OK
 
-    async def _upload(self, client: IpqsClient) -> CsvJob:
+    async def _upload(self, talk: Conversation) -> CsvJob:
+        payload = self.payload
         try:
-            return await self._send_until_known(client)
+            # Jobs at or below the newest id existed before ours: lookups page no further.
+            await talk.learn_newest_id()
+            return await talk.send(self.job, path=payload.path, url=payload.url,
+                                   check=self._unchanged, max_sends=MAX_SENDS)
         except RejectedError as exc:
             self.guard.release(self.job)
-            raise failure(exc, f"{self.payload.source} not accepted", self.timeout) from None
+            raise failure(exc, f"{payload.source} not accepted", self.timeout) from None
         except IpqsError as exc:
             if not self.maybe_sent:
                 self.guard.release(self.job)
-                raise failure(exc, f"{self.payload.source} not sent", self.timeout) from None
-            line = failure(exc, f"{self.payload.source}: the upload's answer was lost",
-                           self.timeout)
+                raise failure(exc, f"{payload.source} not sent", self.timeout) from None
+            line = failure(exc, f"{payload.source}: the upload's answer was lost", self.timeout)
             line.message += (f"; IPQS may have it as file_name {self.job.file_name}: check "
                              "`ipqs-bulkd jobs`; the duplicate guard keeps the content marked, "
                              "so if IPQS does not have it, send it with --no-duplicate-check")
             raise line from None
 
-    async def _send_until_known(self, client: IpqsClient) -> CsvJob:
-        # Jobs at or below this id existed before ours: lookups page back no further.
-        self.floor = await self.patience.call("lookup", client.newest_id)
-        for _ in range(MAX_SENDS):
-            try:
-                return await self.patience.call(
-                    "upload", lambda: self._send(client), retry_lost_answers=False)
-            except LostAnswerError as exc:
-                self.maybe_sent = True
-                self.reporter.note(f"{retry_note('upload', exc)}; looking it up before sending "
-                                   "again")
-            found = await self._lookup(client)
-            if found is not None:
-                self.reporter.note(f"found the upload at IPQS as job {found.id}")
-                return found
-            self.maybe_sent = False
-        raise TransientError(f"the answers to {MAX_SENDS} uploads were lost", cause="dropped")
-
-    async def _send(self, client: IpqsClient) -> CsvJob:
-        job, payload = self.job, self.payload
-        if payload.url is not None:
-            self.reporter.note(f"asking IPQS to fetch {payload.url}")
-            return await client.upload_url(job.type, payload.url, job.file_name)
-        assert payload.path is not None
-        if payload.method == "json":
-            rows = await asyncio.to_thread(read_rows, payload.path)
-            self.reporter.note(f"sending {len(rows)} rows of {payload.source} as JSON")
-            return await client.upload_rows(job.type, rows, job.file_name)
-        if payload.path.stat().st_size != payload.size:
+    async def _unchanged(self, job: Job) -> None:
+        payload = self.payload
+        if payload.method == "multipart" and payload.path is not None \
+                and payload.path.stat().st_size != payload.size:
             # Checked before every attempt: a write aborts an upload under way, and the
             # file sent must be the file hashed for the duplicate guard.
             raise CommandError(EXIT_FAILED, f"{payload.path}: not sent: the file changed "
                                             "after it was read")
-        self.reporter.upload_started(payload.source, payload.size)
-        try:
-            return await client.upload_file(
-                job.type, payload.path, job.file_name, progress=self.reporter.upload_progress)
-        finally:
-            self.reporter.upload_ended()
-
-    async def _lookup(self, client: IpqsClient) -> CsvJob | None:
-        """Is the upload at IPQS? Two "absent" answers, some seconds apart, say no."""
-        delay = self.config.upload.lookup_delay_seconds
-        job = self.job
-        for check in range(2):
-            await asyncio.sleep(delay if check else min(delay, 1.0))
-            found = await self.patience.call("lookup", functools.partial(
-                client.find, job.file_name, job.type, floor_id=self.floor))
-            if found is not None:
-                return found
-        return None
 
     def _accepted(self, answer: CsvJob) -> None:
         self.maybe_sent = False
-        self.job.id = answer.id
         self.guard.accepted(self.job)
         self.console.line(f"submitted {self.payload.source} ({self.job.type}) as IPQS job "
                           f"{answer.id}, file_name {self.job.file_name}, status {answer.status}")
 
-    async def _follow(self, client: IpqsClient) -> CsvJob:
+    async def _follow(self, talk: Conversation) -> CsvJob:
         """Poll the status until FINISHED (the daemon's intervals and deadline)."""
-        cfg = self.config.poll
         job_id = self.job.id
-        assert job_id is not None
-        interval = cfg.initial_seconds
-        deadline = time.monotonic() + cfg.deadline_hours * 3600
-        while True:
-            try:
-                answer = await self.patience.call("status", lambda: client.status(job_id))
-            except IpqsError as exc:
-                raise failure(exc, f"job {job_id} (submitted) status", self.timeout) from None
-            self.reporter.status(job_id, answer.status)
-            if answer.aborted is True or answer.status not in (*RUNNING_STATES, FINISHED, None):
-                raise CommandError(EXIT_FAILED, f"job {job_id}: IPQS reported status "
-                                                f"{answer.status!r} (aborted={answer.aborted})")
-            if answer.status == FINISHED:
-                return answer
-            if time.monotonic() > deadline:
-                raise CommandError(EXIT_FAILED, f"job {job_id}: not finished within "
-                                                f"{cfg.deadline_hours:g} h (poll.deadline_hours)")
-            await asyncio.sleep(interval)
-            interval = min(interval * cfg.factor, cfg.max_seconds)
-
-    async def _fetch(self, client: IpqsClient, answer: CsvJob, out: Path) -> dict[str, Path]:
-        saved: dict[str, Path] = {}
         try:
-            for name in self.config.results.sets:
-                answer, path = await self._download(client, name, answer, out)
-                if path is not None:
-                    saved[name] = path
+            answer, verdict = await talk.follow(self.job)
+        except IpqsError as exc:
+            raise failure(exc, f"job {job_id} (submitted) status", self.timeout) from None
+        if verdict in (Verdict.ABORTED, Verdict.UNKNOWN):
+            raise CommandError(EXIT_FAILED, f"job {job_id}: IPQS reported status "
+                                            f"{answer.status!r} (aborted={answer.aborted})")
+        if verdict is Verdict.OVERDUE:
+            raise CommandError(EXIT_FAILED, f"job {job_id}: not finished within "
+                                            f"{self.config.poll.deadline_hours:g} h "
+                                            "(poll.deadline_hours)")
+        return answer
+
+    async def _fetch(self, talk: Conversation, answer: CsvJob, out: Path) -> dict[str, Path]:
+        """Download each set beside a temporary name, then place it without clobbering."""
+        source = self.payload.source
+        saved: dict[str, Path] = {}
+        temporary: dict[str, Path] = {}
+
+        def target(name: str) -> Path:
+            return temporary.setdefault(
+                name, out / f".{source}.{name}.{secrets.token_hex(4)}.download")
+
+        async def placed(name: str, tmp: Path, size: int) -> None:
+            path = await asyncio.to_thread(place_no_clobber, tmp, out, f"{source}.{name}.csv")
+            self.reporter.note(f"result set {name}: {human_bytes(size)} -> {path}")
+            saved[name] = path
+
+        try:
+            await talk.fetch(self.job, answer, target, placed=placed)
         except IpqsError as exc:
             raise failure(exc, f"job {self.job.id}: results", self.timeout) from None
-        return saved
-
-    async def _download(self, client: IpqsClient, name: str, answer: CsvJob,
-                        out: Path) -> tuple[CsvJob, Path | None]:
-        """Fetch one result set; a refused one-time link is replaced by asking again."""
-        job_id = self.job.id
-        assert job_id is not None
-        tmp = out / f".{self.payload.source}.{name}.{secrets.token_hex(4)}.download"
-        try:
-            for refresh in range(MAX_LINK_REFRESHES + 1):
-                link = answer.downloads.get(name)
-                if link is None:
-                    self.reporter.note(f"result set {name}: empty")
-                    return answer, None
-                try:
-                    size = await self.patience.call(
-                        "download", functools.partial(client.download, link, tmp))
-                except RejectedError:
-                    if refresh == MAX_LINK_REFRESHES:
-                        raise
-                    answer = await self.patience.call("status", lambda: client.status(job_id))
-                    continue
-                path = await asyncio.to_thread(
-                    place_no_clobber, tmp, out, f"{self.payload.source}.{name}.csv")
-                self.reporter.note(f"result set {name}: {human_bytes(size)} -> {path}")
-                return answer, path
         finally:
-            await asyncio.to_thread(tmp.unlink, missing_ok=True)
-        raise AssertionError("unreachable: the loop returns or raises")
+            for tmp in temporary.values():
+                await asyncio.to_thread(tmp.unlink, missing_ok=True)
+        return saved
 
     def _report_results(self, answer: CsvJob, saved: dict[str, Path]) -> None:
         invalid = "-" if answer.invalid_records is None else answer.invalid_records
@@ -428,3 +362,34 @@ class Submission:
             self.console.line(f"  {name}: {path}")
         if not saved:
             self.console.line("  no result rows in the sets named in results.sets")
+
+    # -- what the conversation tells people ---------------------------------------------------
+
+    def sending(self, job: Job, note: str | None) -> None:
+        if note is not None:
+            self.reporter.note(note)
+
+    def upload_started(self, name: str, size: int) -> None:
+        self.reporter.upload_started(name, size)
+
+    def upload_progress(self, n_bytes: int) -> None:
+        self.reporter.upload_progress(n_bytes)
+
+    def upload_ended(self) -> None:
+        self.reporter.upload_ended()
+
+    def answer_lost(self, job: Job, exc: LostAnswerError) -> None:
+        self.maybe_sent = True
+        self.reporter.note(f"{retry_note('upload', exc)}; looking it up before sending again")
+
+    def looked_up(self, job: Job, found: CsvJob | None) -> None:
+        if found is None:
+            self.maybe_sent = False
+        else:
+            self.reporter.note(f"found the upload at IPQS as job {found.id}")
+
+    def status(self, job: Job) -> None:
+        self.reporter.status(job.id, job.status)
+
+    def note(self, text: str) -> None:
+        self.reporter.note(text)
