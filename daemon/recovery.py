@@ -1,0 +1,143 @@
+"""Recovery at start (and at each sweep): take over the jobs left in processing/ and resume
+each by the state it was saved in (the table is ``_RESUME`` at the end)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from daemon.job.state import JobState, advance, state_of
+from daemon.pipeline import Pipeline
+from daemon.poller import Poller
+from daemon.spool import JOB_FILE, Job
+from daemon.uploader import Uploader
+
+log = structlog.get_logger(__name__)
+
+
+class Recovery:
+    """Finds jobs that are ours to run and hands each to the stage its state calls for."""
+
+    def __init__(self, pipe: Pipeline, uploader: Uploader, poller: Poller,
+                 spawn: Callable[[Coroutine[Any, Any, None], Job], None]) -> None:
+        self.pipe = pipe
+        self.spool = pipe.spool
+        self.config = pipe.config
+        self.uploader = uploader
+        self.poller = poller
+        self.spawn = spawn
+
+    async def recover(self) -> None:
+        """Resume every job in processing/ that is ours to run (ours, or its owner died)."""
+        job_dirs = await asyncio.to_thread(lambda: list(self.spool.jobs()))
+        resumed = 0
+        for job_dir in job_dirs:
+            if job_dir.name in self.pipe.jobs:
+                continue
+            try:
+                job = await asyncio.to_thread(self._take_over, job_dir)
+            except OSError as exc:  # unreadable now (EIO, ESTALE...): try again next sweep
+                log.warning("job_unreadable", job=job_dir.name, error=str(exc))
+                continue
+            if job is not None and job.job not in self.pipe.jobs:
+                try:
+                    await self._resume(job)
+                except OSError as exc:  # disk trouble: the job waits for the next sweep
+                    log.warning("job_resume_failed", job=job.job, error=str(exc))
+                    continue
+                resumed += 1
+        if resumed:
+            log.info("jobs_recovered", count=resumed)
+
+    def _take_over(self, job_dir: Path) -> Job | None:
+        """The job in ``job_dir`` if we may run it and won it (blocking: run in a thread)."""
+        job = self.spool.load(job_dir)
+        if job is None:
+            self._broken_job(job_dir)
+            return None
+        if not self.spool.orphaned(job, job_dir):
+            return None
+        if job.owner == self.spool.owner.name:
+            return job
+        return self.spool.adopt(job_dir)
+
+    async def _resume(self, job: Job) -> None:
+        log.info("job_resumed", job=job.job, state=job.state, id=job.id)
+        await _RESUME[state_of(job)](self, job)
+
+    # What resuming does, per saved state (the table is _RESUME, below the class).
+
+    async def _resume_claimed(self, job: Job) -> None:
+        spool = self.spool
+        if not await asyncio.to_thread(spool.input_path(job).exists):
+            # Crash between writing the record and the claiming rename: the input is still
+            # in its inbox (or was never there); only the folder goes.
+            await asyncio.to_thread(spool.discard_dir, spool.job_dir(job))
+            return
+        await self._resume_upload(job)
+
+    async def _resume_upload(self, job: Job) -> None:
+        self.pipe.started(job)
+        self.spawn(self.uploader.process(job), job)
+
+    async def _resume_submitted(self, job: Job) -> None:
+        if job.id is None:
+            # Saved without its id: the upload's answer is as good as lost; look it up.
+            advance(job, JobState.UPLOADING)
+            await self._resume_upload(job)
+            return
+        await self._resume_follow(job)
+
+    async def _resume_follow(self, job: Job) -> None:
+        # A crash right after the id was saved may have kept it from the marker.
+        await asyncio.to_thread(self.spool.update_mark, job)
+        self.poller.track(job)
+
+    async def _resume_finish(self, job: Job) -> None:
+        self.pipe.started(job)
+        self.spawn(self.pipe.finish(job, job.outcome or "failed", job.reason, job.error),
+                        job)
+
+    async def _resume_return(self, job: Job) -> None:
+        await self.pipe.unclaim(job)
+
+    def _broken_job(self, job_dir: Path) -> None:
+        """A job folder without a record: fail its input, never resend it blindly.
+
+        Only once the folder is older than a lease: a moment after another daemon's mkdir,
+        its record is simply not written yet.
+        """
+        files = [p for p in job_dir.iterdir() if p.is_file() and not p.name.startswith(".")
+                 and not p.name.startswith(JOB_FILE)]
+        if not files:
+            # A claim that died before its record: the input never left the inbox. (Were
+            # it another daemon's claim under way, its rename now fails and the file stays.)
+            log.info("empty_job_removed", job=job_dir.name)
+            self.spool.discard_dir(job_dir)
+            return
+        if time.time() - job_dir.stat().st_mtime < self.config.upload.lease_seconds:
+            return
+        # The type is unknown without the record: the first configured one holds it.
+        job = Job(job=job_dir.name, type=self.config.spool.types[0], source=files[0].name,
+                  file_name="", method="multipart", owner=self.spool.owner.name,
+                  outcome="failed", reason="invalid-input",
+                  error="the job record was missing or unreadable; not re-sent, to avoid "
+                        "paying twice")
+        advance(job, JobState.FINISHING)
+        self.spool.finish(job)
+
+
+#: Recovery at start, driven by the state each job was saved in.
+_RESUME: dict[JobState, Callable[[Recovery, Job], Awaitable[None]]] = {
+    JobState.CLAIMED: Recovery._resume_claimed,
+    JobState.UPLOADING: Recovery._resume_upload,
+    JobState.SUBMITTED: Recovery._resume_submitted,
+    JobState.FETCHED: Recovery._resume_follow,
+    JobState.FINISHING: Recovery._resume_finish,
+    JobState.RETURNING: Recovery._resume_return,
+}
