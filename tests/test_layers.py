@@ -62,18 +62,19 @@ def test_the_import_reader_passes_the_lower_layers() -> None:
     assert reaches(imported(where, text=text), ABOVE_COMMANDS) == []
 
 
-def commands() -> list[object]:
-    # submit.py still takes FINISHED from the poller until the job layer owns the states;
-    # strict, so that the mark must go once the import does.
-    waiting = pytest.mark.xfail(strict=True, reason="submit imports daemon.poller.FINISHED "
-                                                    "until the job layer owns job states")
-    return [pytest.param(p, id=p.name, marks=[waiting] if p.name == "submit.py" else [])
-            for p in sorted((PACKAGE / "commands").glob("*.py"))]
+def commands() -> list[Path]:
+    return sorted((PACKAGE / "commands").glob("*.py"))
 
 
 @pytest.mark.parametrize("path", commands())
 def test_commands_never_import_the_stages_or_the_service(path: Path) -> None:
     assert reaches(imported(path), ABOVE_COMMANDS) == []
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "job").glob("*.py")), ids=lambda p: p.name)
+def test_the_job_layer_never_imports_stages_service_or_commands(path: Path) -> None:
+    # The stages and submit both use the job layer; it must not lean on either.
+    assert reaches(imported(path), (*ABOVE_COMMANDS, "daemon.commands", "daemon.cli")) == []
 
 
 @pytest.mark.parametrize("path", sorted((PACKAGE / "sandbox").rglob("*.py")),
