@@ -4,11 +4,13 @@ bookkeeping, and the one way a job ends (in done/ or failed/, with its summary l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import TypeVar
 
 import structlog
@@ -98,7 +100,7 @@ class Pipeline:
         while True:
             try:
                 advance(job, JobState.FINISHING)  # spool.finish saves it with final_name
-                record = await asyncio.to_thread(self.spool.finish, job)
+                record = await self._move(job)
                 break
             except OSError as exc:
                 log.error("finish_failed", job=job.job, error=str(exc), retry_in=delay)
@@ -110,6 +112,19 @@ class Pipeline:
         log.info("file_finished", type=job.type, source=job.source, id=job.id, rows=job.rows,
                  bytes=job.bytes, seconds=_seconds_since(job.claimed_at), outcome=outcome,
                  reason=reason, error=error, record=str(record))
+
+    async def _move(self, job: Job) -> Path:
+        """spool.finish in a thread. A thread cannot be stopped: if we are cancelled
+        meanwhile (shutdown), the move still completes, so wait for it and count the job
+        before passing the cancellation on; the bookkeeping then matches done/ and failed/."""
+        moving = asyncio.ensure_future(asyncio.to_thread(self.spool.finish, job))
+        try:
+            return await asyncio.shield(moving)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await moving
+                self._count(job, job.outcome or "failed", job.reason)
+            raise
 
     def _count(self, job: Job, outcome: str, reason: str | None) -> None:
         self.metrics.files.labels(job.type, outcome, reason or "").inc()

@@ -148,3 +148,10 @@ async def test_a_lost_upload_answer_takes_the_same_path_in_submit_as_in_the_daem
     assert path_of(daemon_logs) == path_of(submit_logs) == ["upload_answer_lost",
                                                               "upload_adopted"]
     assert sandbox.state.stats.faults["lost_answer"] == 2
+
+
+def test_the_states_are_the_ones_job_json_holds() -> None:
+    # spool (below the job layer) writes some states itself; the names must never drift.
+    from daemon import spool
+    assert {s.value for s in JobState} == {spool.CLAIMED, spool.UPLOADING, spool.SUBMITTED,
+                                           spool.FETCHED, spool.FINISHING, spool.RETURNING}
