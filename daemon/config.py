@@ -66,6 +66,7 @@ class ApiConfig(Section):
     key_in: Literal["path", "header"] = "path"
     connect_timeout: Seconds = 10.0
     read_timeout: Seconds = 60.0
+    total_timeout_seconds: Seconds = 120.0
     ca_bundle: Annotated[str, Readable()] = ""
     download_hosts: Annotated[tuple[str, ...], Host()] = ("downloads.ipqualityscore.com",)
     max_download_bytes: Annotated[int, Between(1, 1024 * GiB)] = 10 * GiB

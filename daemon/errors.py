@@ -8,11 +8,15 @@ exactly one place, :mod:`daemon.api`. The rest of the daemon decides by class al
   IPQS (the body went out, the answer never came back). An upload that ends like this must
   not be sent again before the list API shows that IPQS never received it.
 * :class:`RejectedError`: IPQS refuses this file; retrying the same request will not help.
-* :class:`AccountError`: the key is bad or the account has no credits; pause all uploads,
-  fail nothing.
+* :class:`AccountError`: the key is bad, the account has no credits, or a setting points
+  somewhere wrong (a redirect, a refused download host); pause all uploads, fail nothing.
+
+``maybe_sent`` is true on any error after which IPQS may hold a job for the request (always
+for :class:`LostAnswerError`; also for an :class:`AccountError` raised for a redirect that
+answered an upload whose body had gone out): look the job up before sending it again.
 
 No message built here may contain the API key: callers pass IPQS's own message, which the
-client scrubs first (:func:`daemon.api.scrub`).
+client scrubs first (:meth:`daemon.api.IpqsClient.scrub`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ from __future__ import annotations
 
 class IpqsError(Exception):
     """Base class: an IPQS call did not produce a usable answer."""
+
+    #: The request may have reached IPQS and created a job (see the module docstring).
+    maybe_sent = False
+    #: The HTTP status of the answer that caused it, when that alone decided.
+    http_status: int | None = None
 
     def __init__(self, message: str, *, request_id: str | None = None) -> None:
         super().__init__(message)
@@ -49,7 +58,10 @@ class TransientError(IpqsError):
 
 
 class LostAnswerError(TransientError):
-    """The request was sent but no answer arrived: IPQS may or may not have acted on it."""
+    """The request was sent but no readable answer arrived: IPQS may or may not have acted
+    on it (no answer, a timeout, an unreadable body, a 5xx from a gateway)."""
+
+    maybe_sent = True
 
 
 class RejectedError(IpqsError):
