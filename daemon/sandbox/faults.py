@@ -8,8 +8,12 @@ Per request, in this order:
    done), ``error_5xx_rate`` (500, 502 or 503 with a short HTML body, like a proxy in
    front of IPQS), ``rate_limit_403_rate`` (IPQS's documented rate-limit convention, JSON
    ``success: false``) and ``rate_limit_429_rate``; both rate limits send Retry-After.
+   Before those draws, ``keyless_status = false`` answers the key-less status form 404,
+   and ``redirect_to`` answers 302 to another host (nothing is done).
 3. The handler. Uploads then draw ``lost_answer_rate`` after the job is created (when
    ``upload`` is in ``faults.operations``) and, if it hits, close without answering.
+4. The odd-answer knobs of :mod:`daemon.sandbox.odd` reshape what the handler answered
+   (BOM, JSONP, HTML page, string booleans, status case, missing downloads, trickling...).
 
 ``invalid_key`` and ``credits`` act inside the handlers, as IPQS answers them;
 ``account_missing`` makes the account API answer 404 (see :mod:`.account`).
@@ -27,8 +31,8 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon.sandbox import answers
-from daemon.sandbox.settings import RATE_KNOBS, Faults
+from daemon.sandbox import answers, odd
+from daemon.sandbox.settings import CHOICE_KNOBS, RATE_KNOBS, Faults
 from daemon.sandbox.state import SANDBOX, SandboxState
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -43,13 +47,17 @@ class DropConnection(Exception):
     """Raised while handling an API request to close the connection without an answer."""
 
 
+def _route(request: web.Request) -> str | None:
+    resource = request.match_info.route.resource
+    return resource.name if resource is not None else None
+
+
 def operation_of(request: web.Request) -> str | None:
     """``upload``, ``status``, ``list`` or ``download`` for API routes; None otherwise.
 
     API resources are named ``<operation>:<shape>`` when the routes are added.
     """
-    resource = request.match_info.route.resource
-    name = resource.name if resource is not None else None
+    name = _route(request)
     return name.partition(":")[0] if name and ":" in name else None
 
 
@@ -63,7 +71,9 @@ async def fault_middleware(request: web.Request, handler: Handler) -> web.Stream
     state.stats.requests[operation] += 1
     try:
         injected = await _inject(request, state, operation)
-        return injected if injected is not None else await handler(request)
+        if injected is not None:
+            return injected
+        return await odd.reshape(request, state, operation, await handler(request))
     except DropConnection:
         return _drop(request)
     # The client went away mid-request: reading the body fails under run_app's default,
@@ -83,8 +93,15 @@ async def _inject(
     if faults.outage:
         state.fired("outage")
         raise DropConnection
+    if not faults.keyless_status and _route(request) == "status:keyless":
+        state.fired("keyless_status_404")
+        return web.Response(status=404, text="404: Not Found")
     if operation not in faults.operations:
         return None
+    if faults.redirect_to:
+        state.fired("redirect")
+        location = faults.redirect_to.rstrip("/") + request.path_qs
+        return web.Response(status=302, headers={"Location": location})
     if faults.latency_ms > 0:
         state.fired("latency")
         await asyncio.sleep(faults.latency_ms / 1000)
@@ -163,6 +180,21 @@ def _operations(value: object) -> frozenset[str]:
     return frozenset(value)
 
 
+def _choice(name: str) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        if value not in CHOICE_KNOBS[name]:
+            raise ValueError(f"must be one of: {', '.join(CHOICE_KNOBS[name])}")
+        return str(value)
+
+    return convert
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
 def _seed(value: object) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise ValueError("must be a whole number or null")
@@ -180,6 +212,13 @@ _KNOBS: dict[str, Callable[[object], Any]] = {
     "outage": _flag,
     "operations": _operations,
     "seed": _seed,
+    **{name: _choice(name) for name in CHOICE_KNOBS},
+    "finished_status": _text,
+    "truncate_downloads": _flag,
+    "odd_answers": _count_or_none,
+    "redirect_to": _text,
+    "trickle_ms": _non_negative,
+    "keyless_status": _flag,
 }
 
 

@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 from aiohttp import hdrs, web
 
-from daemon.sandbox import answers
+from daemon.sandbox import answers, odd
 from daemon.sandbox.faults import DropConnection
 from daemon.sandbox.receive import (
     Incoming,
@@ -224,6 +224,9 @@ async def download(request: web.Request) -> web.StreamResponse:
         hdrs.CONTENT_DISPOSITION: f"attachment; filename*=UTF-8''{quote(link.file_name)}",
         "X-Powered-By": answers.POWERED_BY,
     }
+    odd_answer = await odd.odd_download(request, state, headers, link.path)
+    if odd_answer is not None:
+        return odd_answer
     # Streamed by hand rather than with FileResponse, so the file is closed even when the
     # client goes away mid-transfer (a daemon killed during a download).
     response = web.StreamResponse(headers=headers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from daemon.sandbox.settings import OPERATIONS, Faults, SandboxSettings
+from daemon.sandbox.settings import CHOICE_KNOBS, OPERATIONS, Faults, SandboxSettings
 
 
 def _non_negative(text: str) -> float:
@@ -55,6 +55,18 @@ _RATE_HELP = {
 }
 
 
+def _base_url(text: str) -> str:
+    if text and not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"must be an http(s) URL: {text}")
+    return text
+
+
+def _word(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the sandbox flags: where to listen, timing knobs and one flag per fault knob."""
     defaults, knobs = SandboxSettings(), Faults()
@@ -98,11 +110,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_operations,
         default=OPERATIONS,
         metavar="OPS",
-        help="comma-separated operations the rate faults and latency apply to: "
+        help="comma-separated operations the rate faults, latency and odd answers apply to: "
              f"{', '.join(sorted(OPERATIONS))} (default: all)",
     )
     faults.add_argument("--seed", type=int, help="seed for reproducible fault draws "
                         "(default: a random seed)")
+    _add_odd_answers(parser)
+
+
+def _add_odd_answers(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "odd answers (what CDNs, gateways and an untidy IPQS may send; see daemon.sandbox.odd)")
+    knobs = Faults()
+    helps = {
+        "answer_form": "wrap or replace API answers (html: a 200 text/html page, also on "
+                       "downloads)",
+        "booleans": "how success and aborted are written",
+        "status_case": "the case of status values",
+        "downloads_form": "a FINISHED status answer without downloads, or with []",
+    }
+    for name, words in CHOICE_KNOBS.items():
+        group.add_argument(_flag(name), choices=words, default=getattr(knobs, name),
+                           help=helps[name])
+    group.add_argument("--finished-status", type=_word, default=knobs.finished_status,
+                       help="the word for a finished job (e.g. COMPLETED)")
+    group.add_argument("--truncate-downloads", action="store_true",
+                       help="send downloads without Content-Length, cut mid-line half-way")
+    group.add_argument("--odd-answers", type=_credits,
+                       help="how many answers --answer-form, --downloads-form and "
+                       "--truncate-downloads act on (default: all)")
+    group.add_argument("--redirect-to", type=_base_url, default="", metavar="URL",
+                       help="answer 302 to this base URL (path kept)")
+    group.add_argument("--trickle-ms", type=_non_negative, default=knobs.trickle_ms,
+                       help="send answers one byte every N ms")
+    group.add_argument("--refuse-keyless-status", action="store_true",
+                       help="answer the key-less /status/{id} form with 404")
 
 
 def _flag(name: str) -> str:
@@ -125,6 +167,16 @@ def settings_from_args(ns: argparse.Namespace) -> SandboxSettings:
         outage=ns.outage,
         operations=ns.fault_operations,
         seed=ns.seed,
+        answer_form=ns.answer_form,
+        booleans=ns.booleans,
+        status_case=ns.status_case,
+        finished_status=ns.finished_status,
+        downloads_form=ns.downloads_form,
+        truncate_downloads=ns.truncate_downloads,
+        odd_answers=ns.odd_answers,
+        redirect_to=ns.redirect_to,
+        trickle_ms=ns.trickle_ms,
+        keyless_status=not ns.refuse_keyless_status,
     )
     return SandboxSettings(
         key=ns.key,

@@ -29,6 +29,15 @@ RATE_KNOBS = (
 )
 
 
+#: Knobs that take one of a few words, with the words they take (the first is the default).
+CHOICE_KNOBS: dict[str, tuple[str, ...]] = {
+    "answer_form": ("json", "bom", "jsonp", "junk", "html", "empty"),
+    "booleans": ("json", "string", "number"),
+    "status_case": ("upper", "lower", "title"),
+    "downloads_form": ("object", "missing", "empty_list"),
+}
+
+
 @dataclass
 class Faults:
     """Fault knobs; mutable at runtime. Every ``*_rate`` is a probability from 0 to 1.
@@ -49,13 +58,34 @@ class Faults:
     outage: bool = False
     operations: frozenset[str] = OPERATIONS
     seed: int | None = None
+    # Odd answers (see daemon.sandbox.odd): what real answers look like after CDNs,
+    # gateways and firewalls, or from a less tidy IPQS.
+    answer_form: str = "json"
+    booleans: str = "json"
+    status_case: str = "upper"
+    finished_status: str = "FINISHED"
+    downloads_form: str = "object"
+    truncate_downloads: bool = False
+    odd_answers: int | None = None
+    redirect_to: str = ""
+    trickle_ms: float = 0
+    keyless_status: bool = True
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first knob that is out of range."""
         for name in RATE_KNOBS:
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be between 0 and 1")
-        for name in ("latency_ms", "retry_after_seconds"):
+        for name, words in CHOICE_KNOBS.items():
+            if getattr(self, name) not in words:
+                raise ValueError(f"{name} must be one of: {', '.join(words)}")
+        if not self.finished_status.strip():
+            raise ValueError("finished_status must not be empty")
+        if self.odd_answers is not None and self.odd_answers < 0:
+            raise ValueError("odd_answers must not be negative")
+        if self.redirect_to and not self.redirect_to.startswith(("http://", "https://")):
+            raise ValueError("redirect_to must be an http(s) URL or empty")
+        for name in ("latency_ms", "retry_after_seconds", "trickle_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if self.credits is not None and self.credits < 0:
