@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -274,6 +275,12 @@ ODD_ANSWERS: dict[str, tuple[int, str, str]] = {
     "soft-200": (200, "application/json", '{"message": "Please try again later."}'),
     "account-word": (200, "application/json",
                      '{"success": false, "message": "Row 3: account number malformed"}'),
+    "balance": (200, "application/json",
+                '{"success": false, "message": "Your account balance is too low."}'),
+    "http-402": (402, "text/plain", "Payment Required"),
+    "bare-false": (200, "application/json", '{"success": false, "request_id": "abc"}'),
+    "false-with-id": (200, "application/json", '{"success": "false", "id": 77}'),
+    "garbage": (200, "text/plain", "\x00\x01 not json"),
 }
 
 
@@ -304,8 +311,12 @@ async def odd_ipqs() -> AsyncIterator[str]:
     ("timeout-408", TransientError),
     ("proxy-407", AccountError),
     ("json-413", RejectedError),      # not a "soft failure": only HTTP 200 carries those
-    ("soft-200", TransientError),
+    ("soft-200", TransientError),     # "try again later": IPQS made nothing
     ("account-word", RejectedError),  # a word about one file must not pause everything
+    ("balance", AccountError),
+    ("http-402", AccountError),
+    ("bare-false", RejectedError),
+    ("garbage", LostAnswerError),
 ])
 async def test_odd_answers_to_an_upload(odd_ipqs: str, csv_file: Path, case: str,
                                         expected: type[Exception]) -> None:
@@ -324,3 +335,273 @@ async def test_a_dead_download_link_is_refused_not_an_account_error(odd_ipqs: st
     async with IpqsClient(f"{odd_ipqs}/timeout-408/api", FAKE_KEY) as client:
         with pytest.raises(TransientError):
             await client.download(f"{odd_ipqs}/timeout-408/download?download=x", tmp_path / "r")
+
+
+# -- answers IPQS might really give (issue 20), each from the sandbox's odd-answer knobs --
+
+
+@pytest.fixture
+async def other_host() -> AsyncIterator[OtherHost]:
+    """A second loopback listener: where redirects point. It counts what reaches it."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    seen: list[dict[str, str]] = []
+
+    async def anything(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        return web.Response(body=b"ip,score\r\n1.2.3.4,5\r\n", content_type="text/csv")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", anything)
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        yield OtherHost(server.port or 0, seen)
+    finally:
+        await server.close()
+
+
+@dataclass
+class OtherHost:
+    port: int
+    seen: list[dict[str, str]]
+
+
+async def _finished_link(client: IpqsClient, csv_file: Path, name: str) -> tuple[int, str]:
+    job = await client.upload_file("email", csv_file, name)
+    assert job.id is not None
+    link = (await client.status(job.id)).downloads["all"]
+    assert link is not None
+    return job.id, link
+
+
+@pytest.mark.parametrize("form", ["bom", "junk", "jsonp"])
+async def test_a_wrapped_json_answer_is_read(client: IpqsClient, sandbox: Sandbox,
+                                             csv_file: Path, form: str) -> None:
+    sandbox.state.faults.answer_form = form
+    job = await client.upload_file("email", csv_file, f"wrapped-{form}")
+    assert job.id is not None and job.status == "NEW"
+    assert (await client.status(job.id)).finished
+    assert len(sandbox.uploads()) == 1
+    assert sandbox.state.stats.faults[f"answer_{form}"] == 2
+
+
+@pytest.mark.parametrize("form", ["html", "empty"])
+async def test_an_unreadable_answer_to_a_sent_upload_is_a_lost_answer(
+        client: IpqsClient, sandbox: Sandbox, csv_file: Path, form: str) -> None:
+    sandbox.state.faults.answer_form = form
+    sandbox.state.faults.operations = frozenset({"upload"})
+    with pytest.raises(LostAnswerError) as caught:
+        await client.upload_file("email", csv_file, f"unreadable-{form}")
+    assert caught.value.cause == "invalid_answer" and caught.value.maybe_sent
+    assert FAKE_KEY not in str(caught.value)
+    # IPQS made the job: the lookup the caller must do first finds it.
+    [upload] = sandbox.uploads()
+    found = await client.find(f"unreadable-{form}", "email")
+    assert found is not None and found.id == upload["id"]
+
+
+@pytest.mark.parametrize("form", ["html", "empty"])
+async def test_an_unreadable_status_answer_is_transient(client: IpqsClient, sandbox: Sandbox,
+                                                         csv_file: Path, form: str) -> None:
+    job = await client.upload_file("email", csv_file, "status-page")
+    assert job.id is not None
+    sandbox.state.faults.answer_form = form
+    with pytest.raises(TransientError) as caught:
+        await client.status(job.id)
+    assert type(caught.value) is TransientError and caught.value.cause == "invalid_answer"
+
+
+async def test_a_5xx_to_a_sent_upload_is_a_lost_answer(client: IpqsClient, sandbox: Sandbox,
+                                                       csv_file: Path) -> None:
+    sandbox.state.faults.error_5xx_rate = 1.0
+    sandbox.state.faults.operations = frozenset({"upload"})
+    with pytest.raises(LostAnswerError) as caught:
+        await client.upload_file("email", csv_file, "gateway")
+    assert caught.value.cause == "http_5xx"
+    sandbox.state.faults.operations = frozenset({"list"})
+    with pytest.raises(TransientError) as listed:
+        await client.list()
+    assert not isinstance(listed.value, LostAnswerError)
+
+
+@pytest.mark.parametrize("style", ["string", "number"])
+async def test_booleans_as_strings_or_numbers_are_read(client: IpqsClient, sandbox: Sandbox,
+                                                      csv_file: Path, style: str) -> None:
+    sandbox.state.faults.booleans = style
+    job = await client.upload_file("email", csv_file, f"bools-{style}")
+    assert job.id is not None  # accepted, never "rejected: Success"
+    done = await client.status(job.id)
+    assert done.finished and done.aborted is False
+    [listed] = (await client.list("email")).csvs
+    assert listed.aborted is False and len(sandbox.uploads()) == 1
+
+
+@pytest.mark.parametrize(("case", "word"), [("lower", "FINISHED"), ("upper", "COMPLETED"),
+                                            ("title", "Completed")])
+async def test_status_words_are_read_whatever_their_case(client: IpqsClient, sandbox: Sandbox,
+                                                        csv_file: Path, case: str,
+                                                        word: str) -> None:
+    sandbox.state.faults.status_case = case
+    sandbox.state.faults.finished_status = word
+    job = await client.upload_file("email", csv_file, "cased")
+    assert job.id is not None and job.status == "NEW"
+    done = await client.status(job.id)
+    assert done.status == "FINISHED" and done.finished and done.links_complete
+    assert done.raw_status is not None and done.raw_status != "FINISHED"
+
+
+@pytest.mark.parametrize("form", ["missing", "empty_list"])
+async def test_a_finished_answer_without_its_downloads_is_incomplete(
+        client: IpqsClient, sandbox: Sandbox, csv_file: Path, form: str) -> None:
+    job = await client.upload_file("email", csv_file, "no-links")
+    assert job.id is not None
+    sandbox.state.faults.downloads_form = form
+    sandbox.state.faults.odd_answers = 1
+    odd = await client.status(job.id)
+    assert odd.finished and odd.downloads == {}
+    assert not odd.links_complete and not odd.links_complete_for(("all",))
+    again = await client.status(job.id)  # what the caller does: ask again
+    assert again.links_complete and again.downloads["all"] is not None
+
+
+def test_explicit_nulls_are_an_answer_missing_sets_are_not() -> None:
+    nulls = CsvJob.from_answer({"id": 1, "status": "FINISHED",
+                                "downloads": {"pristine": None, "clean": None, "bad": None,
+                                              "all": None}})
+    assert nulls.links_complete and nulls.downloads == dict.fromkeys(nulls.downloads_known)
+    partial = CsvJob.from_answer({"id": 1, "status": "FINISHED", "downloads": {"all": None}})
+    assert partial.links_complete_for(("all",)) and not partial.links_complete_for(("bad",))
+    linked = CsvJob.from_answer({"id": 1, "status": "Whatever", "downloads": {"all": "https://x"}})
+    assert linked.finished  # a link comes only with a finished job
+
+
+@pytest.mark.parametrize("key_in", ["path", "header"])
+async def test_api_redirects_are_never_followed(sandbox: Sandbox, csv_file: Path,
+                                                other_host: OtherHost, key_in: str) -> None:
+    sandbox.state.faults.redirect_to = f"http://localhost:{other_host.port}"
+    async with IpqsClient(sandbox.api_base, FAKE_KEY, key_in=key_in) as client:
+        with pytest.raises(AccountError) as upload:
+            await client.upload_file("email", csv_file, "moved")
+        with pytest.raises(AccountError) as status:
+            await client.status(1)
+        with pytest.raises(AccountError):
+            await client.list()
+    assert other_host.seen == [] and sandbox.uploads() == []
+    for caught in (upload.value, status.value):
+        text = str(caught)
+        assert "host localhost" in text and "/api" not in text and FAKE_KEY not in text
+    assert upload.value.maybe_sent and not status.value.maybe_sent
+
+
+async def test_a_redirect_to_a_host_never_resolved_is_refused(client: IpqsClient,
+                                                             sandbox: Sandbox) -> None:
+    sandbox.state.faults.redirect_to = "http://never-resolved.invalid"
+    with pytest.raises(AccountError, match=r"never-resolved\.invalid"):
+        await client.list()
+
+
+async def test_download_redirects_are_checked_at_every_hop(sandbox: Sandbox, csv_file: Path,
+                                                           other_host: OtherHost,
+                                                           tmp_path: Path) -> None:
+    async with IpqsClient(sandbox.api_base, FAKE_KEY, key_in="header") as client:
+        _, link = await _finished_link(client, csv_file, "hops")
+        sandbox.state.faults.operations = frozenset({"download"})
+        sandbox.state.faults.redirect_to = f"http://localhost:{other_host.port}"
+        with pytest.raises(AccountError, match="redirected to http://localhost refused"):
+            await client.fetch(link, tmp_path / "hops.csv")
+        assert other_host.seen == [] and not (tmp_path / "hops.csv").exists()
+        # A hop to an allowed host (the API's own, 127.0.0.1) is followed, without the key.
+        sandbox.state.faults.redirect_to = f"http://127.0.0.1:{other_host.port}"
+        saved = await client.fetch(link, tmp_path / "hops.csv")
+    assert saved.lines == 2 and saved.data_rows == 1
+    [request] = other_host.seen
+    assert "IPQS-KEY" not in request and FAKE_KEY not in str(request)
+
+
+async def test_a_download_is_checked_before_it_is_kept(client: IpqsClient, sandbox: Sandbox,
+                                                       csv_file: Path, tmp_path: Path) -> None:
+    job_id, link = await _finished_link(client, csv_file, "checked")
+    dest = tmp_path / "checked.csv"
+    sandbox.state.faults.operations = frozenset({"download"})
+    sandbox.state.faults.truncate_downloads = True
+    with pytest.raises(TransientError, match="mid-line"):
+        await client.fetch(link, dest)
+    sandbox.state.faults.truncate_downloads = False
+    sandbox.state.faults.answer_form = "html"
+    with pytest.raises(TransientError, match="HTML"):
+        await client.fetch((await client.status(job_id)).downloads["all"] or "", dest)
+    assert list(tmp_path.glob("*checked*")) == []
+    assert sandbox.state.stats.faults["truncated_download"] == 1
+    sandbox.state.faults.answer_form = "json"
+    saved = await client.fetch((await client.status(job_id)).downloads["all"] or "", dest)
+    # 6 input rows, one header line: what a caller compares with the input's rows.
+    assert (saved.lines, saved.data_rows, saved.bytes) == (7, 6, dest.stat().st_size)
+
+
+async def test_a_trickling_answer_is_cut_by_the_overall_limit(sandbox: Sandbox,
+                                                              csv_file: Path,
+                                                              tmp_path: Path) -> None:
+    from daemon.config import load_config
+
+    config = load_config(None, {"IPQS_API_KEY": FAKE_KEY,
+                                "IPQS_BULKD_API_BASE_URL": sandbox.api_base,
+                                "IPQS_BULKD_API_TOTAL_TIMEOUT_SECONDS": "0.4"})
+    assert config.api.total_timeout_seconds == 0.4
+    loop = asyncio.get_running_loop()
+    async with IpqsClient.from_config(config.api) as client:
+        job_id, link = await _finished_link(client, csv_file, "trickle")
+        sandbox.state.faults.trickle_ms = 50  # each byte well within api.read_timeout
+        for call, lost in ((lambda: client.status(job_id), False),
+                           (lambda: client.upload_file("email", csv_file, "t2"), True),
+                           (lambda: client.fetch(link, tmp_path / "t.csv"), False)):
+            started = loop.time()
+            with pytest.raises(TransientError) as caught:
+                await call()
+            assert caught.value.cause == "timeout"
+            assert isinstance(caught.value, LostAnswerError) is lost
+            assert loop.time() - started < 3.0
+    assert sandbox.state.stats.faults["trickle"] == 3
+
+
+async def test_a_refused_keyless_status_falls_back_to_the_path_form_once(
+        sandbox: Sandbox, csv_file: Path) -> None:
+    from structlog.testing import capture_logs
+
+    sandbox.state.faults.keyless_status = False
+    async with IpqsClient(sandbox.api_base, FAKE_KEY, key_in="header") as client:
+        job = await client.upload_file("email", csv_file, "fallback")
+        assert job.id is not None
+        with capture_logs() as logs:
+            assert (await client.status(job.id)).finished
+            assert (await client.status(job.id)).finished
+    assert [e["event"] for e in logs] == ["status_url_fallback"]
+    assert sandbox.state.stats.faults["keyless_status_404"] == 1
+    assert FAKE_KEY not in str(logs)
+
+
+def test_lenient_reading() -> None:
+    from daemon.api.answers import as_bool, read_json, retry_after
+
+    assert [as_bool(v) for v in (True, 1, "true", " TRUE ", "1", False, 0, "false", "0")] == \
+        [True] * 5 + [False] * 4
+    assert [as_bool(v) for v in (None, 2, "yes", [], 1.0)] == [None] * 5
+    assert read_json('\ufeff{"a": 1}') == {"a": 1}
+    assert read_json('cb({"a": 1});') == {"a": 1}
+    assert read_json('{"a": 1}\n<!-- x -->') == {"a": 1}
+    assert read_json("<html></html>") is None and read_json("") is None
+    assert read_json("[1]") is None
+    assert retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now=1445412500.0) == 10.0
+    assert retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now=1445412600.0) == 0.0
+    assert retry_after("2.5") == 2.5 and retry_after("soon") is None
+
+
+async def test_a_bare_failure_keeps_an_excerpt_and_an_id_is_never_a_refusal(
+        odd_ipqs: str, csv_file: Path) -> None:
+    async with IpqsClient(f"{odd_ipqs}/bare-false/api", FAKE_KEY) as client:
+        with pytest.raises(RejectedError, match='request_id": "abc"'):
+            await client.upload_file("email", csv_file, "bare")
+    async with IpqsClient(f"{odd_ipqs}/false-with-id/api", FAKE_KEY) as client:
+        assert (await client.upload_file("email", csv_file, "has-id")).id == 77
+        assert (await client.status(77)).id == 77
