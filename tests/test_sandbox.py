@@ -950,6 +950,119 @@ async def test_latency_delays_api_answers_only(sandbox, http):
     assert (await admin(http, sandbox.url, "stats"))["faults"] == {"latency": 1}
 
 
+# -- odd answers --------------------------------------------------------------------
+
+
+async def _raw_upload(http: Session, base: str, name: str) -> tuple[int, str, bytes]:
+    url = f"{base}/api/json/csv/{TEST_KEY}/email/upload"
+    async with http.post(url, data=csv_form(EMAILS), params={"file_name": name},
+                         allow_redirects=False) as response:
+        return response.status, response.headers.get("Content-Type", ""), await response.read()
+
+
+@pytest.mark.parametrize(("form", "check"), [
+    ("bom", lambda body: body.startswith(b"\xef\xbb\xbf{")),
+    ("jsonp", lambda body: body.startswith(b"callback({") and body.endswith(b"});")),
+    ("junk", lambda body: body.startswith(b"{") and body.rstrip().endswith(b"-->")),
+    ("html", lambda body: body.startswith(b"<!DOCTYPE html>")),
+    ("empty", lambda body: body == b""),
+])
+async def test_answer_forms_act_after_the_job_is_made(sandbox, http, form, check):
+    sandbox.state.faults.answer_form = form
+    status_code, content_type, body = await _raw_upload(http, sandbox.url, f"f-{form}")
+    assert status_code == 200 and check(body)
+    assert content_type.startswith("text/html") == (form == "html")
+    assert [u["file_name"] for u in sandbox.state.uploads] == [f"f-{form}"]
+    assert (await admin(http, sandbox.url, "stats"))["faults"] == {f"answer_{form}": 1}
+
+
+async def test_booleans_and_status_words_change_their_style(sandbox, http):
+    await admin(http, sandbox.url, "faults", {"booleans": "string", "status_case": "title",
+                                              "finished_status": "COMPLETED"})
+    _, _, body = await _raw_upload(http, sandbox.url, "styled")
+    job = json.loads(body)
+    assert (job["success"], job["status"], job["aborted"]) == ("true", "New", None)
+    done = await status(http, sandbox.url, job["id"])
+    assert (done["success"], done["status"], done["aborted"]) == ("true", "Completed", "false")
+    sandbox.state.faults.booleans = "number"
+    listed = await call(http, "GET", f"{sandbox.url}/api/json/csv/{TEST_KEY}/list")
+    assert listed["success"] == 1 and listed["csvs"][0]["aborted"] == 0
+
+
+@pytest.mark.parametrize(("form", "shape"), [("missing", None), ("empty_list", [])])
+async def test_finished_answers_can_lack_their_downloads(sandbox, http, form, shape):
+    job = await upload(http, sandbox.url)
+    await admin(http, sandbox.url, "faults", {"downloads_form": form, "odd_answers": 1})
+    odd = await status(http, sandbox.url, job["id"])
+    assert odd["status"] == "FINISHED" and odd.get("downloads") == shape
+    whole = await status(http, sandbox.url, job["id"])  # the count is used up
+    assert whole["downloads"]["all"].startswith(sandbox.url)
+    assert sandbox.state.faults.odd_answers == 0
+
+
+async def test_a_truncated_download_has_no_length_and_ends_mid_line(sandbox, http):
+    job = await upload(http, sandbox.url)
+    links = (await status(http, sandbox.url, job["id"]))["downloads"]
+    sandbox.state.faults.truncate_downloads = True
+    sandbox.state.faults.odd_answers = 1
+    async with http.get(links["all"]) as response:
+        assert "Content-Length" not in response.headers
+        assert "Transfer-Encoding" not in response.headers
+        cut = await response.read()
+    whole = (await fetch(http, (await status(http, sandbox.url, job["id"]))["downloads"]["all"]))
+    assert whole[0] == 200 and whole[2].startswith(cut) and len(cut) < len(whole[2])
+    assert not cut.endswith(b"\n")
+
+
+async def test_a_download_can_be_an_html_page(sandbox, http):
+    job = await upload(http, sandbox.url)
+    links = (await status(http, sandbox.url, job["id"]))["downloads"]
+    sandbox.state.faults.answer_form = "html"
+    code, content_type, body = await fetch(http, links["all"])
+    assert (code, content_type.split(";")[0]) == (200, "text/html") and b"<html>" in body
+
+
+async def test_trickled_answers_take_a_byte_per_interval(sandbox, http):
+    sandbox.state.faults.trickle_ms = 2
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    listed = await call(http, "GET", f"{sandbox.url}/api/json/csv/{TEST_KEY}/list")
+    size = len(json.dumps(listed))
+    assert loop.time() - started >= size * 0.002 * 0.9
+    assert (await admin(http, sandbox.url, "stats"))["faults"] == {"trickle": 1}
+
+
+async def test_redirects_point_elsewhere_and_do_nothing(sandbox, http):
+    sandbox.state.faults.redirect_to = "http://other.invalid/"
+    status_code, _, _ = await _raw_upload(http, sandbox.url, "moved")
+    url = f"{sandbox.url}/api/json/csv/{TEST_KEY}/status/1?x=1"
+    async with http.get(url, allow_redirects=False) as response:
+        assert response.status == 302
+        assert response.headers["Location"] == f"http://other.invalid/api/json/csv/{TEST_KEY}/status/1?x=1"
+    assert status_code == 302 and sandbox.state.uploads == []
+
+
+async def test_the_keyless_status_form_can_be_refused(sandbox, http):
+    job = await upload(http, sandbox.url)
+    sandbox.state.faults.keyless_status = False
+    keyless = f"{sandbox.url}/api/json/csv/status/{job['id']}"
+    async with http.get(keyless, headers={"IPQS-KEY": TEST_KEY}) as response:
+        assert response.status == 404
+    assert (await status(http, sandbox.url, job["id"]))["success"] is True
+
+
+async def test_odd_answer_knobs_are_validated(sandbox, http):
+    for body in ({"answer_form": "xml"}, {"booleans": True}, {"finished_status": 3},
+                 {"redirect_to": "ftp://x"}, {"trickle_ms": -1}, {"odd_answers": -2},
+                 {"keyless_status": "no"}, {"finished_status": " "}):
+        async with http.post(f"{sandbox.url}/_sandbox/faults", json=body) as response:
+            assert response.status == 400, body
+    changed = await admin(http, sandbox.url, "faults", {"answer_form": "bom", "odd_answers": 2})
+    assert (changed["answer_form"], changed["odd_answers"]) == ("bom", 2)
+    await admin(http, sandbox.url, "reset", {})
+    assert sandbox.state.faults.answer_form == "json"
+
+
 # -- admin --------------------------------------------------------------------------
 
 
@@ -1112,7 +1225,18 @@ def test_command_line_flags_build_settings():
         retry_after_seconds=3, operations=frozenset({"upload", "status"}),
         account_missing=True,
     )
-    for bad in (["--drop-rate", "2"], ["--credits", "-1"], ["--fault-operations", "poll"]):
+    odd = settings_from_args(parser.parse_args([
+        "--answer-form", "html", "--booleans", "string", "--status-case", "lower",
+        "--finished-status", "COMPLETED", "--downloads-form", "missing", "--odd-answers", "2",
+        "--truncate-downloads", "--redirect-to", "http://127.0.0.1:9", "--trickle-ms", "5",
+        "--refuse-keyless-status",
+    ])).faults
+    assert odd == Faults(answer_form="html", booleans="string", status_case="lower",
+                         finished_status="COMPLETED", downloads_form="missing", odd_answers=2,
+                         truncate_downloads=True, redirect_to="http://127.0.0.1:9",
+                         trickle_ms=5, keyless_status=False)
+    for bad in (["--drop-rate", "2"], ["--credits", "-1"], ["--fault-operations", "poll"],
+                ["--answer-form", "xml"], ["--redirect-to", "ftp://x"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
 
