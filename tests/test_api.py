@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tenacity import RetryCallState
 
-from daemon.api import CsvJob, IpqsClient
+from daemon.api import CsvJob, IpqsClient, make_client
 from daemon.errors import AccountError, LostAnswerError, RejectedError, TransientError
 from daemon.retry import backoff, retrying
 from tests.support import FAKE_KEY, Sandbox, emails, quick_settings, sandbox_server, sha256
@@ -550,7 +550,7 @@ async def test_a_trickling_answer_is_cut_by_the_overall_limit(sandbox: Sandbox,
                                 "IPQS_BULKD_API_TOTAL_TIMEOUT_SECONDS": "0.4"})
     assert config.api.total_timeout_seconds == 0.4
     loop = asyncio.get_running_loop()
-    async with IpqsClient.from_config(config.api) as client:
+    async with make_client(config) as client:
         job_id, link = await _finished_link(client, csv_file, "trickle")
         sandbox.state.faults.trickle_ms = 50  # each byte well within api.read_timeout
         for call, lost in ((lambda: client.status(job_id), False),

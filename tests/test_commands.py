@@ -403,8 +403,9 @@ def test_unreachable_host_exits_4_and_leaves_no_marker(
     assert markers(tmp_path) == []  # nothing was sent: a later submit may send it
 
 
-def test_5xx_to_a_sent_upload_is_looked_up_then_retried(tmp_path: Path, config: Path, sandbox: Sandbox,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_5xx_to_a_sent_upload_is_looked_up_then_retried(
+        tmp_path: Path, config: Path, sandbox: Sandbox,
+        capsys: pytest.CaptureFixture[str]) -> None:
     faults = sandbox.state.faults
     faults.error_5xx_rate, faults.seed, faults.operations = 0.5, 1, frozenset({"upload"})
     result = cli(capsys, "submit", csv_file(tmp_path), "--type", "email", "--wait",
