@@ -274,7 +274,10 @@ format = "json"
         out2, err2 = await proc2.communicate()
     assert proc.returncode == 1 and proc2.returncode == 1
     logs = out + err + out2 + err2
-    assert b"file_finished" in logs and b"api_retry" in logs and b"uploads_paused" in logs
+    assert b"file_finished" in logs and b"uploads_paused" in logs
+    # Retry paths ran (a 5xx to a sent upload is a lost answer now, not an api_retry).
+    assert b"upload_answer_lost" in logs
+    assert b"api_retry" in logs or b"status_retry" in logs
     written = [p for p in root.rglob("*") if p.is_file()]
     assert len(written) > 20
     leaks = [str(p) for p in written if FAKE_KEY.encode() in p.read_bytes()]
