@@ -11,7 +11,8 @@ Each module's docstring lists the fidelity assumptions it makes where IPQS docum
 nothing: :mod:`.answers` (failure bodies, XML), :mod:`.receive` (parameters, methods),
 :mod:`.handlers` (names, status fields, list, dead links), :mod:`.account` (balance,
 usage), :mod:`.state` (ids, lifecycle, tokens), :mod:`.results` (header rows, result
-sets), :mod:`.faults` (fault order).
+sets), :mod:`.faults` (fault order), :mod:`.odd` (answers reshaped as CDNs, gateways or an
+untidy IPQS might send them).
 """
 
 from daemon.sandbox.app import create_app
