@@ -25,7 +25,16 @@ import aiohttp
 import structlog
 
 from daemon import __version__
-from daemon.api.answers import Account, Answer, CsvJob, CsvPage, as_int, is_not_found, judge, same_name
+from daemon.api.answers import (
+    Account,
+    Answer,
+    CsvJob,
+    CsvPage,
+    as_int,
+    is_not_found,
+    judge,
+    same_name,
+)
 from daemon.api.body import UploadFile
 from daemon.api.download import DownloadPolicy, ResultFile, fetch
 from daemon.errors import AccountError, IpqsError, LostAnswerError, TransientError
