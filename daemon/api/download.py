@@ -122,8 +122,8 @@ async def fetch(session: aiohttp.ClientSession, policy: DownloadPolicy, url: str
                 return saved
         raise RejectedError(f"download link redirected more than {MAX_HOPS} times")
     except aiohttp.ClientError as exc:
-        raise TransientError(f"download: connection lost ({type(exc).__name__})",
-                             cause="dropped") from None
+        cause = "timeout" if isinstance(exc, aiohttp.ServerTimeoutError) else "dropped"
+        raise TransientError(f"download: failed ({type(exc).__name__})", cause=cause) from None
     except TimeoutError:
         raise TransientError(f"download: not complete after {time.monotonic() - started:.0f} "
                              "s (api.total_timeout_seconds)", cause="timeout") from None
