@@ -131,18 +131,20 @@ def _add_odd_answers(parser: argparse.ArgumentParser) -> None:
     }
     for name, words in CHOICE_KNOBS.items():
         group.add_argument(_flag(name), choices=words, default=getattr(knobs, name),
-                           help=helps[name])
+                           help=helps[name] + " (default: %(default)s)")
     group.add_argument("--finished-status", type=_word, default=knobs.finished_status,
-                       help="the word for a finished job (e.g. COMPLETED)")
+                       help="the word for a finished job, e.g. COMPLETED "
+                            "(default: %(default)s)")
     group.add_argument("--truncate-downloads", action="store_true",
                        help="send downloads without Content-Length, cut mid-line half-way")
     group.add_argument("--odd-answers", type=_credits,
                        help="how many answers --answer-form, --downloads-form and "
                        "--truncate-downloads act on (default: all)")
-    group.add_argument("--redirect-to", type=_base_url, default="", metavar="URL",
-                       help="answer 302 to this base URL (path kept)")
+    group.add_argument("--redirect-to", type=_base_url, default=None, metavar="URL",
+                       help="answer 302 to this base URL, path kept (default: none)")
     group.add_argument("--trickle-ms", type=_non_negative, default=knobs.trickle_ms,
-                       help="send answers one byte every N ms")
+                       help="send answers one byte every N ms, 0 for at once "
+                            "(default: %(default)s)")
     group.add_argument("--refuse-keyless-status", action="store_true",
                        help="answer the key-less /status/{id} form with 404")
 
@@ -174,7 +176,7 @@ def settings_from_args(ns: argparse.Namespace) -> SandboxSettings:
         downloads_form=ns.downloads_form,
         truncate_downloads=ns.truncate_downloads,
         odd_answers=ns.odd_answers,
-        redirect_to=ns.redirect_to,
+        redirect_to=ns.redirect_to or "",
         trickle_ms=ns.trickle_ms,
         keyless_status=not ns.refuse_keyless_status,
     )
