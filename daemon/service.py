@@ -62,8 +62,7 @@ class Service:
         # Per upload, a file needs a status check and a download (more while IPQS works
         # on it): four poller slots per upload slot keep the poller from being the limit.
         self.poller = Poller(self.pipe, concurrency=4 * config.upload.concurrency)
-        self.uploader = Uploader(self.pipe, self.watcher.queue, self.watcher.done_with,
-                                 self.poller)
+        self.uploader = Uploader(self.pipe, self.watcher, self.poller)
         self.health = HealthState(paused_reason=lambda: self.pipe.breaker.reason)
         self.misplaced = MisplacedFiles(self.spool, config.spool.types)
         self.health_server: HealthServer | None = None
@@ -152,10 +151,10 @@ class Service:
         drained.set()
 
     def _batch_finished(self) -> bool:
-        # In-flight counts a file from the moment it leaves the queue until its job is
-        # registered as active, so no moment in between looks idle.
+        # In-flight counts a file from its hand-off until the uploader releases it, which
+        # is after its job is registered as active, so no moment in between looks idle.
         return (self.watcher.in_flight_count() == 0 and self.watcher.pending_count() == 0
-                and self.watcher.queue.empty() and not self.pipe.jobs.count()
+                and self.watcher.queued_count() == 0 and not self.pipe.jobs.count()
                 and self.poller.waiting() == 0)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -276,12 +275,12 @@ class Service:
         at_ipqs = self.poller.waiting()
         uploading = max(self.pipe.jobs.count() - at_ipqs, 0)
         m = self.pipe.metrics
-        m.queue_depth.set(pending + self.watcher.queue.qsize())
+        m.queue_depth.set(pending + self.watcher.queued_count())
         m.oldest_pending.set(self.watcher.oldest_pending_age() or 0)
         m.breaker_open.set(1 if self.pipe.breaker.paused else 0)
         m.in_flight.labels("uploading").set(uploading)
         m.in_flight.labels("at_ipqs").set(at_ipqs)
-        status = (f"inbox {pending}, queued {self.watcher.queue.qsize()}, "
+        status = (f"inbox {pending}, queued {self.watcher.queued_count()}, "
                   f"uploading {uploading}, at IPQS {at_ipqs}, "
                   f"done {self.pipe.outcomes['done']}, failed {self.pipe.outcomes['failed']}")
         if self.pipe.breaker.paused:

@@ -10,7 +10,6 @@ seconds apart) allows a new POST.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Protocol
@@ -40,18 +39,24 @@ class Tracker(Protocol):
     def track(self, job: Job) -> None: ...
 
 
+class Source(Protocol):
+    """Where settled files come from (the watcher): each one taken is released once."""
+
+    async def take(self) -> Candidate | None: ...
+
+    def release(self, path: Path) -> None: ...
+
+
 class _Stop(Exception):
     """This job goes no further in this run (paused, taken over, or back in its inbox)."""
 
 
 class Uploader:
-    """``upload.concurrency`` workers taking settled files from the watcher's queue."""
+    """``upload.concurrency`` workers taking settled files from the watcher."""
 
-    def __init__(self, pipe: Pipeline, queue: asyncio.Queue[Candidate],
-                 done_with: Callable[[Path], None], tracker: Tracker) -> None:
+    def __init__(self, pipe: Pipeline, source: Source, tracker: Tracker) -> None:
         self.pipe = pipe
-        self.queue = queue
-        self.done_with = done_with
+        self.source = source
         self.tracker = tracker
         self.claim_failures = 0  # files left in their inbox because the claim failed
         # Workers and resumed jobs together never upload more than ``concurrency`` at once.
@@ -68,30 +73,36 @@ class Uploader:
     async def _worker(self) -> None:
         pipe = self.pipe
         while not pipe.stop.is_set():
-            candidate = await _get_or_stop(self.queue, pipe.stop)
-            if candidate is None:
+            candidate = await self.source.take()
+            if candidate is None or not await self._handle(candidate):
                 return
-            # The file stays in its inbox until the breaker allows an upload.
-            claimed = False
-            try:
-                permit = await pipe.breaker.acquire(pipe.stop)
-                if permit is None:
-                    return
-                try:
-                    claimed = True
-                    await self._take(candidate, permit)
-                except Exception:
-                    # A file that cannot be claimed (EPERM, ENOSPC...) stays in its inbox
-                    # for a later look; it must never take the workers down with it.
-                    log.exception("claim_failed", path=str(candidate.path))
-                    self.claim_failures += 1
-                finally:
-                    pipe.breaker.release(permit)  # no-op once a verdict was recorded
-            finally:
-                if not claimed:
-                    self.done_with(candidate.path)
 
-    async def _take(self, candidate: Candidate, permit: Permit) -> None:
+    async def _handle(self, candidate: Candidate) -> bool:
+        """Claim and process one candidate; False when the daemon is stopping."""
+        pipe = self.pipe
+        permit: Permit | None = None
+        try:
+            try:
+                # The file stays in its inbox until the breaker allows an upload.
+                permit = await pipe.breaker.acquire(pipe.stop)
+                job = await self._claim(candidate) if permit is not None else None
+            finally:
+                # The one release, whatever happened: claimed, gone, failed or stopping.
+                # From here on the watcher may look at a new file of that name.
+                self.source.release(candidate.path)
+            if job is not None and permit is not None:
+                await self.process(job, permit, candidate)
+        except Exception:
+            # A file that cannot be claimed (EPERM, ENOSPC...) stays in its inbox for a
+            # later look; it must never take the workers down with it.
+            log.exception("claim_failed", path=str(candidate.path))
+            self.claim_failures += 1
+        finally:
+            if permit is not None:
+                pipe.breaker.release(permit)  # no-op once a verdict was recorded
+        return permit is not None
+
+    async def _claim(self, candidate: Candidate) -> Job | None:
         # Registered before its folder exists, so the recovery sweep never mistakes a
         # claim under way for a job left behind.
         job_id = new_job_id()
@@ -102,12 +113,9 @@ class Uploader:
         except BaseException:
             self.pipe.jobs.forget(job_id)
             raise
-        finally:
-            self.done_with(candidate.path)  # claimed or gone: the watcher may look again
         if job is None:
             self.pipe.jobs.forget(job_id)
-            return
-        await self.process(job, permit, candidate)
+        return job
 
     def _method(self, path: Path) -> str:
         if path.name.lower().endswith(URL_SUFFIX):
@@ -280,19 +288,3 @@ class Uploader:
 
 class _InputChanged(Exception):
     """The input's size or mtime moved since it was inspected."""
-
-
-
-
-async def _get_or_stop(queue: asyncio.Queue[Candidate], stop: asyncio.Event) -> Candidate | None:
-    if not queue.empty():
-        return queue.get_nowait()
-    getter = asyncio.ensure_future(queue.get())
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait([getter, stopper], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
-        if not getter.done():
-            getter.cancel()  # an item it had not yet taken stays in the queue
-    return getter.result() if getter.done() and not getter.cancelled() else None

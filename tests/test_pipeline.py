@@ -70,9 +70,7 @@ async def test_a_file_rewritten_after_it_settled_goes_back_instead_of_up(
         settled = Candidate("email", path, st.st_size, st.st_mtime_ns, st.st_ino)
         with path.open("ab") as fh:  # a writer came back after the watcher's last look
             fh.write(b"late@example.com\n")
-        permit = await service.pipe.breaker.acquire(service.stop)
-        assert permit is not None
-        await service.uploader._take(settled, permit)
+        assert await service.uploader._handle(settled)  # it got a permit and went on
         await service.pipe.client.close()
         assert sandbox.uploads() == []
         assert path.read_bytes() == emails(10) + b"late@example.com\n"  # back, to settle again

@@ -23,7 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from daemon import watcher as watcher_module
+from daemon.watcher import scan as scan_module
 from daemon.watcher import Candidate, Watcher, WatchSettings, is_ignored
 
 FAST = WatchSettings(
@@ -80,12 +80,14 @@ async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
 
 
 async def take(watcher: Watcher, within: float = 5.0) -> Candidate:
-    return await asyncio.wait_for(watcher.queue.get(), within)
+    candidate = await asyncio.wait_for(watcher.take(), within)
+    assert candidate is not None
+    return candidate
 
 
 async def assert_nothing_more(watcher: Watcher, within: float = 0.4) -> None:
     with pytest.raises(TimeoutError):
-        await asyncio.wait_for(watcher.queue.get(), within)
+        await asyncio.wait_for(watcher.take(), within)
 
 
 def drop(folder: Path, name: str, data: bytes = b"email\na@example.com\n") -> Path:
@@ -144,30 +146,30 @@ async def test_renamed_in_file_is_queued_once_and_fast(inboxes: dict[str, Path])
         assert watcher.pending_count() == 0
         # Settled but not yet claimed still counts as waiting, until the consumer is done.
         assert watcher.oldest_pending_age() is not None
-        watcher.done_with(path)
+        watcher.release(path)
         assert watcher.oldest_pending_age() is None
 
 
-async def test_done_with_lets_a_reappearing_file_be_offered_again(
+async def test_release_lets_a_reappearing_file_be_offered_again(
     inboxes: dict[str, Path],
 ) -> None:
-    watcher, stop = make(inboxes)  # rescan in 30 s: events and done_with must do it
+    watcher, stop = make(inboxes)  # rescan in 30 s: events and release must do it
     async with running(watcher, stop):
         await until(inboxes["phone"].is_dir)
         drop(inboxes["phone"], "a.csv")
         first = await take(watcher)
         assert watcher.in_flight_count() == 1
         first.path.unlink()  # what a claim does
-        drop(inboxes["phone"], "a.csv", b"phone\n15551234567\n")  # before done_with
+        drop(inboxes["phone"], "a.csv", b"phone\n15551234567\n")  # before release
         await assert_nothing_more(watcher, 0.3)  # still in flight: not offered twice
-        watcher.done_with(first.path)
+        watcher.release(first.path)
         assert watcher.in_flight_count() == 0
         second = await take(watcher)
         assert second.path == first.path
         assert second.size == len(b"phone\n15551234567\n")
         second.path.unlink()
-        watcher.done_with(second.path)
-        drop(inboxes["phone"], "a.csv", b"phone\n")  # after done_with: a plain new file
+        watcher.release(second.path)
+        drop(inboxes["phone"], "a.csv", b"phone\n")  # after release: a plain new file
         assert (await take(watcher)).size == len(b"phone\n")
 
 
@@ -320,7 +322,7 @@ async def test_file_deleted_while_pending_is_dropped(inboxes: dict[str, Path]) -
         path.unlink()
         await until(lambda: watcher.pending_count() == 0)
         assert watcher.oldest_pending_age() is None
-        assert watcher.queue.empty()
+        assert watcher.queued_count() == 0
 
 
 # -- the folders themselves ---------------------------------------------------------------------
@@ -375,7 +377,7 @@ async def test_thousands_of_waiting_files_are_delivered_once_within_bounds(
             most_pending = max(most_pending, watcher.pending_count())
             seen.append(candidate)
             candidate.path.unlink()  # the claim
-            watcher.done_with(candidate.path)
+            watcher.release(candidate.path)
     paths = [c.path for c in seen]
     assert len(paths) == len(set(paths)) == len(expected)
     assert set(paths) == expected
@@ -388,14 +390,14 @@ async def test_idle_watcher_does_not_poll_files(
     inboxes: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rounds = 0
-    observe = watcher_module._observe
+    observe = scan_module.observe
 
     def counting(*args: Any) -> Any:
         nonlocal rounds
         rounds += 1
         return observe(*args)
 
-    monkeypatch.setattr(watcher_module, "_observe", counting)
+    monkeypatch.setattr(scan_module, "observe", counting)
     watcher, stop = make(inboxes)
     async with running(watcher, stop):
         path = drop(inboxes["email"], "one.csv")
@@ -420,10 +422,10 @@ async def test_scan_once_and_drain_settled_deliver_everything_present(
 
     async def consume() -> None:
         while True:
-            candidate = await watcher.queue.get()
+            candidate = await take(watcher, within=60)
             got.append(candidate.path)
             candidate.path.unlink()
-            watcher.done_with(candidate.path)
+            watcher.release(candidate.path)
 
     consumer = asyncio.create_task(consume())
     try:

@@ -1,0 +1,123 @@
+"""Looking at the inboxes: the bounded round-robin scan and the settle round's lstats.
+
+Blocking: run in a thread. Symlinks are never followed and nothing in an inbox is ever
+opened (opening a fifo would hang).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from daemon.spool.layout import is_ignored
+from daemon.watcher.proc import proc_writers
+from daemon.watcher.settle import Key, Observation, Seen
+
+
+@dataclass
+class ScanResult:
+    """What one scan found; ``wall`` is the wall-clock time it ran (for mtime credit)."""
+
+    found: list[tuple[str, Path, Seen]] = field(default_factory=list)
+    odd: list[tuple[Path, str]] = field(default_factory=list)
+    unreported: list[Path] = field(default_factory=list)
+    recreated: list[str] = field(default_factory=list)
+    unusable: dict[str, str] = field(default_factory=dict)
+    truncated: bool = False
+    wall: float = 0.0
+
+
+def look(path: Path) -> Seen | None:
+    """``lstat`` of ``path``; None when it is gone."""
+    try:
+        return Seen.of(path.lstat())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def observe(paths: list[Path], targets: frozenset[Key] | None) -> Observation:
+    """One settle round's look: the /proc pass for ``targets`` (if any), then an lstat of
+    every path."""
+    writers: frozenset[Key] = frozenset()
+    visible = None
+    if targets:
+        writers, visible = proc_writers(targets)
+    # lstat after the /proc pass: a writer that writes and closes in between shows up
+    # as a change, instead of slipping between the two looks.
+    wall = time.time()
+    seen = {path: look(path) for path in paths}
+    return Observation(seen, writers, visible, wall)
+
+
+def scan(
+    inboxes: list[tuple[str, Path]],
+    known: frozenset[Path],
+    reported: frozenset[Path],
+    room: int,
+    report_room: int,
+) -> ScanResult:
+    """Walk the inboxes in turn, one new regular file from each, until ``room`` new files
+    were found or every inbox is exhausted."""
+    result = ScanResult(wall=time.time())
+    with ExitStack() as stack:
+        turn: deque[tuple[str, Iterator[os.DirEntry[str]]]] = deque()
+        for type_, path in inboxes:
+            opened = _open_inbox(type_, path, result)
+            if opened is not None:
+                turn.append((type_, stack.enter_context(opened)))
+        while turn and len(result.found) < room:
+            type_, entries = turn.popleft()
+            if _take_one(type_, entries, known, reported, report_room, result):
+                turn.append((type_, entries))
+        result.truncated = bool(turn)
+    result.unreported = [p for p in reported if (s := look(p)) is None or s.kind == "regular"]
+    return result
+
+
+def _open_inbox(type_: str, path: Path, result: ScanResult) -> os._ScandirIterator[str] | None:
+    try:
+        return os.scandir(path)
+    except FileNotFoundError:
+        path.mkdir(parents=True, exist_ok=True)
+        result.recreated.append(type_)
+    except (NotADirectoryError, PermissionError) as exc:
+        result.unusable[type_] = str(exc)
+        return None
+    try:
+        return os.scandir(path)
+    except OSError as exc:  # gone again already; the next scan tries once more
+        result.unusable[type_] = str(exc)
+        return None
+
+
+def _take_one(
+    type_: str,
+    entries: Iterator[os.DirEntry[str]],
+    known: frozenset[Path],
+    reported: frozenset[Path],
+    report_room: int,
+    result: ScanResult,
+) -> bool:
+    """Move ``entries`` on to the next new regular file and record it; False when the
+    folder has no more entries."""
+    for entry in entries:
+        if is_ignored(entry.name):
+            continue
+        path = Path(entry.path)
+        if path in known:
+            continue
+        try:
+            seen = Seen.of(entry.stat(follow_symlinks=False))
+        except FileNotFoundError:
+            continue
+        if seen.kind == "regular":
+            result.found.append((type_, path, seen))
+            return True
+        if path not in reported and len(result.odd) < report_room:
+            result.odd.append((path, seen.kind))
+    return False
