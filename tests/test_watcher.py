@@ -514,26 +514,5 @@ async def test_quiet_mode_takes_a_long_still_file_at_once(inboxes: dict[str, Pat
         assert time.monotonic() - started < QUIET.quiet_seconds
 
 
-async def test_quiet_mode_waits_the_window_for_a_fresh_file(inboxes: dict[str, Path]) -> None:
-    watcher, stop = make(inboxes, QUIET)
-    async with running(watcher, stop):
-        await until(inboxes["email"].is_dir)
-        started = time.monotonic()
-        drop(inboxes["email"], "fresh.csv")  # mtime: just now
-        await take(watcher, within=QUIET.quiet_seconds + 3)
-        assert time.monotonic() - started >= QUIET.quiet_seconds - 0.2
-
-
-async def test_quiet_mode_gives_no_mtime_credit_with_polling(inboxes: dict[str, Path]) -> None:
-    # Network file systems: the server's clock is not ours, so mtimes are not trusted.
-    settings = replace(QUIET, force_polling=True, poll_delay_ms=50)
-    watcher, stop = make(inboxes, settings)
-    async with running(watcher, stop):
-        await until(inboxes["email"].is_dir)
-        staged = inboxes["email"].parent / "staged.csv"
-        staged.write_bytes(b"a@example.com\n")
-        os.utime(staged, (time.time() - 60, time.time() - 60))
-        started = time.monotonic()
-        staged.rename(inboxes["email"] / "old.csv")
-        await take(watcher, within=settings.quiet_seconds + 3)
-        assert time.monotonic() - started >= settings.quiet_seconds - 0.2
+# The quiet window for a fresh file and the lack of mtime credit with polling are timing
+# rules of the settle table: tests/test_settle.py checks them on a fake clock.
