@@ -23,8 +23,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from daemon.watcher import scan as scan_module
 from daemon.watcher import Candidate, Watcher, WatchSettings, is_ignored
+from daemon.watcher import scan as scan_module
 
 FAST = WatchSettings(
     settle_seconds=0.1,
