@@ -1,72 +1,42 @@
-"""Shared fixtures: a sandbox IPQS running for real over HTTP on loopback."""
+"""Shared fixtures: a sandbox IPQS running for real over HTTP on loopback.
+
+Both fixtures start it through :func:`tests.support.sandbox_server`, the one way tests
+start a sandbox (tests that need one mid-test use that context manager directly).
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestServer
 
-from daemon.sandbox import SANDBOX, SandboxSettings, SandboxState, create_app
+from daemon.sandbox import SandboxSettings
+from tests.support import Sandbox, quick_settings, sandbox_server
 
-
-@dataclass
-class RunningSandbox:
-    """A started sandbox: ``url`` is its base (``http://127.0.0.1:PORT``)."""
-
-    server: TestServer
-    state: SandboxState
-
-    @property
-    def url(self) -> str:
-        """The base URL, without a trailing slash."""
-        return f"http://{self.server.host}:{self.server.port}"
-
-    @property
-    def api_base(self) -> str:
-        """What the daemon's ``api.base_url`` should be set to."""
-        return self.url + "/api"
-
-    def uploads(self) -> list[dict[str, object]]:
-        """A copy of the upload log: every accepted upload, in arrival order."""
-        return list(self.state.uploads)
-
-
-StartSandbox = Callable[[SandboxSettings], Awaitable[RunningSandbox]]
+StartSandbox = Callable[..., Awaitable[Sandbox]]
 
 
 @pytest.fixture
 def sandbox_settings(tmp_path: Path) -> SandboxSettings:
     """Settings for an instant sandbox: every job is FINISHED as soon as it is uploaded."""
-    return SandboxSettings(
-        new_seconds=0,
-        processing_seconds=0,
-        per_row_seconds=0,
-        spool_dir=tmp_path / "sandbox-spool",
-    )
+    return quick_settings(tmp_path, spool_dir=tmp_path / "sandbox-spool")
 
 
 @pytest.fixture
 async def start_sandbox() -> AsyncIterator[StartSandbox]:
-    """Start sandboxes with any settings on 127.0.0.1, free ports; all stop after the test."""
-    servers: list[TestServer] = []
+    """Start sandboxes with any settings (and optionally a ``gate=`` operation to hold);
+    all stop after the test."""
+    async with AsyncExitStack() as stack:
 
-    async def start(settings: SandboxSettings) -> RunningSandbox:
-        server = TestServer(create_app(settings), host="127.0.0.1", port=0)
-        servers.append(server)
-        await server.start_server()
-        return RunningSandbox(server, server.app[SANDBOX])
+        async def start(settings: SandboxSettings, *, gate: str | None = None) -> Sandbox:
+            return await stack.enter_async_context(sandbox_server(settings, gate=gate))
 
-    yield start
-    for server in reversed(servers):
-        await server.close()
+        yield start
 
 
 @pytest.fixture
-async def sandbox(
-    start_sandbox: StartSandbox, sandbox_settings: SandboxSettings
-) -> RunningSandbox:
+async def sandbox(start_sandbox: StartSandbox, sandbox_settings: SandboxSettings) -> Sandbox:
     """The sandbox app served on 127.0.0.1 on a free port, for the length of one test."""
     return await start_sandbox(sandbox_settings)

@@ -6,13 +6,16 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import os
+import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from daemon import ALL_TYPES
@@ -26,26 +29,48 @@ from daemon.config import (
     load_config,
 )
 from daemon.sandbox import SANDBOX, SandboxSettings, SandboxState, create_app
+from daemon.sandbox.faults import operation_of
 from daemon.service import Service
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: Obviously fake; the sandbox accepts any non-empty key by default.
 FAKE_KEY = "fake-key-for-tests-0000"
 
 
 @dataclass
+class Gate:
+    """Holds every sandbox request of one operation until opened (nothing else sleeps)."""
+
+    operation: str
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    opened: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def open(self) -> None:
+        self.opened.set()
+
+
+@dataclass
 class Sandbox:
+    """A started sandbox: ``url`` is its base (``http://127.0.0.1:PORT``); ``gate`` holds
+    the requests of one operation when the sandbox was started with one."""
+
     server: TestServer
     state: SandboxState
+    gate: Gate | None = None
 
     @property
     def url(self) -> str:
+        """The base URL, without a trailing slash."""
         return str(self.server.make_url("")).rstrip("/")
 
     @property
     def api_base(self) -> str:
+        """What the daemon's ``api.base_url`` should be set to."""
         return self.url + "/api"
 
     def uploads(self) -> list[dict[str, Any]]:
+        """A copy of the upload log: every accepted upload, in arrival order."""
         return list(self.state.uploads)
 
 
@@ -58,14 +83,35 @@ def quick_settings(tmp_path: Path, **kw: Any) -> SandboxSettings:
 
 
 @asynccontextmanager
-async def sandbox_server(settings: SandboxSettings) -> AsyncIterator[Sandbox]:
+async def sandbox_server(settings: SandboxSettings, *,
+                         gate: str | None = None) -> AsyncIterator[Sandbox]:
+    """The one way tests start a sandbox: served on 127.0.0.1, a free port, until the
+    block ends. With ``gate``, requests of that operation (e.g. "list", which the daemon
+    calls during recovery) wait at :attr:`Sandbox.gate` until it is opened."""
     app = create_app(settings)
+    held = Gate(gate) if gate is not None else None
+    if held is not None:
+        app.middlewares.append(_holding(held))
     server = TestServer(app, host="127.0.0.1", port=0)
     await server.start_server()
     try:
-        yield Sandbox(server, app[SANDBOX])
+        yield Sandbox(server, app[SANDBOX], held)
     finally:
+        if held is not None:
+            held.open()
         await server.close()
+
+
+def _holding(gate: Gate) -> Any:
+    @web.middleware
+    async def hold(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if operation_of(request) == gate.operation:
+            gate.arrived.set()
+            await gate.opened.wait()
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return hold
 
 
 def daemon_config(root: Path, api_base: str, **sections: dict[str, Any]) -> Config:
@@ -97,6 +143,20 @@ def write_config_file(path: Path, config: Config) -> Path:
         lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+async def start_daemon(config_file: Path, *args: str,
+                       stderr: int = asyncio.subprocess.PIPE) -> asyncio.subprocess.Process:
+    """The one way tests run the daemon as a child process: ``python -m daemon run`` with
+    ``args``, configured by ``config_file`` alone (see :func:`write_config_file`; the
+    key is in it, and an ``IPQS_API_KEY`` of the test's own environment is not passed
+    on). Pass ``stderr=asyncio.subprocess.DEVNULL`` for a child whose logs nobody reads:
+    an unread pipe would block it once full."""
+    env = {**os.environ, "IPQS_BULKD_CONFIG": str(config_file)}
+    env.pop("IPQS_API_KEY", None)
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "daemon", "run", *args, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
 
 
 async def run_once(config: Config) -> int:

@@ -14,13 +14,7 @@ from tenacity import RetryCallState
 from daemon.api import CsvJob, IpqsClient, make_client
 from daemon.errors import AccountError, LostAnswerError, RejectedError, TransientError
 from daemon.retry import backoff, retrying
-from tests.support import FAKE_KEY, Sandbox, emails, quick_settings, sandbox_server, sha256
-
-
-@pytest.fixture
-async def sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
-    async with sandbox_server(quick_settings(tmp_path)) as server:
-        yield server
+from tests.support import FAKE_KEY, Sandbox, emails, sha256
 
 
 @pytest.fixture

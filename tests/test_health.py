@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,16 +16,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.config import Config, ConfigError
-from daemon.sandbox import SANDBOX, SandboxSettings, create_app
-from daemon.sandbox.faults import operation_of
 from daemon.service import Service
 from tests.support import (
-    Sandbox,
     daemon_config,
     drop,
     emails,
@@ -35,48 +30,7 @@ from tests.support import (
     wait_for,
 )
 
-Handler = Callable[[web.Request], Any]
-
-
 # -- helpers -------------------------------------------------------------------------------
-
-
-@dataclass
-class Gate:
-    """Holds every sandbox request of one operation until opened (nothing else sleeps)."""
-
-    operation: str
-    arrived: asyncio.Event
-    opened: asyncio.Event
-
-    def open(self) -> None:
-        self.opened.set()
-
-
-@asynccontextmanager
-async def gated_sandbox(settings: SandboxSettings,
-                        operation: str) -> AsyncIterator[tuple[Sandbox, Gate]]:
-    """A sandbox whose ``operation`` requests wait at a :class:`Gate` (e.g. the list call
-    the daemon makes during recovery, to hold it in the not-ready state)."""
-    gate = Gate(operation, asyncio.Event(), asyncio.Event())
-
-    @web.middleware
-    async def hold(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if operation_of(request) == gate.operation:
-            gate.arrived.set()
-            await gate.opened.wait()
-        response: web.StreamResponse = await handler(request)
-        return response
-
-    app = create_app(settings)
-    app.middlewares.append(hold)
-    server = TestServer(app, host="127.0.0.1", port=0)
-    await server.start_server()
-    try:
-        yield Sandbox(server, app[SANDBOX]), gate
-    finally:
-        gate.open()
-        await server.close()
 
 
 def health_config(root: Path, api_base: str, **sections: dict[str, Any]) -> Config:
@@ -152,7 +106,9 @@ def sample_value(service: Service, name: str, **labels: str) -> float:
 
 async def test_readyz_is_503_until_recovery_is_done_while_healthz_answers(
         tmp_path: Path) -> None:
-    async with gated_sandbox(quick_settings(tmp_path), "list") as (sandbox, gate):
+    async with sandbox_server(quick_settings(tmp_path), gate="list") as sandbox:
+        gate = sandbox.gate
+        assert gate is not None
         service = Service(health_config(tmp_path / "spool", sandbox.api_base))
         async with serving(service) as base:
             # The daemon asks for the newest job id before it resumes anything; held here.

@@ -29,7 +29,6 @@ from tests.support import (
     sandbox_server,
     wait_for,
 )
-from tests.test_health import gated_sandbox
 
 Message = dict[str, str]
 
@@ -130,7 +129,9 @@ def test_watchdog_interval_only_for_this_process() -> None:
 
 async def test_daemon_reports_ready_status_watchdog_and_stopping(
         tmp_path: Path, systemd: Systemd) -> None:
-    async with gated_sandbox(quick_settings(tmp_path), "list") as (sandbox, gate):
+    async with sandbox_server(quick_settings(tmp_path), gate="list") as sandbox:
+        gate = sandbox.gate
+        assert gate is not None
         root = tmp_path / "spool"
         notifier = Notifier(systemd.environ(WATCHDOG_USEC="200000"))
         service = Service(daemon_config(root, sandbox.api_base), notifier=notifier)

@@ -31,6 +31,7 @@ from tests.support import (
     running,
     sandbox_server,
     sha256,
+    start_daemon,
     wait_for,
     write_config_file,
 )
@@ -77,14 +78,10 @@ async def test_kill_9_at_random_moments_loses_nothing_and_pays_once(tmp_path: Pa
         config = tmp_path / "config.toml"
         subprocess_config(config, root, sandbox.api_base)
         expected = drop_many(root, 40, rows=400)
-        env = {**os.environ, "IPQS_BULKD_CONFIG": str(config)}
-        env.pop("IPQS_API_KEY", None)
         kills = 0
         states: Counter[str] = Counter()
         for _ in range(20):
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "daemon", "run", env=env,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            proc = await start_daemon(config, stderr=asyncio.subprocess.DEVNULL)
             await asyncio.sleep(rng.uniform(0.3, 1.5))
             if proc.returncode is None:
                 proc.send_signal(signal.SIGKILL)
@@ -93,9 +90,7 @@ async def test_kill_9_at_random_moments_loses_nothing_and_pays_once(tmp_path: Pa
             states.update(job_states(root))
             if len(records(root, "done")) == len(expected) and kills >= 8:
                 break
-        final = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "daemon", "run", "--once", env=env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        final = await start_daemon(config, "--once")
         _, err = await final.communicate()
         assert final.returncode == 0, err.decode()[-2000:]
         assert_each_done_once(root, sandbox, expected)

@@ -4,14 +4,14 @@ signal, and an upload cut short is finished on the next start without a second u
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support import (
-    FAKE_KEY,
     Sandbox,
     daemon_config,
     drop,
@@ -19,21 +19,49 @@ from tests.support import (
     quick_settings,
     records,
     sandbox_server,
+    start_daemon,
     wait_for,
     write_config_file,
 )
 
 
-async def start_daemon(tmp_path: Path, sandbox: Sandbox, grace: float,
-                       *args: str) -> asyncio.subprocess.Process:
-    config = write_config_file(tmp_path / "config.toml", daemon_config(
-        tmp_path / "spool", sandbox.api_base, api={"read_timeout": 30.0},
-        spool={"types": ("email",)}, upload={"lookup_delay_seconds": 0.1},
-        service={"shutdown_seconds": grace}, log={"format": "json"}))
-    env = {**os.environ, "IPQS_BULKD_CONFIG": str(config), "IPQS_API_KEY": FAKE_KEY}
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "daemon", "run", *args, env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+@dataclass
+class Uploading:
+    """A daemon process whose one upload is under way at a sandbox that holds it."""
+
+    sandbox: Sandbox
+    root: Path
+    config: Path
+    proc: asyncio.subprocess.Process
+
+    async def restart(self, *args: str) -> asyncio.subprocess.Process:
+        self.proc = await start_daemon(self.config, *args)
+        return self.proc
+
+
+@asynccontextmanager
+async def upload_under_way(tmp_path: Path, name: str, *, latency_ms: int,
+                           grace: float) -> AsyncIterator[Uploading]:
+    """Drop ``name``, start the daemon with a shutdown ``grace``, and return once its
+    upload has reached the sandbox, which answers it ``latency_ms`` later."""
+    settings = quick_settings(tmp_path)
+    settings.faults.latency_ms = latency_ms
+    settings.faults.operations = frozenset({"upload"})
+    async with sandbox_server(settings) as sandbox:
+        root = tmp_path / "spool"
+        drop(root, "email", name, emails(3))
+        config = write_config_file(tmp_path / "config.toml", daemon_config(
+            root, sandbox.api_base, api={"read_timeout": 30.0},
+            spool={"types": ("email",)}, upload={"lookup_delay_seconds": 0.1},
+            service={"shutdown_seconds": grace}, log={"format": "json"}))
+        run = Uploading(sandbox, root, config, await start_daemon(config))
+        try:
+            await wait_for(lambda: upload_requests(sandbox) == 1, what="upload under way")
+            yield run
+        finally:
+            if run.proc.returncode is None:
+                run.proc.kill()
+                await run.proc.communicate()
 
 
 def upload_requests(sandbox: Sandbox) -> int:
@@ -45,14 +73,8 @@ def upload_requests(sandbox: Sandbox) -> int:
 
 async def test_sigterm_waits_for_the_upload_under_way_within_the_grace(
         tmp_path: Path) -> None:
-    settings = quick_settings(tmp_path)
-    settings.faults.latency_ms = 1500
-    settings.faults.operations = frozenset({"upload"})
-    async with sandbox_server(settings) as sandbox:
-        root = tmp_path / "spool"
-        drop(root, "email", "slow.csv", emails(3))
-        proc = await start_daemon(tmp_path, sandbox, 8.0)
-        await wait_for(lambda: upload_requests(sandbox) == 1, what="upload under way")
+    async with upload_under_way(tmp_path, "slow.csv", latency_ms=1500, grace=8.0) as run:
+        sandbox, root, proc = run.sandbox, run.root, run.proc
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 15)
@@ -65,7 +87,7 @@ async def test_sigterm_waits_for_the_upload_under_way_within_the_grace(
         assert len(jobs) == 1 and '"state": "submitted"' in jobs[0].read_text()
         # The next start follows it to the end without sending it again.
         sandbox.state.faults.latency_ms = 0
-        proc = await start_daemon(tmp_path, sandbox, 8.0, "--once")
+        proc = await run.restart("--once")
         _, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, err.decode()[-1500:]
         assert "slow.csv" in records(root, "done")
@@ -74,14 +96,9 @@ async def test_sigterm_waits_for_the_upload_under_way_within_the_grace(
 
 async def test_grace_runs_out_and_the_cut_upload_is_looked_up_before_resending(
         tmp_path: Path) -> None:
-    settings = quick_settings(tmp_path)
-    settings.faults.latency_ms = 20000  # the answer would come long after the grace
-    settings.faults.operations = frozenset({"upload"})
-    async with sandbox_server(settings) as sandbox:
-        root = tmp_path / "spool"
-        drop(root, "email", "cut.csv", emails(3))
-        proc = await start_daemon(tmp_path, sandbox, 1.0)
-        await wait_for(lambda: upload_requests(sandbox) == 1, what="upload under way")
+    # The answer would come long after the grace.
+    async with upload_under_way(tmp_path, "cut.csv", latency_ms=20000, grace=1.0) as run:
+        sandbox, root, proc = run.sandbox, run.root, run.proc
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.communicate(), 15)
@@ -91,7 +108,7 @@ async def test_grace_runs_out_and_the_cut_upload_is_looked_up_before_resending(
         # Whether IPQS got it is unknown to the daemon: the next start asks the list API
         # first, finds nothing (the sandbox dropped the abandoned request), sends it once.
         sandbox.state.faults.latency_ms = 0
-        proc = await start_daemon(tmp_path, sandbox, 1.0, "--once")
+        proc = await run.restart("--once")
         _, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, err.decode()[-1500:]
         assert "cut.csv" in records(root, "done")
@@ -100,14 +117,8 @@ async def test_grace_runs_out_and_the_cut_upload_is_looked_up_before_resending(
 
 
 async def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
-    settings = quick_settings(tmp_path)
-    settings.faults.latency_ms = 20000
-    settings.faults.operations = frozenset({"upload"})
-    async with sandbox_server(settings) as sandbox:
-        root = tmp_path / "spool"
-        drop(root, "email", "stuck.csv", emails(3))
-        proc = await start_daemon(tmp_path, sandbox, 60.0)
-        await wait_for(lambda: upload_requests(sandbox) == 1, what="upload under way")
+    async with upload_under_way(tmp_path, "stuck.csv", latency_ms=20000, grace=60.0) as run:
+        root, proc = run.root, run.proc
         proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
         assert proc.returncode is None  # draining: the grace is a minute
