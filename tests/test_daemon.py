@@ -207,6 +207,7 @@ async def test_rsync_dot_temp_file_is_taken_once_after_rename(tmp_path: Path) ->
     assert [u["sha256"] for u in uploads] == [sha256(source.read_bytes())]
 
 
+@pytest.mark.slow  # ~35 s: 200 MB through a real cp and the sandbox
 async def test_cp_of_a_200_mb_file_is_uploaded_once_and_complete(tmp_path: Path) -> None:
     source = tmp_path / "big.csv"
     # Long rows keep the sandbox's result generation short; the bytes are what matter here.

@@ -289,6 +289,7 @@ format = "json"
     assert b"download=" not in logs.replace(b"download=***", b"")
 
 
+@pytest.mark.slow  # ~6 s: 20 examples, each a daemon run
 @settings(max_examples=20, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(files=st.lists(

@@ -127,6 +127,7 @@ def test_watchdog_interval_only_for_this_process() -> None:
 # -- a running daemon ----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 30 s: STATUS= lags up to the 30 s idle status period
 async def test_daemon_reports_ready_status_watchdog_and_stopping(
         tmp_path: Path, systemd: Systemd) -> None:
     async with sandbox_server(quick_settings(tmp_path), gate="list") as sandbox:

@@ -68,6 +68,7 @@ def subprocess_config(path: Path, root: Path, api_base: str) -> None:
     write_config_file(path, config)
 
 
+@pytest.mark.slow  # ~12 s: up to 20 daemon processes, killed at random
 async def test_kill_9_at_random_moments_loses_nothing_and_pays_once(tmp_path: Path) -> None:
     rng = random.Random(20261126)
     settings = quick_settings(tmp_path, new_seconds=0.05, processing_seconds=0.1,

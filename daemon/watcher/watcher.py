@@ -140,7 +140,8 @@ class Watcher:
                 await self._pause(self._tick)  # no room: wait for consumers to release
 
     async def take(self) -> Candidate | None:
-        """The next settled file, waiting for one; None once the stop event is set.
+        """The next settled file, waiting for one; None when the stop event is set while
+        nothing is queued.
 
         The caller owns the candidate until it calls :meth:`release` with its path.
         """
