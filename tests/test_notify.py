@@ -127,7 +127,6 @@ def test_watchdog_interval_only_for_this_process() -> None:
 # -- a running daemon ----------------------------------------------------------------------
 
 
-@pytest.mark.slow  # 30 s: STATUS= lags up to the 30 s idle status period
 async def test_daemon_reports_ready_status_watchdog_and_stopping(
         tmp_path: Path, systemd: Systemd) -> None:
     async with sandbox_server(quick_settings(tmp_path), gate="list") as sandbox:
@@ -179,7 +178,9 @@ async def test_a_wakeup_set_in_a_worker_thread_wakes_the_loop() -> None:
 
 async def test_work_wakes_the_status_line_of_an_idle_daemon(
         tmp_path: Path, systemd: Systemd) -> None:
-    async with gated_sandbox(quick_settings(tmp_path), "upload") as (sandbox, gate):
+    async with sandbox_server(quick_settings(tmp_path), gate="upload") as sandbox:
+        gate = sandbox.gate
+        assert gate is not None
         root = tmp_path / "spool"
         service = Service(daemon_config(root, sandbox.api_base),
                           notifier=Notifier(systemd.environ()))
