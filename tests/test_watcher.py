@@ -268,7 +268,9 @@ async def write_slowly(
     [
         pytest.param(FAST, id="proc"),
         pytest.param(replace(FAST, writer_check="auto"), id="auto"),
-        pytest.param(replace(FAST, writer_check="quiet", quiet_seconds=2.5), id="quiet"),
+        # ~5 s: three 1 s writer pauses, then the 2.5 s quiet window.
+        pytest.param(replace(FAST, writer_check="quiet", quiet_seconds=2.5), id="quiet",
+                     marks=pytest.mark.slow),
     ],
 )
 async def test_file_held_open_by_a_pausing_writer_is_never_handed_on_early(
