@@ -11,7 +11,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import FAKE_KEY
+from tests.support import start_daemon
 
 SMB_PORT = 4450
 SSH_PORT = 2222
@@ -203,11 +202,8 @@ async def daemon_process(config: Path, log: Path, *,
                          wrap: tuple[str, ...] = ()) -> AsyncIterator[asyncio.subprocess.Process]:
     """``ipqs-bulkd run`` as a subprocess in its own session, logging to ``log``; stopped
     with SIGTERM (then killed) at the end unless the test ended it already."""
-    env = {**os.environ, "IPQS_BULKD_CONFIG": str(config), "IPQS_API_KEY": FAKE_KEY}
     with open(log, "ab") as out:
-        proc = await asyncio.create_subprocess_exec(
-            *wrap, sys.executable, "-m", "daemon", "run", env=env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        proc = await start_daemon(config, stdout=out, stderr=out, wrap=wrap)
     try:
         yield proc
     finally:

@@ -9,11 +9,12 @@ import json
 import os
 import sys
 import time
+from asyncio.subprocess import DEVNULL, PIPE
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -145,18 +146,21 @@ def write_config_file(path: Path, config: Config) -> Path:
     return path
 
 
-async def start_daemon(config_file: Path, *args: str,
-                       stderr: int = asyncio.subprocess.PIPE) -> asyncio.subprocess.Process:
+async def start_daemon(config_file: Path, *args: str, stdout: int | IO[bytes] = DEVNULL,
+                       stderr: int | IO[bytes] = PIPE,
+                       wrap: tuple[str, ...] = ()) -> asyncio.subprocess.Process:
     """The one way tests run the daemon as a child process: ``python -m daemon run`` with
-    ``args``, configured by ``config_file`` alone (see :func:`write_config_file`; the
-    key is in it, and an ``IPQS_API_KEY`` of the test's own environment is not passed
-    on). Pass ``stderr=asyncio.subprocess.DEVNULL`` for a child whose logs nobody reads:
-    an unread pipe would block it once full."""
+    ``args`` (under ``wrap``, e.g. ``unshare``), in a session of its own, configured by
+    ``config_file`` alone (see :func:`write_config_file`: the key is in it, and an
+    ``IPQS_API_KEY`` of the test's own environment is not passed on).
+
+    Its logs go to ``stderr``: a pipe by default, which the test must read (an unread
+    pipe blocks the child once full); pass ``DEVNULL`` or a file otherwise."""
     env = {**os.environ, "IPQS_BULKD_CONFIG": str(config_file)}
     env.pop("IPQS_API_KEY", None)
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "daemon", "run", *args, env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
+        *wrap, sys.executable, "-m", "daemon", "run", *args, env=env, stdin=DEVNULL,
+        stdout=stdout, stderr=stderr, start_new_session=True)
 
 
 async def run_once(config: Config) -> int:

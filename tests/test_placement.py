@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from daemon.cli import main
 from daemon.spool import Spool
 from daemon.spool.mounts import MisplacedFiles, foreign_inboxes, fs_type, network_fs
 from tests.support import (
-    FAKE_KEY,
     daemon_config,
     drop,
     emails,
@@ -25,6 +23,7 @@ from tests.support import (
     records,
     running,
     sandbox_server,
+    start_daemon,
     wait_for,
     write_config_file,
 )
@@ -105,18 +104,17 @@ def tmpfs_inbox(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(inbox)], check=True)
 
 
-def test_an_inbox_on_another_file_system_is_refused_at_start(
+async def test_an_inbox_on_another_file_system_is_refused_at_start(
         tmp_path: Path, tmpfs_inbox: Path) -> None:
     root = tmpfs_inbox
     waiting = root / "inbox" / "email" / "a.csv"  # a rename in would fail with EXDEV
     waiting.write_bytes(emails(3))
     config = write_config_file(tmp_path / "config.toml", daemon_config(
         root, "http://127.0.0.1:9/api", spool={"types": TYPES}))
-    env = {**os.environ, "IPQS_BULKD_CONFIG": str(config), "IPQS_API_KEY": FAKE_KEY}
-    done = subprocess.run([sys.executable, "-m", "daemon", "run", "--once"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = await start_daemon(config, "--once")
+    _, err = await asyncio.wait_for(done.communicate(), 60)
     assert done.returncode == 2
-    [line] = done.stderr.strip().splitlines()
+    [line] = err.decode().strip().splitlines()
     assert line.startswith("ipqs-bulkd: config key spool.root: ")
     assert str(root / "inbox" / "email") in line and str(root / "processing") in line
     assert "mount the shared folder at spool.root" in line
