@@ -5,13 +5,15 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from daemon.config import ConfigError
 from daemon.metrics import Metrics
+
+DEGRADED_PREFIX = "degraded: "
 
 
 @dataclass
@@ -21,6 +23,8 @@ class HealthState:
     recovered: bool = False
     watching: bool = False
     paused_reason: Callable[[], str | None] = lambda: None
+    #: Conditions that degrade the daemon (each says why, or None when it does not hold).
+    troubles: list[Callable[[], str | None]] = field(default_factory=list)
 
     def ready(self) -> tuple[bool, str]:
         if not self.recovered:
@@ -30,6 +34,9 @@ class HealthState:
         reason = self.paused_reason()
         if reason is not None:
             return False, f"uploads paused: {reason}"
+        troubles = [why for check in self.troubles if (why := check()) is not None]
+        if troubles:
+            return False, DEGRADED_PREFIX + "; ".join(troubles)
         return True, "ready"
 
 

@@ -33,6 +33,10 @@ class Metrics:
         self.misplaced = Gauge("ipqs_bulkd_misplaced_files",
                                "Files in inbox/ outside any type folder: never taken",
                                registry=r)
+        self.finish_blocked = Gauge(
+            "ipqs_bulkd_finish_blocked",
+            "Finished jobs waiting because their done/ or failed/ folder refuses the move",
+            ["folder"], registry=r)
         self.breaker_open = Gauge("ipqs_bulkd_uploads_paused",
                                   "1 while uploads are paused by an account error", registry=r)
 

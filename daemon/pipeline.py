@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,6 +20,7 @@ from tenacity import AsyncRetrying
 from daemon import retry
 from daemon.api import CsvJob, IpqsClient
 from daemon.config import Config
+from daemon.finishing import Finishing
 from daemon.job.breaker import Breaker
 from daemon.job.conversation import Conversation, Hooks
 from daemon.job.inflight import InFlight
@@ -43,10 +45,18 @@ class Pipeline:
     breaker: Breaker = field(default_factory=Breaker)
     jobs: InFlight = field(default_factory=InFlight)
     talk: Conversation = field(init=False)
+    finishing: Finishing = field(init=False)
 
     def __post_init__(self) -> None:
         self.talk = Conversation(self.client, self.config, self, stop=self.stop,
                                  hooks=Metered(self.metrics), save=self.save)
+        # Final moves run in threads of their own: a folder that hangs or refuses them must
+        # never hold the default pool, which every other stage's file work goes through.
+        self._finish_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="finish")
+        max_seconds = self.config.poll.max_seconds
+        self.finishing = Finishing(self._move, self._finished, self.stop,
+                                   initial_seconds=min(1.0, max_seconds),
+                                   max_seconds=max_seconds)
 
     @property
     def outcomes(self) -> Mapping[str, int]:
@@ -91,33 +101,34 @@ class Pipeline:
                      error: str | None = None) -> None:
         """Move the job to done/ or failed/ and log its one summary line.
 
-        Disk trouble (ENOSPC, EACCES) never loses the input: the job stays in processing/
-        and the move is retried with backoff until it works or the daemon stops.
+        Disk trouble (EACCES, ENOSPC) never loses the input and never holds the caller: the
+        job stays in processing/ and waits in :attr:`finishing`, retried with backoff.
         """
         job.outcome, job.reason, job.error = outcome, reason, error
         job.finished_at = job.finished_at or utcnow()
-        delay = 1.0
-        while True:
-            try:
-                advance(job, JobState.FINISHING)  # spool.finish saves it with final_name
-                record = await self._move(job)
-                break
-            except OSError as exc:
-                log.error("finish_failed", job=job.job, error=str(exc), retry_in=delay)
-                if self.stop.is_set():
-                    return
-                await retry.stoppable_sleep(self.stop)(delay)
-                delay = min(delay * 2, 60.0)
-        self._count(job, outcome, reason)
+        advance(job, JobState.FINISHING)  # spool.finish saves it with final_name
+        try:
+            record = await self._move(job)
+        except OSError as exc:
+            folder = self.spool.outcome_dir(outcome, job.type).relative_to(self.spool.root)
+            self.finishing.hold(job, str(folder), exc)
+            return
+        self._finished(job, record)
+
+    def _finished(self, job: Job, record: Path) -> None:
+        outcome = job.outcome or "failed"
+        self._count(job, outcome, job.reason)
         log.info("file_finished", type=job.type, source=job.source, id=job.id, rows=job.rows,
                  bytes=job.bytes, seconds=_seconds_since(job.claimed_at), outcome=outcome,
-                 reason=reason, error=error, record=str(record))
+                 reason=job.reason, error=job.error, record=str(record))
 
     async def _move(self, job: Job) -> Path:
         """spool.finish in a thread. A thread cannot be stopped: if we are cancelled
         meanwhile (shutdown), the move still completes, so wait for it and count the job
         before passing the cancellation on; the bookkeeping then matches done/ and failed/."""
-        moving = asyncio.ensure_future(asyncio.to_thread(self.spool.finish, job))
+        loop = asyncio.get_running_loop()
+        moving = asyncio.ensure_future(loop.run_in_executor(self._finish_pool,
+                                                            self.spool.finish, job))
         try:
             return await asyncio.shield(moving)
         except asyncio.CancelledError:
@@ -125,6 +136,10 @@ class Pipeline:
                 await moving
                 self._count(job, job.outcome or "failed", job.reason)
             raise
+
+    def close(self) -> None:
+        """Let the finishing threads go (a move under way completes first)."""
+        self._finish_pool.shutdown(wait=False)
 
     def _count(self, job: Job, outcome: str, reason: str | None) -> None:
         self.metrics.files.labels(job.type, outcome, reason or "").inc()

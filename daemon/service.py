@@ -63,7 +63,8 @@ class Service:
         # on it): four poller slots per upload slot keep the poller from being the limit.
         self.poller = Poller(self.pipe, concurrency=4 * config.upload.concurrency)
         self.uploader = Uploader(self.pipe, self.watcher, self.poller)
-        self.health = HealthState(paused_reason=lambda: self.pipe.breaker.reason)
+        self.health = HealthState(paused_reason=lambda: self.pipe.breaker.reason,
+                                  troubles=[self.pipe.finishing.reason])
         self.misplaced = MisplacedFiles(self.spool, config.spool.types)
         self.health_server: HealthServer | None = None
         self.notifier = notifier or Notifier()
@@ -108,6 +109,7 @@ class Service:
         self._spawn(self.watcher.run(), "watcher")
         self._spawn(self.uploader.run(), "uploader")
         self._spawn(self.poller.run(), "poller")
+        self._spawn(self.pipe.finishing.run(), "finishing")
         self._spawn(self._housekeeping(sweep=True), "housekeeping")
         self._spawn(self.watchdog(), "watchdog")
         self._spawn(self._status_loop(), "status")
@@ -120,6 +122,7 @@ class Service:
     async def _run_once(self) -> int:
         self._spawn(self.uploader.run(), "uploader")
         self._spawn(self.poller.run(), "poller")
+        self._spawn(self.pipe.finishing.run(), "finishing")
         self._spawn(self._housekeeping(sweep=False), "housekeeping")
         self._spawn(self.watchdog(), "watchdog")
         self._spawn(self._status_loop(), "status")
@@ -183,6 +186,7 @@ class Service:
         self.watcher.close()
         await asyncio.to_thread(self.spool.release)
         await self.pipe.client.close()
+        self.pipe.close()
         if self.health_server is not None:
             await self.health_server.close()
         log.info("daemon_stopped")
@@ -273,18 +277,25 @@ class Service:
         """Set the queue and in-flight gauges from the stages; return the status line."""
         pending = self.watcher.pending_count()
         at_ipqs = self.poller.waiting()
-        uploading = max(self.pipe.jobs.count() - at_ipqs, 0)
+        finishing = self.pipe.finishing
+        uploading = max(self.pipe.jobs.count() - at_ipqs - finishing.count(), 0)
         m = self.pipe.metrics
         m.queue_depth.set(pending + self.watcher.queued_count())
         m.oldest_pending.set(self.watcher.oldest_pending_age() or 0)
         m.breaker_open.set(1 if self.pipe.breaker.paused else 0)
         m.in_flight.labels("uploading").set(uploading)
         m.in_flight.labels("at_ipqs").set(at_ipqs)
+        m.in_flight.labels("finishing").set(finishing.count())
+        m.finish_blocked.clear()
+        for folder, count in finishing.blocked().items():
+            m.finish_blocked.labels(folder).set(count)
         status = (f"inbox {pending}, queued {self.watcher.queued_count()}, "
                   f"uploading {uploading}, at IPQS {at_ipqs}, "
                   f"done {self.pipe.outcomes['done']}, failed {self.pipe.outcomes['failed']}")
         if self.pipe.breaker.paused:
             status += f"; PAUSED: {self.pipe.breaker.reason}"
+        if finishing.count():
+            status += f"; STUCK: {finishing.reason()}"
         return status
 
     def _report(self) -> None:

@@ -560,8 +560,9 @@ def test_status_json_on_a_spool_with_files_in_each_state(
     result = cli(capsys, "status", "--json", "--config", config)
     report = json.loads(result.out)
     assert result.code == 0
-    assert set(report) == {"root", "types", "processing", "misplaced", "recent", "daemon"}
-    assert report["misplaced"] == []
+    assert set(report) == {"root", "types", "processing", "finishing", "misplaced", "recent",
+                           "daemon"}
+    assert report["misplaced"] == [] and report["finishing"] == {}
     assert report["types"] == {"email": {"inbox": 1, "processing": 0, "done": 1, "failed": 1},
                                "phone": {"inbox": 0, "processing": 1, "done": 1, "failed": 0}}
     [job] = report["processing"]
@@ -573,7 +574,7 @@ def test_status_json_on_a_spool_with_files_in_each_state(
         ("old.csv", "done", None, 11)]
     assert report["recent"][0]["record"] == "failed/email/bad.csv.json"
     assert report["daemon"] == {
-        "reachable": False, "ready": None, "paused": None,
+        "reachable": False, "ready": None, "paused": None, "degraded": None,
         "reason": f"unknown (daemon not reachable at http://127.0.0.1:{port}/readyz)"}
 
 

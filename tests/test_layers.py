@@ -14,6 +14,7 @@ from daemon.sandbox.handlers import FILE_TYPES
 PACKAGE = Path(__file__).resolve().parent.parent / "daemon"
 # Stages and the service: an operator command must work without them.
 ABOVE_COMMANDS = ("daemon.watcher", "daemon.uploader", "daemon.poller", "daemon.pipeline",
+                  "daemon.finishing",
                   "daemon.service")
 
 

@@ -35,6 +35,7 @@ from daemon.commands.common import (
     table,
 )
 from daemon.config import Config, HealthConfig
+from daemon.health import DEGRADED_PREFIX
 from daemon.spool import OUTCOMES, Layout, Spool, is_ignored
 from daemon.spool.mounts import misplaced
 
@@ -92,6 +93,11 @@ def collect(config: Config, *, recent: int) -> dict[str, Any]:
     counts = {t: {"inbox": _count_inbox(spool.inbox(t)), "processing": 0, "done": 0,
                   "failed": 0} for t in types}
     processing = _processing(spool, counts)
+    finishing: dict[str, int] = {}
+    for job in processing:
+        if job["state"] == "finishing":
+            where = f"{job['outcome'] or 'failed'}/{job['type']}"
+            finishing[where] = finishing.get(where, 0) + 1
     finished: list[tuple[float, str, str, str]] = []
     for outcome in OUTCOMES:
         for file_type in types:
@@ -101,6 +107,7 @@ def collect(config: Config, *, recent: int) -> dict[str, Any]:
             finished.extend(_stamped(folder, outcome, file_type, names))
     newest = heapq.nlargest(recent, finished)
     return {"root": str(root), "types": counts, "processing": processing,
+            "finishing": finishing,
             "misplaced": [str(p.relative_to(root)) for p in misplaced(spool, types)],
             "recent": [_finished(spool, *item) for item in newest]}
 
@@ -126,13 +133,13 @@ def _processing(spool: Spool, counts: dict[str, dict[str, int]]) -> list[dict[st
         if job is None:
             jobs.append({"job": job_dir.name, "type": None, "source": None,
                          "state": "unreadable", "id": None, "status": None,
-                         "age_seconds": None})
+                         "outcome": None, "age_seconds": None})
             continue
         if job.type in counts:
             counts[job.type]["processing"] += 1
         jobs.append({"job": job.job, "type": job.type, "source": job.source,
                      "state": job.state, "id": job.id, "status": job.status,
-                     "age_seconds": _age(job.claimed_at, now)})
+                     "outcome": job.outcome, "age_seconds": _age(job.claimed_at, now)})
     return jobs
 
 
@@ -192,7 +199,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 async def probe(health: HealthConfig) -> dict[str, Any]:
     """The daemon's readiness from ``/readyz``: reachable, ready, paused and why."""
     if not health.enabled:
-        return {"reachable": False, "ready": None, "paused": None,
+        return {"reachable": False, "ready": None, "paused": None, "degraded": None,
                 "reason": "unknown (health endpoint off: health.enabled = false)"}
     host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(health.host, health.host)
     url = f"http://{f'[{host}]' if ':' in host else host}:{health.port}/readyz"
@@ -204,12 +211,13 @@ async def probe(health: HealthConfig) -> dict[str, Any]:
     except (aiohttp.ClientError, TimeoutError, ValueError):
         data = None
     if not isinstance(data, dict) or not isinstance(data.get("ready"), bool):
-        return {"reachable": False, "ready": None, "paused": None,
+        return {"reachable": False, "ready": None, "paused": None, "degraded": None,
                 "reason": f"unknown (daemon not reachable at {url})"}
     reason = str(data.get("reason") or "")
     paused = reason.startswith(PAUSED_PREFIX)
-    return {"reachable": True, "ready": data["ready"], "paused": paused,
-            "reason": reason.removeprefix(PAUSED_PREFIX) if paused else reason}
+    degraded = reason.startswith(DEGRADED_PREFIX)
+    return {"reachable": True, "ready": data["ready"], "paused": paused, "degraded": degraded,
+            "reason": reason.removeprefix(PAUSED_PREFIX).removeprefix(DEGRADED_PREFIX)}
 
 
 # -- text output ----------------------------------------------------------------------------
@@ -228,6 +236,10 @@ def render(report: dict[str, Any], console: Console) -> None:
         console.line()
     console.line(f"uploads: {_uploads(report['daemon'])}")
     console.line()
+    if report["finishing"]:
+        waiting = ", ".join(f"{folder} {n}" for folder, n in report["finishing"].items())
+        console.line(f"waiting to be moved (finishing): {waiting}")
+        console.line()
     jobs = report["processing"]
     console.line(f"in processing: {len(jobs)}")
     if jobs:
@@ -250,6 +262,8 @@ def _uploads(daemon: dict[str, Any]) -> str:
         return str(daemon["reason"])
     if daemon["paused"]:
         return f"PAUSED: {daemon['reason']}"
+    if daemon["degraded"]:
+        return f"running, DEGRADED: {daemon['reason']}"
     if daemon["ready"]:
         return "running"
     return f"not running yet: {daemon['reason']}"

@@ -9,6 +9,7 @@ ever overwritten, even by another daemon on the same spool.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import errno
 import hashlib
 import json
@@ -127,6 +128,29 @@ def place_no_clobber(src: Path, folder: Path, name: str, *, tries: int = 10000) 
             fsync_dir(folder)
             return dst
     raise OSError(errno.EEXIST, f"no free name for {name} in {folder}")
+
+
+def make_dir_like(path: Path, models: list[Path]) -> int | None:
+    """Create the folder ``path`` with the mode (setgid included) and group of the first
+    existing folder of ``models``; returns the mode given, or None if it existed already.
+
+    ``mkdir`` alone would give the daemon's umask and primary group, which may lock out the
+    people who read the folder.
+    """
+    model = next((m for m in models if m.is_dir() and not m.is_symlink()), path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return None
+    st = model.stat()
+    if st.st_gid != os.stat(path).st_gid:
+        with contextlib.suppress(PermissionError):  # not a member: the mode still holds
+            os.chown(path, -1, st.st_gid)
+    mode = stat.S_IMODE(st.st_mode)
+    os.chmod(path, mode)  # after chown, which may clear setgid
+    fsync_dir(path.parent)
+    return mode
 
 
 def link_no_clobber(src: Path, dst: Path) -> bool:

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from daemon.spool.fs import (
     exclusive_write,
     fit_name,
@@ -18,6 +20,7 @@ from daemon.spool.fs import (
     hardlinks_protected,
     inspect_file,
     link_no_clobber,
+    make_dir_like,
     place_no_clobber,
     read_json,
 )
@@ -35,6 +38,8 @@ from daemon.spool.record import (
     utcnow,
     write_record,
 )
+
+log = structlog.get_logger(__name__)
 
 
 class Spool(Layout):
@@ -204,8 +209,7 @@ class Spool(Layout):
         Idempotent: after a crash half-way it completes the same placement again. Returns the
         path of the written record.
         """
-        outcome_dir = self.outcome_dir(job.outcome or "failed", job.type)
-        outcome_dir.mkdir(parents=True, exist_ok=True)
+        outcome_dir = self._outcome_folder(job.outcome or "failed", job.type)
         if job.id is not None:
             # Paid for: once the job folder is gone, only the id keeps its marker alive.
             self.update_mark(job)
@@ -220,6 +224,18 @@ class Spool(Layout):
         self._remove_job_dir(self.job_dir(job))
         self._on_change()
         return outcome_dir / f"{job.final_name}.json"
+
+    def _outcome_folder(self, outcome: str, file_type: str) -> Path:
+        """done/<type> or failed/<type>; re-created as its siblings are if it went missing
+        (an operator rotating it away, say)."""
+        folder = self.outcome_dir(outcome, file_type)
+        if not os.path.lexists(folder):
+            models = [self.outcome_dir(outcome, t) for t in self.types if t != file_type]
+            mode = make_dir_like(folder, models)
+            if mode is not None:
+                log.warning("folder_recreated", folder=str(folder.relative_to(self.root)),
+                            mode=f"{mode:04o}")
+        return folder
 
     def _free_name(self, folder: Path, job: Job) -> str:
         stem, dot, ext = fit_name(job.source).partition(".")

@@ -1,0 +1,103 @@
+"""Run the daemon as the systemd unit runs it: an unprivileged user, UMask 0027, /proc
+showing only its own processes (``/work/shared/tools/as-deployed``), over a spool outside
+pytest's private tmp folders, while the test (root) plays producers and operators."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+AS_DEPLOYED = Path(os.environ.get("IPQS_AS_DEPLOYED", "/work/shared/tools/as-deployed"))
+USER = "ipqs-bulkd"
+
+
+@dataclass
+class Deployed:
+    """A spool owned by the daemon's user, and where its daemon's logs go."""
+
+    base: Path
+    root: Path
+    uid: int
+    gid: int
+
+    @property
+    def log_file(self) -> Path:
+        return self.base / "daemon.log"
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The daemon's JSON log lines (those with ``event`` = ``name``, if given)."""
+        lines = []
+        for line in self.log_file.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and (name is None or entry.get("event") == name):
+                lines.append(entry)
+        return lines
+
+
+@contextmanager
+def deployed_spool() -> Iterator[Deployed]:
+    """A fresh spool root that the daemon's user owns; skips where that cannot be run."""
+    if os.geteuid() != 0 or not AS_DEPLOYED.exists() or shutil.which("unshare") is None:
+        pytest.skip("needs root and the as-deployed tool")
+    # The tool creates its user on first use.
+    subprocess.run([str(AS_DEPLOYED), "--", "true"], check=True, capture_output=True)
+    user = pwd.getpwnam(USER)
+    probe = subprocess.run([str(AS_DEPLOYED), "--", sys.executable, "-c", "import daemon.cli"],
+                           cwd="/", capture_output=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"{USER} cannot run this interpreter or read this checkout")
+    base = Path(tempfile.mkdtemp(prefix="ipqs-deployed-", dir="/tmp"))
+    base.chmod(0o755)
+    root = base / "spool"
+    root.mkdir()
+    os.chown(root, user.pw_uid, user.pw_gid)
+    try:
+        yield Deployed(base, root, user.pw_uid, user.pw_gid)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@asynccontextmanager
+async def daemon_as_deployed(spool: Deployed, config_file: Path) -> AsyncIterator[
+        asyncio.subprocess.Process]:
+    """``ipqs-bulkd run`` under as-deployed; stopped with SIGTERM (then killed) on exit."""
+    config_file.chmod(0o644)
+    env = {**os.environ, "IPQS_BULKD_CONFIG": str(config_file)}
+    env.pop("IPQS_API_KEY", None)
+    with spool.log_file.open("ab") as log:
+        proc = await asyncio.create_subprocess_exec(
+            str(AS_DEPLOYED), "--", sys.executable, "-m", "daemon", "run", env=env, cwd="/",
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=30)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
