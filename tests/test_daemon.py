@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -121,8 +122,10 @@ async def test_name_clash_gets_a_suffix_and_nothing_is_overwritten(tmp_path: Pat
         assert await run_once(daemon_config(root, sandbox.api_base)) == 0
     assert (earlier / "list.csv").read_bytes() == b"earlier input\n"
     assert (earlier / "list.csv.json").read_text() == "{}"
-    assert (earlier / "list-1.csv").read_bytes() == b"new@example.com\n"
-    assert records(root, "done")["list-1.csv"]["results"] == {"all": "list-1.csv.all.csv"}
+    [placed] = [name for name in records(root, "done") if name != "list.csv"]
+    assert re.fullmatch(r"list\.\d{8}T\d{6}-[0-9a-f]{8}\.csv", placed)
+    assert (earlier / placed).read_bytes() == b"new@example.com\n"
+    assert records(root, "done")[placed]["results"] == {"all": f"{placed}.all.csv"}
 
 
 async def test_restart_resumes_inbox_and_processing_without_second_upload(

@@ -62,23 +62,65 @@ def test_only_one_of_many_claimers_wins(tmp_path: Path) -> None:
     assert [p.name for p in spool.jobs()] == [won[0].job]
 
 
+@pytest.mark.slow
+def test_a_clash_is_placed_in_constant_looks_among_100000_earlier_clashes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = make_spool(tmp_path)
+    done = spool.root / "done" / "email"
+    done.mkdir(parents=True, exist_ok=True)
+    (done / "latest.csv").write_bytes(b"first\n")
+    (tmp_path / "other").write_bytes(b"later\n")
+    # A year of 5-minute drops of latest.csv, under either naming: hard links are cheap.
+    for n in range(1, 50001):
+        os.link(done / "latest.csv", done / f"latest-{n}.csv")
+        os.link(tmp_path / "other", done / f"latest.20250101T{n:06}-0000{n % 10000:04}.csv")
+    job = spool.claim("email", drop(spool, "latest.csv"), "multipart")
+    assert job is not None
+    spool.inspect(job)
+    job.outcome = "done"
+    looks: list[str] = []
+    real = os.path.lexists
+
+    def lexists(path: Any) -> bool:
+        looks.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(os.path, "lexists", lexists)
+    started = time.perf_counter()
+    record = spool.finish(job)
+    elapsed = time.perf_counter() - started
+    monkeypatch.undo()
+    assert record.name == f"latest.{job.job}.csv.json"
+    assert len([p for p in looks if p.startswith(str(done))]) <= 6, looks
+    assert elapsed < 1.0
+
+
 def test_finish_never_overwrites(tmp_path: Path) -> None:
     spool = make_spool(tmp_path)
-    records = []
+    records, jobs = [], []
     for content in (b"one@example.com\n", b"two@example.com\n", b"three@example.com\n"):
         job = spool.claim("email", drop(spool, "same.csv", content), "multipart")
         assert job is not None
         spool.inspect(job)
         job.outcome = "done"
+        job.results = {"all": "all"}
+        (spool.results_dir(job)).mkdir()
+        (spool.results_dir(job) / "all").write_bytes(b"result of " + content)
         records.append(spool.finish(job))
+        jobs.append(job)
     done = spool.root / "done" / "email"
-    assert sorted(p.name for p in done.iterdir()) == [
-        "same-1.csv", "same-1.csv.json", "same-2.csv", "same-2.csv.json", "same.csv",
-        "same.csv.json"]
+    second, third = (f"same.{job.job}.csv" for job in jobs[1:])
+    assert sorted(p.name for p in done.iterdir()) == sorted(
+        f"{name}{suffix}" for name in ("same.csv", second, third)
+        for suffix in ("", ".json", ".all.csv"))
+    assert second[5:20] <= third[5:20]  # the suffix sorts by claim time (to the second)
     assert (done / "same.csv").read_bytes() == b"one@example.com\n"
-    assert (done / "same-2.csv").read_bytes() == b"three@example.com\n"
+    assert (done / third).read_bytes() == b"three@example.com\n"
+    assert (done / f"{third}.all.csv").read_bytes() == b"result of three@example.com\n"
     record = json.loads(records[2].read_text())
+    assert records[2] == done / f"{third}.json"
     assert record["source"] == "same.csv" and record["bytes"] == len(b"three@example.com\n")
+    assert record["results"] == {"all": f"{third}.all.csv"}
     assert list(spool.jobs()) == []
 
 

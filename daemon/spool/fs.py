@@ -23,8 +23,9 @@ from typing import Any, BinaryIO
 _HASH_CHUNK = 1024 * 1024
 _BOM = codecs.BOM_UTF8
 
-# Room for what a placed name gets: "-99999" and the longest suffix, ".pristine.csv".
-_NAME_MAX = 255 - len("-99999") - len(".pristine.csv")
+# Room for what a placed name gets: a clash's ".<job id>-<4 hex>" (see Spool._free_name)
+# and the longest suffix, ".pristine.csv".
+_NAME_MAX = 255 - len(".20261130T101500-1a2b3c4d-1a2b") - len(".pristine.csv")
 
 
 class NotRegularFileError(OSError):

@@ -7,6 +7,8 @@ import contextlib
 import errno
 import json
 import os
+import re
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,9 @@ from daemon.spool.record import (
 )
 
 log = structlog.get_logger(__name__)
+
+#: What a job id looks like (``new_job_id``); anything else is never put in a name.
+_TAG = re.compile(r"\d{8}T\d{6}-[0-9a-f]{8}")
 
 
 class Spool(Layout):
@@ -238,11 +243,18 @@ class Spool(Layout):
         return folder
 
     def _free_name(self, folder: Path, job: Job) -> str:
+        """The input's own name, or on a clash ``stem.<job id>.ext`` (the job id is its
+        claim time and token: unique and sortable, so no search among earlier clashes).
+
+        A constant number of looks whatever the folder holds. Only this job can hold its
+        own suffixed name (from an attempt cut short); then a random token is added.
+        """
         stem, dot, ext = fit_name(job.source).partition(".")
-        for n in range(0, 100000):
-            name = f"{stem}{dot}{ext}" if n == 0 else f"{stem}-{n}{dot}{ext}"
+        tag = job.job if _TAG.fullmatch(job.job) else new_job_id()
+        for name in (f"{stem}{dot}{ext}", f"{stem}.{tag}{dot}{ext}",
+                     *(f"{stem}.{tag}-{secrets.token_hex(2)}{dot}{ext}" for _ in range(8))):
             names = [name, f"{name}.json", *(f"{name}.{s}.csv" for s in job.results)]
-            if not any(os.path.lexists(folder / n2) for n2 in names):
+            if not any(os.path.lexists(folder / n) for n in names):
                 return name
         raise OSError(errno.EEXIST, f"no free name for {job.source} in {folder}")
 
