@@ -64,7 +64,8 @@ class Service:
         self.poller = Poller(self.pipe, concurrency=4 * config.upload.concurrency)
         self.uploader = Uploader(self.pipe, self.watcher, self.poller)
         self.health = HealthState(paused_reason=lambda: self.pipe.breaker.reason,
-                                  troubles=[self.pipe.finishing.reason])
+                                  troubles=[self.pipe.finishing.reason,
+                                            self.uploader.trouble.reason])
         self.misplaced = MisplacedFiles(self.spool, config.spool.types)
         self.health_server: HealthServer | None = None
         self.notifier = notifier or Notifier()
@@ -278,9 +279,10 @@ class Service:
         pending = self.watcher.pending_count()
         at_ipqs = self.poller.waiting()
         finishing = self.pipe.finishing
-        uploading = max(self.pipe.jobs.count() - at_ipqs - finishing.count(), 0)
+        held = self.uploader.trouble.count()  # settled, but their claims fail for now
+        uploading = max(self.pipe.jobs.count() - at_ipqs - finishing.count() - held, 0)
         m = self.pipe.metrics
-        m.queue_depth.set(pending + self.watcher.queued_count())
+        m.queue_depth.set(pending + self.watcher.queued_count() + held)
         m.oldest_pending.set(self.watcher.oldest_pending_age() or 0)
         m.breaker_open.set(1 if self.pipe.breaker.paused else 0)
         m.in_flight.labels("uploading").set(uploading)
@@ -289,11 +291,13 @@ class Service:
         m.finish_blocked.clear()
         for folder, count in finishing.blocked().items():
             m.finish_blocked.labels(folder).set(count)
-        status = (f"inbox {pending}, queued {self.watcher.queued_count()}, "
+        status = (f"inbox {pending + held}, queued {self.watcher.queued_count()}, "
                   f"uploading {uploading}, at IPQS {at_ipqs}, "
                   f"done {self.pipe.outcomes['done']}, failed {self.pipe.outcomes['failed']}")
         if self.pipe.breaker.paused:
             status += f"; PAUSED: {self.pipe.breaker.reason}"
+        if (cannot_claim := self.uploader.trouble.reason()) is not None:
+            status += f"; STUCK: {cannot_claim}"
         if finishing.count():
             status += f"; STUCK: {finishing.reason()}"
         return status

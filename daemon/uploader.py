@@ -16,6 +16,7 @@ from typing import Protocol
 
 import structlog
 
+from daemon.claims import ClaimTrouble
 from daemon.errors import (
     AccountError,
     IpqsError,
@@ -59,6 +60,7 @@ class Uploader:
         self.source = source
         self.tracker = tracker
         self.claim_failures = 0  # files left in their inbox because the claim failed
+        self.trouble = ClaimTrouble()
         # Workers and resumed jobs together never upload more than ``concurrency`` at once.
         # A slot is held for the POST only; with twice as many workers as slots, the next
         # files are claimed, hashed and marked meanwhile, so no slot waits for the disk.
@@ -92,10 +94,13 @@ class Uploader:
                 self.source.release(candidate.path)
             if job is not None and permit is not None:
                 await self.process(job, permit, candidate)
-        except Exception:
-            # A file that cannot be claimed (EPERM, ENOSPC...) stays in its inbox for a
+        except OSError as exc:
+            # A file that cannot be claimed (EACCES, EPERM...) stays in its inbox for a
             # later look; it must never take the workers down with it.
-            log.exception("claim_failed", path=str(candidate.path))
+            self.trouble.say_once(candidate.path, exc)
+            self.claim_failures += 1
+        except Exception:
+            log.exception("claim_error", path=str(candidate.path))
             self.claim_failures += 1
         finally:
             if permit is not None:
@@ -108,14 +113,35 @@ class Uploader:
         job_id = new_job_id()
         self.pipe.jobs.started(job_id)
         try:
-            job = await asyncio.to_thread(self.pipe.spool.claim, candidate.type,
-                                          candidate.path, self._method(candidate.path), job_id)
+            job = await self._claim_retrying(candidate, job_id)
         except BaseException:
             self.pipe.jobs.forget(job_id)
             raise
         if job is None:
             self.pipe.jobs.forget(job_id)
         return job
+
+    async def _claim_retrying(self, candidate: Candidate, job_id: str) -> Job | None:
+        """spool.claim, retried while the spool itself refuses claims (a full disk): the
+        file waits in its inbox meanwhile. None if the file is gone or the daemon stops."""
+        trouble = self.trouble
+        try:
+            while True:
+                try:
+                    job = await asyncio.to_thread(
+                        self.pipe.spool.claim, candidate.type, candidate.path,
+                        self._method(candidate.path), job_id)
+                except OSError as exc:
+                    if not trouble.spool_wide(exc):
+                        raise
+                    trouble.held(candidate.path, exc)
+                    if not await trouble.wait_retry(self.pipe.stop):
+                        return None
+                    continue
+                trouble.claimed()
+                return job
+        finally:
+            trouble.released(candidate.path)
 
     def _method(self, path: Path) -> str:
         if path.name.lower().endswith(URL_SUFFIX):

@@ -90,7 +90,12 @@ class Spool(Layout):
                   claimed_at=utcnow(), owner=self.owner.name)
         job_dir = self.job_dir(job)
         job_dir.mkdir(parents=True)
-        self.save(job)
+        try:
+            self.save(job)
+        except BaseException:
+            # ENOSPC, say: the file never left its inbox; leave no empty job folder behind.
+            self._remove_job_dir(job_dir)
+            raise
         try:
             os.rename(path, self.input_path(job))
         except FileNotFoundError:
