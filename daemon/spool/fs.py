@@ -230,6 +230,7 @@ def _exclusive_create(path: Path, data: bytes, mode: int) -> bool:
             return False
         raise
     with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fh.fileno(), mode)  # exactly spool.file_mode: O_CREAT's is cut by the umask
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
@@ -246,6 +247,7 @@ def _lost_race(exc: OSError, path: Path) -> bool:
 def _write_synced(path: Path, data: bytes, mode: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fh.fileno(), mode)  # exactly spool.file_mode: O_CREAT's is cut by the umask
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
