@@ -37,6 +37,7 @@ class _Blocked:
     error: str
     due: float
     delay: float
+    said_at: float  # when the last finish_blocked line was logged
     jobs: dict[str, Job] = field(default_factory=dict)
 
 
@@ -48,17 +49,19 @@ class Finishing:
     ``max_seconds`` per folder.
     """
 
+    #: A folder still blocked is said again this often (an error nobody fixed is no less
+    #: an error an hour later; the journal may have rotated the first line away).
+    remind_seconds = 3600.0
+
     def __init__(self, move: Move, finished: Finished, stop: asyncio.Event, *,
                  initial_seconds: float = 1.0, max_seconds: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._move = move
         self._finished = finished
         self._stop = stop
         self._initial = initial_seconds
         self._max = max(max_seconds, initial_seconds)
         self._clock = clock
-        self._on_change = on_change or (lambda: None)
         self._blocked: dict[str, _Blocked] = {}
         self._wake = asyncio.Event()
 
@@ -66,13 +69,13 @@ class Finishing:
         """Keep ``job`` until ``folder`` takes it; say so once per folder."""
         blocked = self._blocked.get(folder)
         if blocked is None:
-            blocked = _Blocked(folder, _describe(exc), self._clock() + self._initial,
-                               self._initial)
+            now = self._clock()
+            blocked = _Blocked(folder, _describe(exc), now + self._initial, self._initial,
+                               said_at=now)
             self._blocked[folder] = blocked
-            _say_blocked(folder, exc)
+            _say_blocked(folder, exc, waiting=1)
         blocked.jobs[job.job] = job
         self._wake.set()
-        self._on_change()
 
     def is_blocked(self, folder: str) -> bool:
         """Is ``folder`` known to refuse moves right now?"""
@@ -117,25 +120,37 @@ class Finishing:
             try:
                 record = await self._move(job)
             except OSError as exc:
-                blocked.error = _describe(exc)
-                blocked.delay = min(blocked.delay * 2, self._max)
-                blocked.due = self._clock() + blocked.delay
-                log.debug("finish_retry_failed", folder=blocked.folder, error=blocked.error,
-                          retry_in=round(blocked.delay, 2))
+                self._back_off(blocked, exc)
+                return
+            except Exception:
+                # A bug must not end the retries of every blocked folder: this one waits.
+                log.exception("finish_retry_error", folder=blocked.folder)
+                self._back_off(blocked, None)
                 return
             del blocked.jobs[job_id]
             moved += 1
             self._finished(job, record)
         del self._blocked[blocked.folder]
-        self._on_change()
         log.info("finish_unblocked", folder=blocked.folder, moved=moved)
+
+    def _back_off(self, blocked: _Blocked, exc: OSError | None) -> None:
+        now = self._clock()
+        if exc is not None:
+            blocked.error = _describe(exc)
+        blocked.delay = min(blocked.delay * 2, self._max)
+        blocked.due = now + blocked.delay
+        log.debug("finish_retry_failed", folder=blocked.folder, error=blocked.error,
+                  retry_in=round(blocked.delay, 2))
+        if exc is not None and now - blocked.said_at >= self.remind_seconds:
+            blocked.said_at = now
+            _say_blocked(blocked.folder, exc, waiting=len(blocked.jobs))
 
 
 def _describe(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _say_blocked(folder: str, exc: OSError) -> None:
+def _say_blocked(folder: str, exc: OSError, *, waiting: int) -> None:
     """One line per blocked folder, with what would fix it."""
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         fix = (f"make {folder} writable by the daemon's user again (owner, group and mode "
@@ -144,4 +159,4 @@ def _say_blocked(folder: str, exc: OSError) -> None:
         fix = "free space on the spool's file system; the jobs move as soon as there is"
     else:
         fix = "the move is retried with backoff until it works"
-    log.error("finish_blocked", folder=folder, error=_describe(exc), fix=fix)
+    log.error("finish_blocked", folder=folder, error=_describe(exc), waiting=waiting, fix=fix)

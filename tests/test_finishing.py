@@ -16,6 +16,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from daemon.finishing import Finishing
 from daemon.spool import Job
@@ -60,6 +61,18 @@ async def test_a_blocked_folder_is_probed_by_one_job_with_backoff_then_all_follo
     folders, stop, now = _Folders(), asyncio.Event(), [0.0]
     finishing = Finishing(folders.move, folders.finished, stop, initial_seconds=1.0,
                           max_seconds=4.0, clock=lambda: now[0])
+    finishing.remind_seconds = 5.0
+    with capture_logs() as logs:
+        await _probe_then_clear(finishing, folders, stop, now)
+    said = [(e["event"], e.get("waiting"), e.get("moved")) for e in logs
+            if e["event"].startswith("finish_") and e["log_level"] != "debug"]
+    # Said when it blocks, again once remind_seconds passed (at t=7), and when it clears.
+    assert said == [("finish_blocked", 1, None), ("finish_blocked", 24, None),
+                    ("finish_unblocked", None, 24)]
+
+
+async def _probe_then_clear(finishing: Finishing, folders: _Folders, stop: asyncio.Event,
+                            now: list[float]) -> None:
     for n in range(24):
         finishing.hold(_job(n), "done/email", PermissionError(errno.EACCES, "Permission denied"))
     assert finishing.blocked() == {"done/email": 24}
