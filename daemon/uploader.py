@@ -10,6 +10,7 @@ seconds apart) allows a new POST.
 from __future__ import annotations
 
 import asyncio
+import os
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Protocol
@@ -135,8 +136,9 @@ class Uploader:
                     if not trouble.spool_wide(exc):
                         raise
                     trouble.held(candidate.path, exc)
-                    if not await trouble.wait_retry(self.pipe.stop):
-                        return None
+                    if not await trouble.wait_retry(self.pipe.stop) or \
+                            not await asyncio.to_thread(os.path.lexists, candidate.path):
+                        return None  # stopping, or the file went meanwhile
                     continue
                 trouble.claimed()
                 return job

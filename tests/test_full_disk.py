@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from daemon.claims import ClaimTrouble
 from tests.conftest import RunningSandbox
@@ -39,6 +40,17 @@ async def test_held_claims_wait_on_a_backoff_that_a_working_claim_cuts_short() -
     trouble.claimed()  # space is back: the others try again now, not in 30 s
     assert await asyncio.wait_for(waiter, timeout=5) is True
     assert trouble.reason() is None and trouble.count() == 2
+
+
+def test_a_file_of_its_own_trouble_is_said_once_per_error_without_a_traceback() -> None:
+    trouble = ClaimTrouble()
+    with capture_logs() as logs:
+        for _ in range(3):  # three rescans
+            trouble.say_once(Path("/inbox/a.csv"), PermissionError(errno.EACCES, "denied"))
+        trouble.say_once(Path("/inbox/b.csv"), PermissionError(errno.EACCES, "denied"))
+    assert [(e["event"], e["path"], e["log_level"]) for e in logs] == [
+        ("claim_failed", "/inbox/a.csv", "warning"), ("claim_failed", "/inbox/b.csv", "warning")]
+    assert not any("exc_info" in e for e in logs)
 
 
 def _mount_tmpfs(path: Path, size: str) -> None:
