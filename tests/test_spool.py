@@ -95,11 +95,11 @@ def test_a_clash_is_placed_in_constant_looks_among_100000_earlier_clashes(
     assert elapsed < 1.0
 
 
-def test_finish_never_overwrites(tmp_path: Path) -> None:
+def test_three_drops_of_latest_csv_get_three_names_and_nothing_is_overwritten(tmp_path: Path) -> None:
     spool = make_spool(tmp_path)
     records, jobs = [], []
     for content in (b"one@example.com\n", b"two@example.com\n", b"three@example.com\n"):
-        job = spool.claim("email", drop(spool, "same.csv", content), "multipart")
+        job = spool.claim("email", drop(spool, "latest.csv", content), "multipart")
         assert job is not None
         spool.inspect(job)
         job.outcome = "done"
@@ -109,17 +109,17 @@ def test_finish_never_overwrites(tmp_path: Path) -> None:
         records.append(spool.finish(job))
         jobs.append(job)
     done = spool.root / "done" / "email"
-    second, third = (f"same.{job.job}.csv" for job in jobs[1:])
+    second, third = (f"latest.{job.job}.csv" for job in jobs[1:])
     assert sorted(p.name for p in done.iterdir()) == sorted(
-        f"{name}{suffix}" for name in ("same.csv", second, third)
+        f"{name}{suffix}" for name in ("latest.csv", second, third)
         for suffix in ("", ".json", ".all.csv"))
-    assert second[5:20] <= third[5:20]  # the suffix sorts by claim time (to the second)
-    assert (done / "same.csv").read_bytes() == b"one@example.com\n"
+    assert second[7:22] <= third[7:22]  # the suffix sorts by claim time (to the second)
+    assert (done / "latest.csv").read_bytes() == b"one@example.com\n"
     assert (done / third).read_bytes() == b"three@example.com\n"
     assert (done / f"{third}.all.csv").read_bytes() == b"result of three@example.com\n"
     record = json.loads(records[2].read_text())
     assert records[2] == done / f"{third}.json"
-    assert record["source"] == "same.csv" and record["bytes"] == len(b"three@example.com\n")
+    assert record["source"] == "latest.csv" and record["bytes"] == len(b"three@example.com\n")
     assert record["results"] == {"all": f"{third}.all.csv"}
     assert list(spool.jobs()) == []
 
