@@ -221,9 +221,21 @@ async def _reproduce(spool: Deployed, sandbox: RunningSandbox) -> None:
             return len(records(root, "done", "email")) == 24
         await _until(all_done, "the 24 email files delivered")
         await _until(lambda: _ready(port), "readiness back")
+
+        # Rotated by a move alone: the daemon makes done/email again, as done/phone is.
+        (root / "done" / "phone").chmod(0o2750)
+        (root / "done" / "email").rename(root / "done" / "email.2026-12")
+        drop(root, "email", "after.csv", emails(2, seed="-after"))
+
+        async def after_done() -> bool:
+            return "after.csv" in records(root, "done", "email")
+        await _until(after_done, "a file delivered into a re-created done/email")
+    made = (root / "done" / "email").stat()
+    assert (f"{stat.S_IMODE(made.st_mode):o}", made.st_uid) == ("2750", spool.uid)
+    assert [e["folder"] for e in spool.events("folder_recreated")] == ["done/email"]
     blocked = spool.events("finish_blocked")
     assert [e["folder"] for e in blocked] == ["done/email"], blocked  # one line, not 24
     assert "writable" in blocked[0]["fix"]
     assert [e["folder"] for e in spool.events("finish_unblocked")] == ["done/email"]
     assert not spool.events("finish_failed")
-    assert len(sandbox.uploads()) == 25  # nothing paid twice
+    assert len(sandbox.uploads()) == 26  # nothing paid twice

@@ -95,7 +95,8 @@ def test_a_clash_is_placed_in_constant_looks_among_100000_earlier_clashes(
     assert elapsed < 1.0
 
 
-def test_three_drops_of_latest_csv_get_three_names_and_nothing_is_overwritten(tmp_path: Path) -> None:
+def test_three_drops_of_latest_csv_get_three_names_and_nothing_is_overwritten(
+        tmp_path: Path) -> None:
     spool = make_spool(tmp_path)
     records, jobs = [], []
     for content in (b"one@example.com\n", b"two@example.com\n", b"three@example.com\n"):
