@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from tests.support import start_daemon
+
 AS_DEPLOYED = Path(os.environ.get("IPQS_AS_DEPLOYED", "/work/shared/tools/as-deployed"))
 USER = "ipqs-bulkd"
 
@@ -79,12 +81,9 @@ async def daemon_as_deployed(spool: Deployed, config_file: Path) -> AsyncIterato
         asyncio.subprocess.Process]:
     """``ipqs-bulkd run`` under as-deployed; stopped with SIGTERM (then killed) on exit."""
     config_file.chmod(0o644)
-    env = {**os.environ, "IPQS_BULKD_CONFIG": str(config_file)}
-    env.pop("IPQS_API_KEY", None)
     with spool.log_file.open("ab") as log:
-        proc = await asyncio.create_subprocess_exec(
-            str(AS_DEPLOYED), "--", sys.executable, "-m", "daemon", "run", env=env, cwd="/",
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        proc = await start_daemon(config_file, stdout=log, stderr=log,
+                                  wrap=(str(AS_DEPLOYED), "--"))
     try:
         yield proc
     finally:

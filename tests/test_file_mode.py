@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningSandbox
 from tests.deployed import daemon_as_deployed, deployed_spool, free_port
-from tests.support import daemon_config, drop, emails, records, write_config_file
+from tests.support import Sandbox, daemon_config, drop, emails, records, write_config_file
 from tests.test_finishing import _ready, _until
 
 
@@ -21,7 +20,7 @@ def _mode(path: Path) -> str:
 
 @pytest.mark.slow
 async def test_records_and_results_get_file_mode_exactly_under_umask_0027(
-        sandbox: RunningSandbox) -> None:
+        sandbox: Sandbox) -> None:
     with deployed_spool() as spool:
         root, port = spool.root, free_port()
         config = daemon_config(root, sandbox.api_base, health={"enabled": True, "port": port},

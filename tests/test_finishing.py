@@ -20,9 +20,9 @@ from structlog.testing import capture_logs
 
 from daemon.finishing import Finishing
 from daemon.spool import Job
-from tests.conftest import RunningSandbox
 from tests.deployed import Deployed, daemon_as_deployed, deployed_spool, free_port
 from tests.support import (
+    Sandbox,
     daemon_config,
     drop,
     emails,
@@ -103,7 +103,7 @@ async def _probe_then_clear(finishing: Finishing, folders: _Folders, stop: async
 
 
 async def test_final_moves_run_in_threads_of_their_own(tmp_path: Path,
-                                                       sandbox: RunningSandbox) -> None:
+                                                       sandbox: Sandbox) -> None:
     root = tmp_path / "spool"
     config = daemon_config(root, sandbox.api_base)
     threads: list[str] = []
@@ -121,7 +121,7 @@ async def test_final_moves_run_in_threads_of_their_own(tmp_path: Path,
 
 
 async def test_a_missing_outcome_folder_is_recreated_as_its_siblings_are(
-        tmp_path: Path, sandbox: RunningSandbox, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, sandbox: Sandbox, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "spool"
     config = daemon_config(root, sandbox.api_base)
     async with running(config):
@@ -178,12 +178,12 @@ async def _until(check: Callable[[], Awaitable[bool]], what: str,
 
 @pytest.mark.slow
 async def test_an_unwritable_done_folder_blocks_only_its_own_jobs_as_deployed(
-        sandbox: RunningSandbox) -> None:
+        sandbox: Sandbox) -> None:
     with deployed_spool() as spool:
         await _reproduce(spool, sandbox)
 
 
-async def _reproduce(spool: Deployed, sandbox: RunningSandbox) -> None:
+async def _reproduce(spool: Deployed, sandbox: Sandbox) -> None:
     root, port = spool.root, free_port()
     config = daemon_config(root, sandbox.api_base, health={"enabled": True, "port": port},
                            poll={"max_seconds": 0.5})

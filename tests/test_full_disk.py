@@ -15,9 +15,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.claims import ClaimTrouble
-from tests.conftest import RunningSandbox
 from tests.deployed import daemon_as_deployed, deployed_spool, free_port
-from tests.support import daemon_config, emails, records, write_config_file
+from tests.support import Sandbox, daemon_config, emails, records, write_config_file
 from tests.test_finishing import _metrics, _ready, _readyz, _until
 
 FILES = 20
@@ -76,7 +75,7 @@ def _fill(path: Path) -> None:
 
 @pytest.mark.slow
 async def test_a_full_spool_waits_said_once_and_resumes_promptly_as_deployed(
-        sandbox: RunningSandbox) -> None:
+        sandbox: Sandbox) -> None:
     with deployed_spool() as spool:
         root = spool.root
         _mount_tmpfs(root, "1m")
