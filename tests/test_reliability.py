@@ -189,9 +189,13 @@ async def test_bad_key_pauses_uploads_then_drains_when_fixed(tmp_path: Path) -> 
             assert not ready and "key" in why.lower()
             # Files stay in the inbox; nothing is failed, nothing uploaded.
             assert records(root, "failed") == {} and sandbox.uploads() == []
-            inbox = {p.name for p in (root / "inbox" / "email").iterdir()}
-            probing = {p.name for p in (root / "processing").glob("*/*.csv")}
-            assert inbox | probing == set(expected) and len(probing) <= 1
+            def in_inbox_or_probed() -> bool:
+                # Two listings cannot be atomic: a probe may move a file between them, so
+                # the check holds once a pair of listings sees a still moment.
+                probing = {p.name for p in (root / "processing").glob("*/*.csv")}
+                inbox = {p.name for p in (root / "inbox" / "email").iterdir()}
+                return inbox | probing == set(expected) and len(probing) <= 1
+            await wait_for(in_inbox_or_probed, what="every file in its inbox or the one probe")
             sandbox.state.faults.invalid_key = False
             await wait_for(lambda: len(records(root, "done")) == len(expected),
                            what="queue drained after the key was fixed")
