@@ -1,5 +1,5 @@
-"""Real file-sharing servers on loopback for the shared-folder tests: Samba (smbd on
-127.0.0.1:4450) and SSHFS (sshd on 127.0.0.1:2222, mounted through FUSE), plus a daemon run
+"""Real file-sharing servers on loopback for the shared-folder tests: Samba (smbd) and
+SSHFS (sshd, mounted through FUSE), each on a free 127.0.0.1 port, plus a daemon run
 as a subprocess. Each helper skips, with its reason, only where this machine cannot."""
 
 from __future__ import annotations
@@ -21,8 +21,17 @@ import pytest
 
 from tests.support import start_daemon
 
-SMB_PORT = 4450
-SSH_PORT = 2222
+
+def _free_port() -> int:
+    """A loopback port free now: each test run gets its own, so two runs on one machine
+    never write into each other's share."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+SMB_PORT = _free_port()
+SSH_PORT = _free_port()
 
 
 def require(*binaries: str, root: bool = False, fuse: bool = False) -> None:
@@ -80,7 +89,7 @@ def _session_alive(sid: int) -> bool:
 
 @dataclass
 class SambaShare:
-    """``//127.0.0.1/spool`` on port 4450, sharing ``folder`` read-write to guests."""
+    """``//127.0.0.1/spool`` on ``SMB_PORT``, sharing ``folder`` read-write to guests."""
 
     folder: Path
 
@@ -136,7 +145,7 @@ def samba_share(base: Path, folder: Path) -> Iterator[SambaShare]:
 
 @dataclass
 class SshServer:
-    """sshd on 127.0.0.1:2222 accepting ``client_key`` for root."""
+    """sshd on 127.0.0.1:``SSH_PORT`` accepting ``client_key`` for root."""
 
     base: Path
     client_key: Path
