@@ -178,15 +178,16 @@ def cpu_ticks_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def context_switches(pid: int) -> int:
-    """Voluntary and involuntary switches of every thread: how often it woke up."""
-    total = 0
+def thread_switches(pid: int) -> dict[str, int]:
+    """Context switches per thread, keyed ``<comm>/<tid>`` (``loop/<pid>``: the main thread)."""
+    found: dict[str, int] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError):
-            for line in (task / "status").read_text().splitlines():
-                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                    total += int(line.split()[-1])
-    return total
+            name = "loop" if task.name == str(pid) else (task / "comm").read_text().strip()
+            found[f"{name}/{task.name}"] = sum(
+                int(line.split()[-1]) for line in (task / "status").read_text().splitlines()
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")))
+    return found
 
 
 def children_cpu() -> float:

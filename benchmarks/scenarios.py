@@ -26,11 +26,11 @@ from harness import (
     SandboxTiming,
     Spool,
     big_csv,
-    context_switches,
     cpu_ns,
     iso_ts,
     percentile,
     start_daemon,
+    thread_switches,
     vm_kib,
     wait_ready,
     wait_until,
@@ -418,25 +418,32 @@ def _state_watch(processing: Path, state: str) -> Iterator[list[float]]:
 
 
 def idle(bench: Bench, seconds: float) -> dict[str, Any]:
-    """CPU time and wake-ups of a daemon with nothing to do."""
+    """CPU time, wake-ups (per thread too) and resident memory of a daemon with nothing to
+    do. Threads are named by their kernel ``comm`` (Rust threads name themselves; Python's
+    do not, so the event loop is the thread whose id is the process's)."""
     with bench.sandbox() as box:
         spool = bench.spool("idle", box)
         proc, log = start_daemon(bench.procs, spool, once=False, tag="idle")
         try:
             wait_ready(proc, log)
             time.sleep(3.0)  # past start-up
-            cpu0, switches0, t0 = cpu_ns(proc.pid), context_switches(proc.pid), time.monotonic()
+            cpu0, switches0, t0 = cpu_ns(proc.pid), thread_switches(proc.pid), time.monotonic()
             time.sleep(seconds)
-            cpu1, switches1 = cpu_ns(proc.pid), context_switches(proc.pid)
+            cpu1, switches1 = cpu_ns(proc.pid), thread_switches(proc.pid)
             elapsed = time.monotonic() - t0
+            memory = {"rss_mib": round(vm_kib(proc.pid, "VmRSS") / MIB, 1),
+                      "hwm_mib": round(vm_kib(proc.pid) / MIB, 1)}
         finally:
             bench.procs.stop(proc)
     shutil.rmtree(bench.workdir / "idle", ignore_errors=True)
     cpu = (cpu1 - cpu0) / 1e9
+    threads = {name: round((switches1.get(name, 0) - before) / elapsed, 2)
+               for name, before in switches0.items()}
     return {"seconds": round(elapsed, 1), "cpu_s": round(cpu, 4),
             "cpu_percent": round(100 * cpu / elapsed, 3),
             "cpu_s_per_hour": round(cpu / elapsed * 3600, 1),
-            "wakeups_per_s": round((switches1 - switches0) / elapsed, 1)}
+            "wakeups_per_s": round(sum(threads.values()), 1),
+            "wakeups_per_s_by_thread": threads, **memory}
 
 
 # -- 3. several daemons on one spool -------------------------------------------------------

@@ -106,7 +106,7 @@ def _resources(r: dict[str, Any], d: dict[str, Any]) -> Iterator[Row]:
     if f:
         yield ("(f) idle daemon", f"{f['cpu_s'] * 1000:.1f} ms CPU in {f['seconds']:g} s "
                                   f"({f['cpu_s_per_hour']} s/hour), {f['wakeups_per_s']} "
-                                  "wakeups/s")
+                                  f"wakeups/s; RSS {f.get('rss_mib')} MiB")
 
 
 def _big(r: dict[str, Any]) -> Iterator[Row]:
