@@ -9,8 +9,6 @@ import os
 import threading
 from typing import Any, Protocol, TextIO
 
-from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
-
 from daemon.commands.common import Console, human_bytes
 
 
@@ -65,6 +63,11 @@ class BarReporter:
     """A byte progress bar for the upload, then a live status line while IPQS works."""
 
     def __init__(self, console: Console) -> None:
+        # Imported here, not at the top: the daemon imports this package for its command
+        # line, and tqdm (about 1 MiB resident) is only ever needed by a bar on a terminal.
+        from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
+
+        self._tqdm: Any = tqdm
         self.console = console
         self._bar: Any = None
         self._status: Any = None
@@ -76,7 +79,7 @@ class BarReporter:
 
     def upload_started(self, name: str, size: int) -> None:
         self.upload_ended()
-        self._bar = tqdm(total=size, desc=f"uploading {name}", unit="B", unit_scale=True,
+        self._bar = self._tqdm(total=size, desc=f"uploading {name}", unit="B", unit_scale=True,
                          unit_divisor=1024, file=self.stream, leave=True, **self._width())
 
     def upload_progress(self, n_bytes: int) -> None:
@@ -101,13 +104,13 @@ class BarReporter:
     def status(self, job_id: int | None, status: str | None) -> None:
         text = f"job {job_id}: {status or 'status unknown'}"
         if self._status is None:
-            self._status = tqdm(total=None, desc=text, file=self.stream, leave=True,
+            self._status = self._tqdm(total=None, desc=text, file=self.stream, leave=True,
                                 bar_format="{desc} [{elapsed}]", **self._width())
         else:
             self._status.set_description_str(text)
 
     def note(self, text: str) -> None:
-        tqdm.write(self.console.scrub(text), file=self.stream)
+        self._tqdm.write(self.console.scrub(text), file=self.stream)
 
     def close(self) -> None:
         self.upload_ended()

@@ -15,10 +15,29 @@ sets), :mod:`.faults` (fault order), :mod:`.odd` (answers reshaped as CDNs, gate
 untidy IPQS might send them).
 """
 
-from daemon.sandbox.app import create_app
-from daemon.sandbox.options import add_arguments, settings_from_args
-from daemon.sandbox.settings import TEST_KEY, Faults, SandboxSettings
-from daemon.sandbox.state import SANDBOX, SandboxState
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from daemon.sandbox.app import create_app
+    from daemon.sandbox.options import add_arguments, settings_from_args
+    from daemon.sandbox.settings import TEST_KEY, Faults, SandboxSettings
+    from daemon.sandbox.state import SANDBOX, SandboxState
+
+# Loaded on first use (PEP 562): ``ipqs-bulkd run`` builds its command line with the
+# sandbox's flags, and should not carry the emulator's server code in memory for that.
+_HOME = {
+    "create_app": "app",
+    "add_arguments": "options",
+    "settings_from_args": "options",
+    "TEST_KEY": "settings",
+    "Faults": "settings",
+    "SandboxSettings": "settings",
+    "SANDBOX": "state",
+    "SandboxState": "state",
+}
 
 __all__ = [
     "SANDBOX",
@@ -30,3 +49,12 @@ __all__ = [
     "create_app",
     "settings_from_args",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value
