@@ -216,22 +216,26 @@ _COUNTED = ("upload_answer_lost", "upload_adopted", "upload_not_found", "job_res
 
 def log_figures(paths: Iterable[Path]) -> dict[str, Any]:
     """Counts of the telling events in the daemons' JSON logs, every error-level event by
-    name, and tracebacks (lines that are not JSON; a kill may cut the last line short)."""
+    name, and what is not JSON (a kill may cut a last line short; anything else, such as
+    a traceback, is kept, a few lines of it, as evidence)."""
     events: Counter[str] = Counter()
     errors: Counter[str] = Counter()
-    tracebacks = 0
+    other: list[str] = []
     for path in paths:
         for line in path.read_text(errors="replace").splitlines() if path.exists() else ():
             try:
                 event = json.loads(line)
             except ValueError:
-                tracebacks += line.startswith("Traceback")
+                if not line.startswith("{"):  # not a JSON line cut short by a kill
+                    other.append(line)
                 continue
             if event.get("event") in _COUNTED:
                 events[event["event"]] += 1
             if event.get("level") in ("error", "critical"):
                 errors[event.get("event", "?")] += 1
-    return {"events": dict(events), "errors": dict(errors), "tracebacks": tracebacks}
+    return {"events": dict(events), "errors": dict(errors),
+            "tracebacks": sum(line.startswith("Traceback") for line in other),
+            "other_lines": len(other), "other_excerpt": other[:40]}
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -261,6 +265,9 @@ def soak(ns: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         procs.close()
     if phase.unexpected_exits:
         figures["problems"].append(f"daemon exited by itself: codes {phase.unexpected_exits}")
+    if logs["other_lines"]:
+        figures["problems"].append(f"{logs['other_lines']} lines in the daemon logs are not "
+                                   f"JSON log lines; the first: {logs['other_excerpt'][:20]}")
     if drained["exit_code"] != 0:
         figures["problems"].append(f"drain run --once ended with {drained['exit_code']}")
     fired = stats.get("faults", {})
