@@ -37,6 +37,7 @@ INVALID_TYPE = (
     "leaked_password, leaked_username."
 )
 INVALID_PAGE = "Invalid page. Please use a whole number of 1 or more."
+INTERNAL_ERROR = "An internal error occurred."
 LINK_DEAD = "This download link has expired or was already used."
 NO_FILE = (
     "No file was received. Send one file as multipart/form-data, a link in 'url', "

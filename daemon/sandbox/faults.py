@@ -15,6 +15,13 @@ Per request, in this order:
 4. The odd-answer knobs of :mod:`daemon.sandbox.odd` reshape what the handler answered
    (BOM, JSONP, HTML page, string booleans, status case, missing downloads, trickling...).
 
+Delivery faults act on status and downloads, whatever ``faults.operations`` says:
+``status_soft_failures`` answers that many status calls ``success: false`` "An internal
+error occurred." (counting down); ``null_link_answers`` gives that many FINISHED status
+answers a null link for every set (counting down, in the handler); ``links_dead_seconds``
+answers a download HTTP 404 until the job has been FINISHED that long on the sandbox clock
+(a CDN that has not caught up; the link is not used up).
+
 ``invalid_key`` and ``credits`` act inside the handlers, as IPQS answers them;
 ``account_missing`` makes the account API answer 404 (see :mod:`.account`).
 
@@ -96,6 +103,10 @@ async def _inject(
     if not faults.keyless_status and _route(request) == "status:keyless":
         state.fired("keyless_status_404")
         return web.Response(status=404, text="404: Not Found")
+    if operation == "status" and faults.status_soft_failures > 0:
+        faults.status_soft_failures -= 1
+        state.fired("status_soft_failure")
+        return answers.failure(request.match_info.get("fmt", "json"), answers.INTERNAL_ERROR)
     if operation not in faults.operations:
         return None
     if faults.redirect_to:
@@ -168,6 +179,12 @@ def _count_or_none(value: object) -> int | None:
     return value
 
 
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("must be a whole number of 0 or more")
+    return value
+
+
 def _flag(value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError("must be true or false")
@@ -219,6 +236,9 @@ _KNOBS: dict[str, Callable[[object], Any]] = {
     "redirect_to": _text,
     "trickle_ms": _non_negative,
     "keyless_status": _flag,
+    "links_dead_seconds": _non_negative,
+    "status_soft_failures": _count,
+    "null_link_answers": _count,
 }
 
 

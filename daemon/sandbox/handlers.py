@@ -158,9 +158,13 @@ async def status(request: web.Request) -> web.StreamResponse:
         summary = await state.results(job)
         invalid_records = summary.invalid_records
         base = public_base(request)
+        published = state.faults.null_link_answers == 0  # else finished, but no links yet
+        if not published:
+            state.faults.null_link_answers -= 1
+            state.fired("null_links")
         for name, count in summary.counts.items():
             # IPQS mints fresh one-time links on every status call of a finished job.
-            downloads[name] = state.mint_link(base, job, name) if count else None
+            downloads[name] = state.mint_link(base, job, name) if count and published else None
     payload = {
         "message": "Success",
         "success": True,
@@ -215,7 +219,11 @@ DOWNLOAD_CHUNK = 256 * 1024
 async def download(request: web.Request) -> web.StreamResponse:
     """``/download?download=TOKEN&filename=NAME``: one result file, once."""
     state = request.config_dict[SANDBOX]
-    link = state.redeem(request.query.get("download", ""))
+    token = request.query.get("download", "")
+    if state.link_dead(token):
+        state.fired("dead_link")
+        return web.Response(status=404, text="404: Not Found")
+    link = state.redeem(token)
     if link is None:
         return answers.failure("json", answers.LINK_DEAD)
     headers = {

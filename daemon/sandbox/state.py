@@ -72,6 +72,7 @@ class Link:
     path: Path
     file_name: str
     expires_at: float
+    finished_at: float = 0.0  # when its job finished, on the sandbox clock
 
 
 @dataclass
@@ -214,12 +215,16 @@ class SandboxState:
 
     def stage(self, job: Job) -> str:
         """NEW, PROCESSING or FINISHED, by the sandbox clock."""
-        elapsed = self.now() - job.created_at
-        timing = self.settings
-        if elapsed < timing.new_seconds:
+        now = self.now()
+        if now - job.created_at < self.settings.new_seconds:
             return NEW
+        return PROCESSING if now < self.finished_at(job) else FINISHED
+
+    def finished_at(self, job: Job) -> float:
+        """When the job is (or was) FINISHED, on the sandbox clock."""
+        timing = self.settings
         busy = timing.processing_seconds + job.rows * timing.per_row_seconds
-        return PROCESSING if elapsed < timing.new_seconds + busy else FINISHED
+        return job.created_at + timing.new_seconds + busy
 
     async def results(self, job: Job) -> ResultSummary:
         """The job's result sets, generated once, off the event loop, on first request."""
@@ -239,8 +244,15 @@ class SandboxState:
         token = "".join(secrets.choice(ALPHANUMERICS) for _ in range(TOKEN_LENGTH))
         name = result_file_name(job.file_name, job.type, result_set)
         expires_at = self.now() + self.settings.link_ttl_seconds
-        self.links[token] = Link(result_path(job.directory, result_set), name, expires_at)
+        self.links[token] = Link(result_path(job.directory, result_set), name, expires_at,
+                                 self.finished_at(job))
         return f"{base}/download?{urlencode({'download': token, 'filename': name})}"
+
+    def link_dead(self, token: str) -> bool:
+        """Whether ``faults.links_dead_seconds`` still refuses this link (not used up)."""
+        link = self.links.get(token)
+        dead_for = self.faults.links_dead_seconds
+        return link is not None and dead_for > 0 and self.now() < link.finished_at + dead_for
 
     def redeem(self, token: str) -> Link | None:
         """Use up a token; None when it is unknown, used or expired."""
