@@ -3,6 +3,12 @@
 One scheduler loop holds every submitted job in a heap ordered by its next status check, so
 ten thousand jobs at IPQS are ten thousand small heap entries, not ten thousand tasks. The
 interval per job starts short and grows by ``poll.factor`` up to ``poll.max_seconds``.
+
+Paid results are never abandoned before ``poll.deadline_hours``, counted from the upload to
+the filed results, whatever the state: a refused status call, a FINISHED answer without
+links, a link that stays refused, all wait with backoff. At the deadline the job fails as
+``timeout`` (IPQS never said FINISHED) or ``results-unavailable`` (it did), keeping its
+IPQS id, so that ``ipqs-bulkd retry --results-only`` can fetch them without uploading.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,14 +26,16 @@ import structlog
 
 from daemon.aio import wait_any
 from daemon.api import CsvJob
-from daemon.errors import AccountError, RejectedError, TransientError
-from daemon.job.conversation import Verdict
+from daemon.errors import AccountError, IpqsError, RejectedError, TransientError
+from daemon.job.conversation import FINISHED, ResultsNotReady, UnknownJob, Verdict
 from daemon.job.state import JobState
 from daemon.pipeline import Pipeline
 from daemon.spool import Job, utcnow
 
 log = structlog.get_logger(__name__)
 
+#: A status call that says the id is unknown fails the job only after this many in a row.
+UNKNOWN_ID_REPEATS = 3
 
 
 @dataclass(order=True)
@@ -35,6 +44,7 @@ class _Entry:
     seq: int
     job: Job = field(compare=False)
     interval: float = field(compare=False)
+    refusals: int = field(default=0, compare=False)  # "unknown id" answers in a row
 
 
 class Poller:
@@ -61,9 +71,10 @@ class Poller:
         """Jobs this poller follows: in the heap, or being checked (each counted once)."""
         return len(self._heap) + len(self._visiting)
 
-    def _push(self, job: Job, delay: float, interval: float) -> None:
+    def _push(self, job: Job, delay: float, interval: float, refusals: int = 0) -> None:
         self._visiting.discard(job.job)
-        heapq.heappush(self._heap, _Entry(self.clock() + delay, next(self._seq), job, interval))
+        heapq.heappush(self._heap, _Entry(self.clock() + delay, next(self._seq), job, interval,
+                                          refusals))
         self._wake.set()
 
     async def run(self) -> None:
@@ -96,17 +107,12 @@ class Poller:
         structlog.contextvars.bind_contextvars(job=job.job, source=job.source)
         try:
             await self._check(entry)
-        except RejectedError as exc:
-            # IPQS no longer knows the id (purged, or another account's key): nothing to
-            # wait for any more. The record keeps the id for the operator.
-            await self._finish_safely(job, entry, "rejected",
-                                      f"IPQS refused the status of job {job.id}: {exc.message}")
-        except (TransientError, AccountError) as exc:
-            delay = min(max(entry.interval, getattr(exc, "retry_after", None) or 0) * 2,
-                        self.pipe.config.poll.max_seconds)
-            log.warning("status_retry", error=str(exc), wait=round(delay, 2))
-            self.pipe.metrics.retries.labels("status", getattr(exc, "cause", "account")).inc()
-            self._push(job, delay, entry.interval)
+        except UnknownJob as exc:
+            await self._unknown(entry, exc)
+        except (TransientError, AccountError, RejectedError) as exc:
+            # Soft failures, outages, a setting to fix: the job was paid for, so it waits
+            # with backoff until the deadline.
+            await self._later(entry, exc)
         except OSError as exc:
             log.error("results_write_failed", error=str(exc))
             self._push(job, self.pipe.config.poll.max_seconds, entry.interval)
@@ -118,6 +124,50 @@ class Poller:
             self._visiting.discard(job.job)  # finished, or back in the heap
             self._slots.release()
             structlog.contextvars.unbind_contextvars("job", "source")
+
+    async def _unknown(self, entry: _Entry, exc: UnknownJob) -> None:
+        """IPQS says it does not know the id: believed only when it says so repeatedly
+        (purged, or another account's key); the record keeps the id for the operator."""
+        job = entry.job
+        refusals = entry.refusals + 1
+        if refusals < UNKNOWN_ID_REPEATS:
+            log.warning("status_unknown_id", id=job.id, error=exc.message, times=refusals)
+            self._push(job, self._backoff(entry.interval), entry.interval, refusals)
+            return
+        await self._finish_safely(job, entry, "rejected",
+                                  f"IPQS refused the status of job {job.id} {refusals} times: "
+                                  f"{exc.message}")
+
+    async def _later(self, entry: _Entry, exc: IpqsError) -> None:
+        job, talk = entry.job, self.pipe.talk
+        if talk.overdue(job):
+            await self._give_up(entry, exc.message)
+            return
+        retry_after = getattr(exc, "retry_after", None) or 0
+        delay = max(self._backoff(entry.interval), retry_after)
+        what = "results" if isinstance(exc, ResultsNotReady) else "status"
+        log.warning("results_retry" if what == "results" else "status_retry", error=str(exc),
+                    wait=round(delay, 2))
+        self.pipe.metrics.retries.labels(what, getattr(exc, "cause", "account")).inc()
+        self._push(job, delay, min(entry.interval * 2, self.pipe.config.poll.max_seconds))
+
+    def _backoff(self, interval: float) -> float:
+        """Twice the interval, capped at ``poll.max_seconds``, with jitter."""
+        cap = min(interval * 2, self.pipe.config.poll.max_seconds)
+        return random.uniform(cap / 2, cap)
+
+    async def _give_up(self, entry: _Entry, why: str) -> None:
+        job, cfg = entry.job, self.pipe.config.poll
+        hours = f"{cfg.deadline_hours:g} h (poll.deadline_hours)"
+        if job.status != FINISHED and not job.fetch_attempts:
+            await self._finish_safely(job, entry, "timeout",
+                                      f"IPQS did not finish job {job.id} within {hours}: {why}")
+            return
+        await self._finish_safely(
+            job, entry, "results-unavailable",
+            f"IPQS finished job {job.id} (paid for), but its results could not be fetched "
+            f"within {hours} after {job.fetch_attempts} attempt(s): {why}; "
+            "`ipqs-bulkd retry --results-only` fetches them again without uploading")
 
     async def _finish_safely(self, job: Job, entry: _Entry, reason: str, error: str) -> None:
         try:
@@ -150,7 +200,8 @@ class Poller:
             self._push(job, entry.interval, interval)
 
     async def _fetch(self, job: Job, answer: CsvJob) -> None:
-        """Download every configured, non-empty result set, then finish the job."""
+        """Download every configured set not yet here, then finish the job; results not
+        ready yet raise :class:`ResultsNotReady`, counted on the job's record."""
         pipe = self.pipe
         folder = pipe.spool.results_dir(job)
         job.finished_at = job.finished_at or utcnow()
@@ -159,12 +210,13 @@ class Poller:
         async def placed(name: str, path: Path, size: int) -> None:
             job.results[name] = name
 
+        have = set(job.results)
         try:
-            await pipe.talk.fetch(job, answer, folder.joinpath, mode=pipe.spool.file_mode,
-                                  placed=placed)
-        except RejectedError as exc:
-            await pipe.finish(job, "failed", "rejected",
-                              f"results could not be downloaded: {exc.message}")
-            return
+            await pipe.talk.fetch_round(job, answer, folder.joinpath, mode=pipe.spool.file_mode,
+                                        placed=placed, have=have)
+        except ResultsNotReady:
+            job.fetch_attempts += 1
+            await pipe.save(job)  # the attempts and any sets fetched so far
+            raise
         await pipe.save(job, JobState.FETCHED)
         await pipe.finish(job, "done")

@@ -9,6 +9,10 @@ and running the command again completes it):
    can be seen by the daemon;
 3. the file is linked into ``inbox/<type>/`` under its original name (or ``stem-1.ext``...
    when that is taken) and unlinked from failed/. Nothing in the inbox is ever replaced.
+
+With ``--results-only``, step 3 differs: a file whose record has an IPQS id goes back into
+``processing/`` as a submitted job (:mod:`daemon.spool.refetch`, before step 1), so the
+daemon fetches its results and files it in done/ without uploading it again.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from daemon.commands.common import (
 )
 from daemon.config import Config
 from daemon.spool import Layout, place_no_clobber
+from daemon.spool.refetch import refetch, refetchable
 
 DESCRIPTION = """\
 Move failed files from failed/<type>/ back into inbox/<type>/, so the daemon tries them
@@ -42,6 +47,12 @@ history/<type>/. A name already in the inbox is never replaced: the file gets a 
 Content that IPQS already took (and was paid for) keeps its duplicate marker, so within
 upload.duplicate_window_hours the daemon would fail it again as a duplicate; the command
 says so. --force removes the marker, and the content is sent (and paid for) again.
+
+--results-only is for files IPQS already took (their record has an IPQS id), typically
+reason results-unavailable or timeout: nothing is uploaded; the file goes back into
+processing/ as a submitted job, and the daemon (running, or the next `run --once`) asks
+IPQS for its status and results again, with a fresh poll.deadline_hours, and files it in
+done/.
 """
 
 EPILOG = f"""\
@@ -53,6 +64,7 @@ examples:
   ipqs-bulkd retry list.csv --type email
   ipqs-bulkd retry --all-failed --type phone
   ipqs-bulkd retry list.csv --force
+  ipqs-bulkd retry --results-only list.csv
 
 {EXIT_HELP}"""
 
@@ -69,6 +81,9 @@ def add_parser(commands: Any, add_config: Callable[[argparse.ArgumentParser], No
     p.add_argument("--force", action="store_true",
                    help="also remove the duplicate markers, so content IPQS already took is "
                         "sent (and paid for) again")
+    p.add_argument("--results-only", action="store_true",
+                   help="fetch the results of jobs IPQS already has (a record with an IPQS "
+                        "id) again, without uploading")
     add_config(p)
 
 
@@ -97,6 +112,9 @@ def run(ns: argparse.Namespace, config: Config, console: Console) -> int:
     if ns.type is not None and ns.type not in types:
         raise CommandError(EXIT_USAGE, f"--type {ns.type}: not in spool.types "
                                        f"({', '.join(types)})")
+    if ns.results_only and ns.force:
+        raise CommandError(EXIT_USAGE, "--results-only never uploads; it cannot be combined "
+                                       "with --force")
     requeue = Requeue(config, console, force=ns.force)
     wanted = (ns.type,) if ns.type else types
     if ns.all_failed:
@@ -106,6 +124,11 @@ def run(ns: argparse.Namespace, config: Config, console: Console) -> int:
         missing = 0
     else:
         targets, missing = _resolve_all(requeue.layout, wanted, ns.files, console)
+    if ns.results_only:
+        fetched = sum(requeue.fetch_again(target) for target in targets)
+        console.line(f"{fetched} file(s) back in processing/: the daemon fetches their "
+                     "results without uploading")
+        return EXIT_NOT_FOUND if missing or fetched < len(targets) else EXIT_OK
     for target in targets:
         requeue.move_back(target)
     console.line(f"{len(targets)} file(s) put back into their inbox")
@@ -174,6 +197,7 @@ class Requeue:
         self.layout = Layout(config.spool.root)
         self.root = self.layout.root
         self.window = config.upload.duplicate_window_hours * 3600
+        self.file_mode = config.spool.file_mode
         self.console = console
         self.force = force
 
@@ -192,6 +216,23 @@ class Requeue:
                              else "; it had no record"))
         if marker:
             self.console.line(f"  {marker}")
+
+    def fetch_again(self, failed: Failed) -> bool:
+        """Put a failed job IPQS holds back into processing/ as submitted; False (with a
+        line saying why) when its record has no IPQS id."""
+        record = _read_json(failed.record_path)
+        why = refetchable(record)
+        if why is not None:
+            self.console.error(f"{failed.type}/{failed.name}: not fetched again: {why}")
+            return False
+        job = refetch(self.layout, failed.path, record, self.file_mode)
+        kept = self._keep_history(failed, record)
+        failed.path.unlink(missing_ok=True)
+        self.console.line(f"{failed.type}/{failed.name}: IPQS job {job.id} back in "
+                          f"processing/{job.job}, to fetch its results"
+                          + (f"; old record kept as {kept.relative_to(self.root)}" if kept
+                             else ""))
+        return True
 
     def _keep_history(self, failed: Failed, record: dict[str, Any]) -> Path | None:
         if not os.path.lexists(failed.record_path):

@@ -5,8 +5,12 @@ The money rules live here, for the daemon's stages and for ``submit`` alike:
 - ``uploading`` is saved before any POST; an upload whose answer was lost is looked up
   through the list API by its unique ``file_name`` before anything is sent again, and only
   "surely absent" (two lookups, a doubling wait apart) allows a new POST;
-- status is followed until FINISHED, aborted, or the deadline;
-- result links are one-time: a refused link is replaced through a status call.
+- status is followed until FINISHED, aborted, or the deadline; a refusal of a status call
+  for a job IPQS accepted is a soft failure (ask again later) unless it says the id is
+  unknown;
+- results are paid for, so they are never given up before the deadline: a FINISHED answer
+  without links, or a link that stays refused, means "not ready yet" (:class:`ResultsNotReady`),
+  and result links are one-time: a refused link is replaced through a status call.
 
 Callers differ only in how patient they are (:class:`Caller`) and in what they tell
 people or metrics along the way (:class:`Hooks`).
@@ -30,7 +34,7 @@ import structlog
 from daemon import retry
 from daemon.api import CsvJob, IpqsClient
 from daemon.config import Config
-from daemon.errors import LostAnswerError, RejectedError, TransientError
+from daemon.errors import IpqsError, LostAnswerError, RejectedError, TransientError
 from daemon.inputs import read_rows
 from daemon.job.state import JobState, advance
 from daemon.spool import Job, utcnow
@@ -41,8 +45,12 @@ T = TypeVar("T")
 
 RUNNING_STATES = ("NEW", "PROCESSING", "QUEUED", "PENDING")
 FINISHED = "FINISHED"
-#: A one-time result link that IPQS refuses is replaced by asking for the status again.
-MAX_LINK_REFRESHES = 3
+#: Words of a status refusal that say IPQS does not know the id (lower-case). Any other
+#: refusal of a status call ("An internal error occurred.") is a soft failure.
+UNKNOWN_ID_HINTS = ("invalid csv id", "invalid id", "unknown id", "not found",
+                    "does not exist")
+#: The result set that holds every row: never empty while others have rows.
+ALL_ROWS_SET = "all"
 #: The lookup wait doubles with each unanswered upload, up to this (or the configured one).
 LOOKUP_WAIT_CAP_SECONDS = 3600.0
 
@@ -81,6 +89,23 @@ class Hooks:
     def status(self, job: Job) -> None: ...
 
     def note(self, text: str) -> None: ...
+
+
+class ResultsNotReady(TransientError):
+    """IPQS finished the job, but its results cannot be fetched yet (no links, a link
+    refused even when fresh): ask the status again later, until the deadline."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, cause="results")
+
+
+class UnknownJob(RejectedError):
+    """A status call said IPQS does not know the job's id (once: it may be a glitch)."""
+
+
+def unknown_id(exc: RejectedError) -> bool:
+    """Whether a refused status call says the id is unknown (not a soft failure)."""
+    return any(hint in exc.message.lower() for hint in UNKNOWN_ID_HINTS)
 
 
 class Verdict(enum.Enum):
@@ -232,11 +257,12 @@ class Conversation:
     # -- follow ------------------------------------------------------------------------------
 
     async def status(self, job: Job) -> tuple[CsvJob, Verdict]:
-        """One status check (no retries: the caller decides when to look again)."""
-        if job.id is None:
-            raise AssertionError("a job without an IPQS id cannot be followed")
-        with self.hooks.timed("status"):
-            answer = await self.client.status(job.id)
+        """One status check (no retries: the caller decides when to look again).
+
+        A refusal that says the id is unknown raises :class:`UnknownJob`; any other refusal
+        of a job IPQS accepted is a soft failure, raised as :class:`TransientError`.
+        """
+        answer = await self._status(job)
         job.invalid_records = answer.invalid_records
         if answer.status != job.status:
             log.info("status_changed", id=job.id, status=answer.status)
@@ -244,6 +270,20 @@ class Conversation:
             await self.save(job)  # what `ipqs-bulkd status` shows
         self.hooks.status(job)
         return answer, self._verdict(job, answer)
+
+    async def _status(self, job: Job) -> CsvJob:
+        if job.id is None:
+            raise AssertionError("a job without an IPQS id cannot be followed")
+        try:
+            with self.hooks.timed("status"):
+                return await self.client.status(job.id)
+        except UnknownJob:
+            raise
+        except RejectedError as exc:
+            if unknown_id(exc):
+                raise UnknownJob(exc.message, request_id=exc.request_id) from None
+            raise TransientError(f"status of job {job.id} refused: {exc.message}",
+                                 cause="soft_failure", request_id=exc.request_id) from None
 
     def _verdict(self, job: Job, answer: CsvJob) -> Verdict:
         if answer.aborted is True:
@@ -257,9 +297,12 @@ class Conversation:
         return Verdict.RUNNING
 
     def overdue(self, job: Job) -> bool:
-        if job.submitted_at is None:
+        """Past ``poll.deadline_hours`` since the upload (or since ``retry --results-only``
+        asked again), whatever the job's state: the deadline runs until results are filed."""
+        since = job.followed_since or job.submitted_at or job.upload_started_at
+        if since is None:
             return False
-        started = datetime.fromisoformat(job.submitted_at.replace("Z", "+00:00")).timestamp()
+        started = datetime.fromisoformat(since.replace("Z", "+00:00")).timestamp()
         return time.time() - started > self.config.poll.deadline_hours * 3600
 
     async def follow(self, job: Job) -> tuple[CsvJob, Verdict]:
@@ -283,44 +326,81 @@ class Conversation:
                     placed: Callable[[str, Path, int], Awaitable[None]] | None = None,
                     ) -> CsvJob:
         """Download every configured, non-empty result set to ``target(set)``; ``placed`` is
-        told of each. Raises RejectedError when a set stays refused."""
+        told of each. Results not ready yet are asked for again (a fresh status, fresh
+        links) for as long as the caller is patient."""
+        have: set[str] = set()
+        rounds = 0
+
+        async def one_round() -> CsvJob:
+            nonlocal answer, rounds
+            rounds += 1
+            if rounds > 1:
+                answer = await self._status(job)
+            return await self.fetch_round(job, answer, target, mode=mode, placed=placed,
+                                          have=have)
+
+        return await self.caller.call("download", one_round)
+
+    async def fetch_round(self, job: Job, answer: CsvJob, target: Callable[[str], Path], *,
+                          mode: int = 0o640,
+                          placed: Callable[[str, Path, int], Awaitable[None]] | None = None,
+                          have: set[str] | None = None) -> CsvJob:
+        """One try at every configured set not in ``have`` (which grows as sets arrive).
+
+        Raises :class:`ResultsNotReady` when the answer publishes no links yet, or a set's
+        link is refused even when fresh: the caller asks again later.
+        """
+        have = set() if have is None else have
+        self.links_ready(answer)
         for name in self.config.results.sets:
+            if name in have:
+                continue
             answer, size = await self.download(job, name, answer, target(name), mode=mode)
+            have.add(name)
             if size is not None and placed is not None:
                 await placed(name, target(name), size)
         return answer
 
+    def links_ready(self, answer: CsvJob) -> None:
+        """Raise :class:`ResultsNotReady` unless a FINISHED answer says where results are.
+
+        A null link is an empty set only once IPQS has published its results: some set has
+        a link, and not the ``all`` set (every row) is null while another set has rows.
+        """
+        links = answer.downloads
+        if not any(links.values()):
+            raise ResultsNotReady(f"IPQS says job {answer.id} is {answer.status} but gives no "
+                                  "download link yet")
+        if ALL_ROWS_SET in links and links[ALL_ROWS_SET] is None:
+            raise ResultsNotReady(f"job {answer.id}: some result sets have links but the "
+                                  f"'{ALL_ROWS_SET}' set has none yet")
+
     async def download(self, job: Job, name: str, answer: CsvJob, dest: Path, *,
                        mode: int = 0o640) -> tuple[CsvJob, int | None]:
-        """Fetch one set (None: empty); a refused link is replaced by asking again."""
-        job_id = job.id
-        assert job_id is not None
-        status = functools.partial(self.client.status, job_id)
-        for refresh in range(MAX_LINK_REFRESHES + 1):
+        """Fetch one set (None: empty). A link that fails is replaced once, at once, by
+        asking for the status again (it may have been used up); if that fails too, the
+        results are not ready (:class:`ResultsNotReady`)."""
+        for fresh in (False, True):
+            if fresh:
+                try:
+                    answer = await self._status(job)
+                except IpqsError as exc:
+                    raise ResultsNotReady(f"result set {name}: no fresh link: "
+                                          f"{exc.message}") from None
             link = answer.downloads.get(name)
+            if link is None and fresh:
+                raise ResultsNotReady(f"result set {name}: its link went in a fresh answer")
             if link is None:
                 log.info("result_set_empty", set=name)
                 self.hooks.note(f"result set {name}: empty")
                 return answer, None
-            attempts = 0
-
-            async def attempt() -> int:
-                nonlocal attempts, answer, link
-                attempts += 1
-                if attempts > 1:  # a failed transfer may have used the one-time link up
-                    answer = await status()
-                    link = answer.downloads.get(name) or link
-                assert link is not None
-                with self.hooks.timed("download"):
-                    return await self.client.download(link, dest, mode=mode)
-
             try:
-                size = await self.caller.call("download", attempt)
-            except RejectedError as exc:
-                if refresh == MAX_LINK_REFRESHES:
-                    raise
-                log.info("download_link_refused", set=name, error=exc.message)
-                answer = await self.caller.call("status", status)
+                with self.hooks.timed("download"):
+                    size = await self.client.download(link, dest, mode=mode)
+            except IpqsError as exc:
+                log.info("download_failed", set=name, error=exc.message, fresh_link=fresh)
+                if fresh:
+                    raise ResultsNotReady(f"result set {name}: {exc.message}") from None
                 continue
             log.info("results_downloaded", set=name, bytes=size)
             return answer, size

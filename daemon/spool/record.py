@@ -77,6 +77,10 @@ class Job:
     final_name: str | None = None
     owner: str | None = None
     warning: str | None = None
+    #: Rounds of asking for the results of a FINISHED job that did not deliver them all.
+    fetch_attempts: int = 0
+    #: When set (by ``retry --results-only``), the deadline counts from here.
+    followed_since: str | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Job:
@@ -91,6 +95,8 @@ class Job:
         out["job"] = self.job
         if self.warning:
             out["warning"] = self.warning
+        if self.fetch_attempts:
+            out["fetch_attempts"] = self.fetch_attempts
         if self.outcome == "failed":
             out["reason"] = self.reason
             out["error"] = self.error

@@ -1,0 +1,180 @@
+"""Paid means delivered: results IPQS has billed are never abandoned before the deadline,
+and what cannot be fetched by then can be fetched later without uploading again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.cli import main
+from daemon.commands.common import EXIT_NOT_FOUND
+from daemon.config import Config
+from daemon.sandbox import SandboxSettings
+from tests.conftest import RunningSandbox, StartSandbox
+from tests.support import (
+    daemon_config,
+    drop,
+    emails,
+    records,
+    run_once,
+    running,
+    wait_for,
+    write_config_file,
+)
+
+#: About two seconds: long enough for several rounds at the test's poll intervals.
+SHORT_DEADLINE_HOURS = 2 / 3600
+
+
+def _config(root: Path, sandbox: RunningSandbox, **poll: Any) -> Config:
+    return daemon_config(root / "spool", sandbox.api_base, poll=poll) if poll else \
+        daemon_config(root / "spool", sandbox.api_base)
+
+
+def _delivered(root: Path, n: int) -> bool:
+    done = records(root / "spool", "done")
+    return len(done) == n and all(r["results"] for r in done.values())
+
+
+async def test_links_dead_for_ten_seconds_all_three_files_end_in_done(
+        tmp_path: Path, start_sandbox: StartSandbox,
+        sandbox_settings: SandboxSettings) -> None:
+    # Issue 17.2: result links answer 404 for the first 10 s after FINISHED (a CDN that has
+    # not caught up). Before: four refusals in milliseconds, then failed/ "rejected".
+    sandbox_settings.faults.links_dead_seconds = 10
+    sandbox = await start_sandbox(sandbox_settings)
+    config = _config(tmp_path, sandbox)
+    async with running(config):
+        for n in range(3):
+            drop(config.spool.root, "email", f"e{n}.csv", emails(5, seed=str(n)))
+        # Far more refusals than the old limit (4 per file) before the CDN catches up.
+        await wait_for(lambda: sandbox.state.stats.faults["dead_link"] >= 15,
+                       what="links refused many times")
+        assert not records(config.spool.root, "failed")
+        sandbox.state.advance(10)  # ten seconds on the sandbox clock: the links work now
+        await wait_for(lambda: _delivered(tmp_path, 3), what="three files delivered")
+    done = records(config.spool.root, "done")
+    assert all(set(r["results"]) == set(config.results.sets) for r in done.values())
+    assert all(r["fetch_attempts"] >= 1 for r in done.values())
+    assert len(sandbox.uploads()) == 3
+    assert not records(config.spool.root, "failed")
+
+
+async def test_links_dead_forever_fail_as_results_unavailable_then_retry_fetches_them(
+        tmp_path: Path, start_sandbox: StartSandbox, sandbox_settings: SandboxSettings,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Issue 17.2 and 20.8: past the deadline the job fails with its own reason, its IPQS id
+    # and its attempts; `retry --results-only` then fetches the results with 0 uploads.
+    sandbox_settings.faults.links_dead_seconds = 10**9
+    sandbox = await start_sandbox(sandbox_settings)
+    config = _config(tmp_path, sandbox, deadline_hours=SHORT_DEADLINE_HOURS)
+    root = config.spool.root
+    drop(root, "email", "paid.csv", emails(4))
+    assert await run_once(config) == 1
+    failed = records(root, "failed")["paid.csv"]
+    assert failed["reason"] == "results-unavailable"
+    assert failed["id"] == sandbox.uploads()[0]["id"]
+    assert failed["fetch_attempts"] >= 2 and failed["results"] == {}
+    assert "retry --results-only" in failed["error"] and "paid" in failed["error"]
+
+    sandbox.state.faults.links_dead_seconds = 0  # the links work now
+    config_file = write_config_file(tmp_path / "config.toml", config)
+    assert main(["retry", "--results-only", "paid.csv", "--config", str(config_file)]) == 0
+    assert "back in processing/" in capsys.readouterr().out
+    assert not (root / "failed" / "email" / "paid.csv").exists()
+    assert await run_once(config) == 0
+    done = records(root, "done")["paid.csv"]
+    assert done["id"] == failed["id"] and set(done["results"]) == set(config.results.sets)
+    assert (root / "done" / "email" / "paid.csv").read_bytes() == emails(4)
+    assert len(sandbox.uploads()) == 1  # nothing uploaded again
+    assert list((root / "history" / "email").glob("paid.csv.*.json"))
+
+
+def test_results_only_refuses_a_record_without_an_ipqs_id(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = daemon_config(tmp_path / "spool", "http://127.0.0.1:9/api")
+    failed = config.spool.root / "failed" / "email"
+    failed.mkdir(parents=True)
+    (failed / "bad.csv").write_bytes(b"x\n")
+    (failed / "bad.csv.json").write_text('{"type": "email", "source": "bad.csv", '
+                                         '"reason": "rejected"}')
+    config_file = write_config_file(tmp_path / "config.toml", config)
+    argv = ["retry", "--results-only", "bad.csv", "--config", str(config_file)]
+    assert main(argv) == EXIT_NOT_FOUND
+    assert "no IPQS id" in capsys.readouterr().err
+    assert (failed / "bad.csv").exists() and (failed / "bad.csv.json").exists()
+
+
+async def test_soft_failures_on_status_calls_never_fail_a_paid_job(
+        tmp_path: Path, start_sandbox: StartSandbox,
+        sandbox_settings: SandboxSettings) -> None:
+    # Issue 18.5: `success: false`, "An internal error occurred." on status calls.
+    # Before: the first one sent the job to failed/ as "rejected".
+    sandbox_settings.faults.status_soft_failures = 5
+    sandbox = await start_sandbox(sandbox_settings)
+    config = _config(tmp_path, sandbox)
+    drop(config.spool.root, "email", "soft.csv", emails(3))
+    assert await run_once(config) == 0
+    assert sandbox.state.stats.faults["status_soft_failure"] == 5
+    assert records(config.spool.root, "done")["soft.csv"]["results"]
+    assert len(sandbox.uploads()) == 1
+
+
+async def test_an_unknown_id_fails_the_job_only_when_it_repeats(
+        tmp_path: Path, start_sandbox: StartSandbox,
+        sandbox_settings: SandboxSettings) -> None:
+    # Issue 18.5: only a definitive answer (the id is unknown) fails a job, and only after
+    # it repeats: one "Invalid CSV ID." in between is a glitch.
+    sandbox_settings.processing_seconds = 3600  # keep the jobs running meanwhile
+    sandbox = await start_sandbox(sandbox_settings)
+    state = sandbox.state
+    config = _config(tmp_path, sandbox)
+    root = config.spool.root
+    async with running(config):
+        drop(root, "email", "glitch.csv", emails(2, seed="g"))
+        await wait_for(lambda: len(state.jobs) == 1, what="first upload")
+        job = state.jobs.pop(next(iter(state.jobs)))  # IPQS "forgets" it for a moment
+        seen = state.stats.requests["status"]
+        await wait_for(lambda: state.stats.requests["status"] >= seen + 1, what="a refusal")
+        state.jobs[job.id] = job
+        state.advance(3600)  # and finishes it
+        await wait_for(lambda: _delivered(tmp_path, 1), what="glitch.csv delivered")
+
+        drop(root, "email", "gone.csv", emails(2, seed="x"))
+        await wait_for(lambda: len(state.jobs) == 2, what="second upload")
+        state.jobs.clear()  # IPQS no longer knows it at all
+        await wait_for(lambda: "gone.csv" in records(root, "failed"), what="gone.csv failed")
+    gone = records(root, "failed")["gone.csv"]
+    assert gone["reason"] == "rejected" and "3 times" in gone["error"] and gone["id"]
+    assert len(sandbox.uploads()) == 2
+
+
+async def test_finished_with_null_links_is_asked_again_never_filed_empty(
+        tmp_path: Path, start_sandbox: StartSandbox,
+        sandbox_settings: SandboxSettings) -> None:
+    # Issue 18.6: FINISHED with null links for every set. Before: done/ with results {}.
+    sandbox_settings.faults.null_link_answers = 4
+    sandbox = await start_sandbox(sandbox_settings)
+    config = _config(tmp_path, sandbox)
+    drop(config.spool.root, "email", "nulls.csv", emails(3))
+    assert await run_once(config) == 0
+    assert sandbox.state.stats.faults["null_links"] == 4
+    done = records(config.spool.root, "done")["nulls.csv"]
+    assert set(done["results"]) == set(config.results.sets)
+    assert done["fetch_attempts"] == 4
+
+
+async def test_null_links_until_the_deadline_fail_as_results_unavailable(
+        tmp_path: Path, start_sandbox: StartSandbox,
+        sandbox_settings: SandboxSettings) -> None:
+    sandbox_settings.faults.null_link_answers = 10**6
+    sandbox = await start_sandbox(sandbox_settings)
+    config = _config(tmp_path, sandbox, deadline_hours=SHORT_DEADLINE_HOURS)
+    drop(config.spool.root, "email", "never.csv", emails(3))
+    assert await run_once(config) == 1
+    failed = records(config.spool.root, "failed")["never.csv"]
+    assert failed["reason"] == "results-unavailable" and failed["id"]
+    assert "no download link" in failed["error"]
+    assert not records(config.spool.root, "done")
