@@ -13,7 +13,6 @@
 from daemon.spool.fs import (
     FileFacts,
     NotRegularFileError,
-    hardlinks_protected,
     inspect_file,
     open_regular,
     place_no_clobber,
@@ -39,6 +38,6 @@ from daemon.spool.store import Spool
 __all__ = [
     "CLAIMED", "FETCHED", "FINISHING", "JOB_FILE", "OUTCOMES", "OWNERS_DIR", "RECORD_FIELDS",
     "RESULTS_DIR", "RETURNING", "SUBMITTED", "UPLOADING", "FileFacts", "Job", "Layout",
-    "NotRegularFileError", "Owner", "Spool", "hardlinks_protected", "inspect_file",
+    "NotRegularFileError", "Owner", "Spool", "inspect_file",
     "is_ignored", "new_job_id", "open_regular", "place_no_clobber", "upload_name", "utcnow",
 ]

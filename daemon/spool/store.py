@@ -19,10 +19,10 @@ from daemon.spool.fs import (
     exclusive_write,
     fit_name,
     fsync_dir,
-    hardlinks_protected,
     inspect_file,
     link_no_clobber,
     make_dir_like,
+    own_copy,
     place_no_clobber,
     read_json,
 )
@@ -135,15 +135,15 @@ class Spool(Layout):
         """Fill in sha256, size and line count of the claimed input, in one streamed pass,
         and say what makes it certainly unacceptable to IPQS (None when nothing does)."""
         path = self.input_path(job)
+        if path.lstat().st_nlink > 1 and not own_copy(path):
+            # Other names of this inode are outside our control: what is sent, billed and
+            # kept in done/ must be a copy nobody else can change (verified by its sha256).
+            return ("the file has other hard links and kept changing while it was copied: "
+                    "drop a finished file")
         before = path.lstat()
         facts = inspect_file(path)
         job.sha256, job.bytes, job.rows = facts.sha256, facts.bytes, facts.rows
         job.mtime_ns = before.st_mtime_ns
-        if facts.problem is None and before.st_nlink > 1 and not hardlinks_protected():
-            # Without fs.protected_hardlinks anyone could link in a file they may not
-            # read; with it, a hard link only shares what its maker could read anyway.
-            return ("the file has other hard links and fs.protected_hardlinks is off: "
-                    "copy it into the inbox instead of linking it")
         return facts.problem
 
     def changed(self, job: Job) -> bool:
