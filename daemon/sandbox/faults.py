@@ -20,7 +20,9 @@ Delivery faults act on status and downloads, whatever ``faults.operations`` says
 error occurred." (counting down); ``null_link_answers`` gives that many FINISHED status
 answers a null link for every set (counting down, in the handler); ``links_dead_seconds``
 answers a download HTTP 404 until the job has been FINISHED that long on the sandbox clock
-(a CDN that has not caught up; the link is not used up).
+(a CDN that has not caught up; the link is not used up); ``short_results`` serves that many
+downloads of an ``all`` set without their last row, whole lines and a matching length (a
+file cut at a line end, which only a row count catches).
 
 ``invalid_key`` and ``credits`` act inside the handlers, as IPQS answers them;
 ``account_missing`` makes the account API answer 404 (see :mod:`.account`).
@@ -239,6 +241,7 @@ _KNOBS: dict[str, Callable[[object], Any]] = {
     "links_dead_seconds": _non_negative,
     "status_soft_failures": _count,
     "null_link_answers": _count,
+    "short_results": _count,
 }
 
 

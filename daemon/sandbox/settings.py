@@ -74,6 +74,7 @@ class Faults:
     links_dead_seconds: float = 0
     status_soft_failures: int = 0
     null_link_answers: int = 0
+    short_results: int = 0
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first knob that is out of range."""
@@ -90,7 +91,7 @@ class Faults:
         if self.redirect_to and not self.redirect_to.startswith(("http://", "https://")):
             raise ValueError("redirect_to must be an http(s) URL or empty")
         for name in ("latency_ms", "retry_after_seconds", "trickle_ms", "links_dead_seconds",
-                     "status_soft_failures", "null_link_answers"):
+                     "status_soft_failures", "null_link_answers", "short_results"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if self.credits is not None and self.credits < 0:
