@@ -144,3 +144,20 @@ def rows_problem(path: Path) -> str | None:
     except (csv.Error, UnicodeDecodeError) as exc:
         return f"the file cannot be read as CSV rows: {exc}"
     return None if rows else "the file holds no rows"
+
+
+#: A lookup value (email, phone, IP, URL) always holds one of these; a column name none.
+_VALUE_MARKS = re.compile(r"[0-9@.:/]")
+
+
+def first_row_is_header(path: Path) -> bool | None:
+    """Whether the CSV's first row looks like column names (``email``, ``phone``...) rather
+    than a lookup value: its first cell holds no digit, ``@``, ``.``, ``:`` or ``/``. IPQS
+    returns no result row for a header. None when the file cannot be read as CSV."""
+    try:
+        first = next(iter_rows(path), None)
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return None
+    if not first:
+        return None
+    return not _VALUE_MARKS.search(first[0])

@@ -27,8 +27,9 @@ import structlog
 from daemon.aio import wait_any
 from daemon.api import CsvJob
 from daemon.errors import AccountError, IpqsError, RejectedError, TransientError
-from daemon.job.conversation import FINISHED, ResultsNotReady, UnknownJob, Verdict
+from daemon.job.conversation import FINISHED, Verdict
 from daemon.job.state import JobState
+from daemon.job.verdicts import ResultsNotReady, UnknownJob
 from daemon.pipeline import Pipeline
 from daemon.spool import Job, utcnow
 

@@ -24,7 +24,7 @@ from daemon.errors import (
     RejectedError,
     TransientError,
 )
-from daemon.inputs import URL_SUFFIX, rows_problem, url_file_problem
+from daemon.inputs import URL_SUFFIX, first_row_is_header, rows_problem, url_file_problem
 from daemon.job.breaker import Permit
 from daemon.job.state import JobState
 from daemon.pipeline import Pipeline
@@ -221,6 +221,9 @@ class Uploader:
                 problem = await asyncio.to_thread(url_file_problem, pipe.spool.input_path(job))
             elif problem is None and job.method == "json":
                 problem = await self._json_problem(job)
+            if problem is None and job.method != "url":
+                job.header_row = await asyncio.to_thread(first_row_is_header,
+                                                         pipe.spool.input_path(job))
         except FileNotFoundError:
             problem = "the file vanished after it was claimed"
         except OSError as exc:
@@ -272,14 +275,14 @@ class Uploader:
             return
         except RejectedError as exc:
             pipe.breaker.success()
-            await asyncio.to_thread(pipe.spool.unmark, job)
-            await pipe.finish(job, "failed", "rejected", exc.message)
+            await self._rejected(job, exc)
             return
         except AccountError as exc:
             pipe.breaker.failure(exc.message, permit)
-            if job.uploads > 1:
-                # An earlier POST of this job may yet show up at IPQS: keep its name,
-                # so the next attempt looks it up instead of paying under a new one.
+            if job.uploads > 1 or exc.maybe_sent:
+                # An earlier POST of this job (or this one: a redirect answered a sent body)
+                # may yet show up at IPQS: keep its name and marker, so the next attempt
+                # looks it up instead of paying under a new one.
                 raise _Stop from None
             await self._return_to_inbox(job, exc.message)
             return
@@ -287,6 +290,19 @@ class Uploader:
         pipe.breaker.success()
         log.info("file_submitted", id=job.id, file_name=job.file_name, method=job.method)
         self.tracker.track(job)
+
+    async def _rejected(self, job: Job, exc: RejectedError) -> None:
+        """IPQS refused the file. Its duplicate marker goes only when IPQS surely has no job:
+        the refusal answered our POST (an answer with an id is never a refusal), not a
+        lookup of an upload whose answer was lost."""
+        pipe = self.pipe
+        if not exc.maybe_sent:
+            await asyncio.to_thread(pipe.spool.unmark, job)
+            await pipe.finish(job, "failed", "rejected", exc.message)
+            return
+        await pipe.finish(job, "failed", "rejected",
+                          f"{exc.message}; an earlier upload may be at IPQS as file_name "
+                          f"{job.file_name}, so the content stays marked as taken")
 
     async def _may_send(self, job: Job, permit: Permit) -> None:
         """Last checks before a POST: the input is as claimed, the breaker has not opened

@@ -3,6 +3,8 @@ and what cannot be fetched by then can be fetched later without uploading again.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +180,131 @@ async def test_null_links_until_the_deadline_fail_as_results_unavailable(
     assert failed["reason"] == "results-unavailable" and failed["id"]
     assert "no download link" in failed["error"]
     assert not records(config.spool.root, "done")
+
+
+# -- issue 20, stage side: answers IPQS might really give ------------------------------
+
+
+async def test_an_all_set_short_of_rows_is_fetched_again_with_a_fresh_link(
+        tmp_path: Path, start_sandbox: StartSandbox,
+        sandbox_settings: SandboxSettings) -> None:
+    # Issue 20.3: a results file cut at a line end (a matching length, whole lines) that
+    # only the row count shows. Before: filed in done/ as complete, one row short.
+    sandbox_settings.faults.short_results = 1
+    sandbox = await start_sandbox(sandbox_settings)
+    config = _config(tmp_path, sandbox)
+    drop(config.spool.root, "email", "short.csv", emails(5))
+    assert await run_once(config) == 0
+    assert sandbox.state.stats.faults["short_results"] == 1
+    record = records(config.spool.root, "done")["short.csv"]
+    assert "warning" not in record
+    saved = config.spool.root / "done" / "email" / record["results"]["all"]
+    assert len(saved.read_bytes().splitlines()) == 5 + 1  # every row, and the header
+
+
+async def test_an_all_set_short_twice_is_filed_with_a_warning(
+        tmp_path: Path, start_sandbox: StartSandbox,
+        sandbox_settings: SandboxSettings) -> None:
+    sandbox_settings.faults.short_results = 2
+    sandbox = await start_sandbox(sandbox_settings)
+    config = _config(tmp_path, sandbox)
+    drop(config.spool.root, "email", "doubt.csv", emails(5))
+    assert await run_once(config) == 0
+    record = records(config.spool.root, "done")["doubt.csv"]
+    assert "4 rows for an input of 5" in record["warning"]
+
+
+@pytest.mark.parametrize("knobs", [
+    {"truncate_downloads": True, "odd_answers": 2},
+    {"answer_form": "html", "operations": frozenset({"download"}), "odd_answers": 2},
+], ids=["cut-mid-line", "html-page"])
+async def test_a_damaged_download_is_fetched_again_never_filed(
+        tmp_path: Path, start_sandbox: StartSandbox, sandbox_settings: SandboxSettings,
+        knobs: dict[str, Any]) -> None:
+    # Issue 20.3: the api layer refuses a cut or HTML download; the job fetches again with
+    # a fresh link (here twice: one more round) instead of filing it.
+    for name, value in knobs.items():
+        setattr(sandbox_settings.faults, name, value)
+    sandbox = await start_sandbox(sandbox_settings)
+    config = _config(tmp_path, sandbox)
+    drop(config.spool.root, "email", "odd.csv", emails(6))
+    assert await run_once(config) == 0
+    record = records(config.spool.root, "done")["odd.csv"]
+    saved = config.spool.root / "done" / "email" / record["results"]["all"]
+    assert len(saved.read_bytes().splitlines()) == 6 + 1
+    assert record["fetch_attempts"] == 1 and "warning" not in record
+
+
+@pytest.mark.parametrize("form", ["missing", "empty_list"])
+async def test_finished_without_a_downloads_object_is_polled_again(
+        tmp_path: Path, start_sandbox: StartSandbox, sandbox_settings: SandboxSettings,
+        form: str) -> None:
+    # Issue 20.4. Before: done/ with results {} although the next answer had links.
+    sandbox_settings.faults.downloads_form = form
+    sandbox_settings.faults.odd_answers = 3
+    sandbox = await start_sandbox(sandbox_settings)
+    config = _config(tmp_path, sandbox)
+    drop(config.spool.root, "email", "nodl.csv", emails(3))
+    assert await run_once(config) == 0
+    record = records(config.spool.root, "done")["nodl.csv"]
+    assert set(record["results"]) == {"all"} and record["fetch_attempts"] >= 1
+
+
+async def test_status_words_in_any_case_and_string_booleans_deliver_once(
+        tmp_path: Path, start_sandbox: StartSandbox,
+        sandbox_settings: SandboxSettings) -> None:
+    # Issues 20.2 and 20.6 through the daemon: "success": "true", "aborted": "false",
+    # status "completed". Before: rejected (string success), or stuck until the deadline.
+    faults = sandbox_settings.faults
+    faults.booleans, faults.status_case, faults.finished_status = "string", "lower", "Completed"
+    sandbox = await start_sandbox(sandbox_settings)
+    config = _config(tmp_path, sandbox)
+    root = config.spool.root
+    for n in range(3):
+        drop(root, "email", f"s{n}.csv", emails(3, seed=f"s{n}"))
+    assert await run_once(config) == 0
+    assert {r["results"]["all"] for r in records(root, "done").values()}
+    assert len(sandbox.uploads()) == 3
+    assert len(list((root / "markers").iterdir())) == 3  # paid content stays marked
+
+
+@pytest.mark.parametrize("public_url", ["http://results.elsewhere.invalid", "file://"])
+async def test_a_link_no_setting_can_fix_ends_as_results_unavailable_at_the_deadline(
+        tmp_path: Path, start_sandbox: StartSandbox, sandbox_settings: SandboxSettings,
+        public_url: str) -> None:
+    # Issue 20.8: a link to another host or to file:// was retried without end once the
+    # job was FINISHED. The deadline runs from upload to filed results.
+    sandbox_settings.public_url = public_url
+    sandbox = await start_sandbox(sandbox_settings)
+    config = _config(tmp_path, sandbox, deadline_hours=SHORT_DEADLINE_HOURS)
+    drop(config.spool.root, "email", "far.csv", emails(3))
+    assert await run_once(config) == 1
+    record = records(config.spool.root, "failed")["far.csv"]
+    assert record["reason"] == "results-unavailable" and record["id"]
+    assert "api.download_hosts" in record["error"]
+    assert sandbox.state.stats.requests["download"] == 0  # nothing left for that host
+
+
+async def test_a_redirected_upload_keeps_its_marker_and_is_looked_up_not_returned(
+        tmp_path: Path, start_sandbox: StartSandbox,
+        sandbox_settings: SandboxSettings) -> None:
+    # Issue 20.2, stage side: a 302 answering a sent upload body may hide a job the
+    # origin created. Before: the file went back to its inbox and its marker was removed.
+    faults = sandbox_settings.faults
+    faults.redirect_to, faults.operations = "http://127.0.0.1:9", frozenset({"upload"})
+    sandbox = await start_sandbox(sandbox_settings)
+    config = daemon_config(tmp_path / "spool", sandbox.api_base, upload={"method": "json"})
+    root = config.spool.root
+    async with running(config):
+        drop(root, "email", "moved.csv", emails(3))
+        await wait_for(lambda: sandbox.state.stats.faults["redirect"] >= 1, what="redirect")
+        await wait_for(lambda: any((root / "processing").glob("*/job.json")), what="job")
+    assert not list((root / "inbox" / "email").iterdir())  # not returned to its inbox
+    assert len(list((root / "markers").iterdir())) == 1
+    for job_dir in (root / "processing").glob("[!.]*"):
+        assert json.loads((job_dir / "job.json").read_text())["state"] == "uploading"
+        os.utime(job_dir, (0, 0))  # the stopped daemon's lease has long run out
+    sandbox.state.faults.redirect_to = ""
+    assert await run_once(config) == 0  # resumed: looked up, then sent once
+    assert records(root, "done")["moved.csv"]["results"]
+    assert len(sandbox.uploads()) == 1

@@ -288,10 +288,11 @@ class Submission(Hooks):
             return await talk.send(self.job, path=payload.path, url=payload.url,
                                    check=self._unchanged, max_sends=MAX_SENDS)
         except RejectedError as exc:
-            self.guard.release(self.job)
+            if not exc.maybe_sent:  # IPQS surely has no job: the refusal answered our POST
+                self.guard.release(self.job)
             raise failure(exc, f"{payload.source} not accepted", self.timeout) from None
         except IpqsError as exc:
-            if not self.maybe_sent:
+            if not (self.maybe_sent or exc.maybe_sent):
                 self.guard.release(self.job)
                 raise failure(exc, f"{payload.source} not sent", self.timeout) from None
             line = failure(exc, f"{payload.source}: the upload's answer was lost", self.timeout)

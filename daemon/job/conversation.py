@@ -37,6 +37,13 @@ from daemon.config import Config
 from daemon.errors import IpqsError, LostAnswerError, RejectedError, TransientError
 from daemon.inputs import read_rows
 from daemon.job.state import JobState, advance
+from daemon.job.verdicts import (
+    ResultsNotReady,
+    UnknownJob,
+    links_ready,
+    rows_in_doubt,
+    unknown_id,
+)
 from daemon.spool import Job, utcnow
 
 log = structlog.get_logger(__name__)
@@ -45,12 +52,6 @@ T = TypeVar("T")
 
 RUNNING_STATES = ("NEW", "PROCESSING", "QUEUED", "PENDING")
 FINISHED = "FINISHED"
-#: Words of a status refusal that say IPQS does not know the id (lower-case). Any other
-#: refusal of a status call ("An internal error occurred.") is a soft failure.
-UNKNOWN_ID_HINTS = ("invalid csv id", "invalid id", "unknown id", "not found",
-                    "does not exist")
-#: The result set that holds every row: never empty while others have rows.
-ALL_ROWS_SET = "all"
 #: The lookup wait doubles with each unanswered upload, up to this (or the configured one).
 LOOKUP_WAIT_CAP_SECONDS = 3600.0
 
@@ -89,23 +90,6 @@ class Hooks:
     def status(self, job: Job) -> None: ...
 
     def note(self, text: str) -> None: ...
-
-
-class ResultsNotReady(TransientError):
-    """IPQS finished the job, but its results cannot be fetched yet (no links, a link
-    refused even when fresh): ask the status again later, until the deadline."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, cause="results")
-
-
-class UnknownJob(RejectedError):
-    """A status call said IPQS does not know the job's id (once: it may be a glitch)."""
-
-
-def unknown_id(exc: RejectedError) -> bool:
-    """Whether a refused status call says the id is unknown (not a soft failure)."""
-    return any(hint in exc.message.lower() for hint in UNKNOWN_ID_HINTS)
 
 
 class Verdict(enum.Enum):
@@ -155,7 +139,7 @@ class Conversation:
         sends = 0
         while True:
             if job.state == JobState.UPLOADING:
-                found = await self.lookup(job)
+                found = await self._lookup_sent(job)
                 self.hooks.looked_up(job, found)
                 if found is not None:
                     log.warning("upload_adopted", id=found.id, file_name=job.file_name)
@@ -221,6 +205,13 @@ class Conversation:
                 hooks.upload_ended()
         hooks.sent(job)
         return answer
+
+    async def _lookup_sent(self, job: Job) -> CsvJob | None:
+        try:
+            return await self.lookup(job)
+        except RejectedError as exc:
+            exc.maybe_sent = True  # a refused lookup says nothing about the upload
+            raise
 
     async def lookup(self, job: Job) -> CsvJob | None:
         """Is the job at IPQS already? Two "absent" answers, a wait apart, say no: IPQS may
@@ -351,7 +342,7 @@ class Conversation:
         link is refused even when fresh: the caller asks again later.
         """
         have = set() if have is None else have
-        self.links_ready(answer)
+        links_ready(answer, self.config.results.sets)
         for name in self.config.results.sets:
             if name in have:
                 continue
@@ -361,25 +352,12 @@ class Conversation:
                 await placed(name, target(name), size)
         return answer
 
-    def links_ready(self, answer: CsvJob) -> None:
-        """Raise :class:`ResultsNotReady` unless a FINISHED answer says where results are.
-
-        A null link is an empty set only once IPQS has published its results: some set has
-        a link, and not the ``all`` set (every row) is null while another set has rows.
-        """
-        links = answer.downloads
-        if not any(links.values()):
-            raise ResultsNotReady(f"IPQS says job {answer.id} is {answer.status} but gives no "
-                                  "download link yet")
-        if ALL_ROWS_SET in links and links[ALL_ROWS_SET] is None:
-            raise ResultsNotReady(f"job {answer.id}: some result sets have links but the "
-                                  f"'{ALL_ROWS_SET}' set has none yet")
-
     async def download(self, job: Job, name: str, answer: CsvJob, dest: Path, *,
                        mode: int = 0o640) -> tuple[CsvJob, int | None]:
-        """Fetch one set (None: empty). A link that fails is replaced once, at once, by
-        asking for the status again (it may have been used up); if that fails too, the
-        results are not ready (:class:`ResultsNotReady`)."""
+        """Fetch one set (None: empty). A link that fails, or a file in doubt, is replaced
+        once, at once, by asking for the status again (a link may have been used up); if
+        that fails too, the results are not ready (:class:`ResultsNotReady`), and a file
+        still in doubt is kept with a ``warning`` on the job."""
         for fresh in (False, True):
             if fresh:
                 try:
@@ -396,14 +374,21 @@ class Conversation:
                 return answer, None
             try:
                 with self.hooks.timed("download"):
-                    size = await self.client.download(link, dest, mode=mode)
+                    saved = await self.client.fetch(link, dest, mode=mode)
             except IpqsError as exc:
                 log.info("download_failed", set=name, error=exc.message, fresh_link=fresh)
                 if fresh:
                     raise ResultsNotReady(f"result set {name}: {exc.message}") from None
                 continue
-            log.info("results_downloaded", set=name, bytes=size)
-            return answer, size
+            doubt = rows_in_doubt(job, name, saved)
+            if doubt is not None and not fresh:
+                log.warning("results_in_doubt", set=name, doubt=doubt)
+                continue
+            if doubt is not None:
+                job.warning = f"result set {name}: {doubt}, also with a fresh link; kept as is"
+                log.warning("results_kept_in_doubt", set=name, doubt=doubt)
+            log.info("results_downloaded", set=name, bytes=saved.bytes, lines=saved.lines)
+            return answer, saved.bytes
         raise AssertionError("unreachable: the loop returns or raises")
 
 

@@ -79,6 +79,8 @@ class Job:
     warning: str | None = None
     #: Rounds of asking for the results of a FINISHED job that did not deliver them all.
     fetch_attempts: int = 0
+    #: Whether the input's first row is column names (None: unknown); for checking results.
+    header_row: bool | None = None
     #: When set (by ``retry --results-only``), the deadline counts from here.
     followed_since: str | None = None
 
