@@ -10,10 +10,15 @@ from typing import Any
 
 import pytest
 
+from daemon.api import CsvJob, ResultFile
 from daemon.cli import main
 from daemon.commands.common import EXIT_NOT_FOUND
 from daemon.config import Config
+from daemon.errors import RejectedError
+from daemon.inputs import first_row_is_header
+from daemon.job.verdicts import ResultsNotReady, links_ready, rows_in_doubt, unknown_id
 from daemon.sandbox import SandboxSettings
+from daemon.spool import Job
 from tests.conftest import RunningSandbox, StartSandbox
 from tests.support import (
     daemon_config,
@@ -308,3 +313,60 @@ async def test_a_redirected_upload_keeps_its_marker_and_is_looked_up_not_returne
     assert await run_once(config) == 0  # resumed: looked up, then sent once
     assert records(root, "done")["moved.csv"]["results"]
     assert len(sandbox.uploads()) == 1
+
+
+# -- the verdicts, one by one ------------------------------------------------------------
+
+
+def _job(rows: int | None, header_row: bool | None = None) -> Job:
+    return Job(job="j", type="email", source="x.csv", file_name="x", method="multipart",
+               rows=rows, header_row=header_row)
+
+
+def _answer(downloads: dict[str, str | None] | None) -> CsvJob:
+    return CsvJob.from_answer({"id": 7, "status": "FINISHED", "downloads": downloads})
+
+
+@pytest.mark.parametrize(("downloads", "job", "ready"), [
+    ({"all": "https://d/x", "bad": None}, _job(5), True),        # bad: explicitly empty
+    ({"all": None, "bad": None}, _job(5), False),                 # nothing published yet
+    ({"all": None, "bad": "https://d/x"}, _job(5), False),        # all cannot be empty
+    (None, _job(5), False),                                       # no downloads object
+    ({"bad": "https://d/x"}, _job(5), False),                     # the all set left out
+    ({"all": None, "bad": None}, _job(1, header_row=True), True),  # a header alone
+    ({"all": None}, _job(1, header_row=False), False),
+], ids=["explicit-null", "all-null", "all-null-others-linked", "missing", "set-left-out",
+        "header-only", "one-value-row"])
+def test_links_ready(downloads: dict[str, str | None] | None, job: Job, ready: bool) -> None:
+    sets = ("all", "bad")
+    if ready:
+        links_ready(_answer(downloads), sets, job)
+    else:
+        with pytest.raises(ResultsNotReady):
+            links_ready(_answer(downloads), sets, job)
+
+
+@pytest.mark.parametrize(("job", "lines", "doubt"), [
+    (_job(5, header_row=False), 6, False),
+    (_job(5, header_row=False), 5, True),
+    (_job(5, header_row=True), 5, False),
+    (_job(5, header_row=True), 6, True),
+    (_job(5), 5, False),   # unknown header: either count is consistent
+    (_job(None), 1, False),  # a .url file: rows unknown, nothing to compare
+])
+def test_rows_in_doubt(job: Job, lines: int, doubt: bool) -> None:
+    assert (rows_in_doubt(job, "all", ResultFile(100, lines)) is not None) is doubt
+    assert rows_in_doubt(job, "clean", ResultFile(100, 1)) is None
+
+
+def test_first_row_is_header(tmp_path: Path) -> None:
+    cases = {b"email\na@b.c\n": True, b"a@b.c\n": False, b"Phone Number\n+1555\n": True,
+             b"1.2.3.4\n": False, b"https://x\n": False, b"\xef\xbb\xbfemail,name\n": True}
+    for data, header in cases.items():
+        (tmp_path / "x.csv").write_bytes(data)
+        assert first_row_is_header(tmp_path / "x.csv") is header, data
+
+
+def test_unknown_id_is_told_from_a_soft_failure() -> None:
+    assert unknown_id(RejectedError("Invalid CSV ID."))
+    assert not unknown_id(RejectedError("An internal error occurred."))

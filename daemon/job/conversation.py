@@ -342,7 +342,7 @@ class Conversation:
         link is refused even when fresh: the caller asks again later.
         """
         have = set() if have is None else have
-        links_ready(answer, self.config.results.sets)
+        links_ready(answer, self.config.results.sets, job)
         for name in self.config.results.sets:
             if name in have:
                 continue

@@ -33,23 +33,32 @@ def unknown_id(exc: RejectedError) -> bool:
     return any(hint in exc.message.lower() for hint in UNKNOWN_ID_HINTS)
 
 
-def links_ready(answer: CsvJob, sets: tuple[str, ...]) -> None:
+def links_ready(answer: CsvJob, sets: tuple[str, ...], job: Job) -> None:
     """Raise :class:`ResultsNotReady` unless a FINISHED answer says where results are.
 
     A missing or malformed ``downloads`` (or one that leaves a configured set out) is an
     incomplete answer. An explicit null is an empty set only once IPQS has published its
-    results: some set has a link, and the ``all`` set (every row) is not the null one.
+    results: some set has a link, and the ``all`` set (every row) is not the null one;
+    or when the input has no data rows at all (a header alone), so every set is empty.
     """
     links = answer.downloads
     if not answer.links_complete_for(sets):
         raise ResultsNotReady(f"IPQS says job {answer.id} is {answer.status} but its "
                               "answer has no complete downloads object yet")
+    if _no_data_rows(job):
+        return
     if not any(links.values()):
         raise ResultsNotReady(f"IPQS says job {answer.id} is {answer.status} but gives no "
                               "download link yet")
     if ALL_ROWS_SET in links and links[ALL_ROWS_SET] is None:
         raise ResultsNotReady(f"job {answer.id}: some result sets have links but the "
                               f"'{ALL_ROWS_SET}' set has none yet")
+
+
+def _no_data_rows(job: Job) -> bool:
+    """Whether the input may hold nothing but a header row (every result set empty)."""
+    return job.rows is not None and (job.rows == 0
+                                     or (job.rows == 1 and job.header_row is not False))
 
 
 def rows_in_doubt(job: Job, name: str, saved: ResultFile) -> str | None:
