@@ -19,8 +19,9 @@ from daemon.inputs import first_row_is_header
 from daemon.job.verdicts import ResultsNotReady, links_ready, rows_in_doubt, unknown_id
 from daemon.sandbox import SandboxSettings
 from daemon.spool import Job
-from tests.conftest import RunningSandbox, StartSandbox
+from tests.conftest import StartSandbox
 from tests.support import (
+    Sandbox,
     daemon_config,
     drop,
     emails,
@@ -35,7 +36,7 @@ from tests.support import (
 SHORT_DEADLINE_HOURS = 2 / 3600
 
 
-def _config(root: Path, sandbox: RunningSandbox, **poll: Any) -> Config:
+def _config(root: Path, sandbox: Sandbox, **poll: Any) -> Config:
     return daemon_config(root / "spool", sandbox.api_base, poll=poll) if poll else \
         daemon_config(root / "spool", sandbox.api_base)
 
