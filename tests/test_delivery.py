@@ -32,6 +32,15 @@ from tests.support import (
     write_config_file,
 )
 
+
+@pytest.fixture(autouse=True)
+def logging_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``main()`` configures logging, and structlog then caches loggers for good, which
+    would blind ``capture_logs()`` in later test modules (as in test_commands)."""
+    monkeypatch.setattr("daemon.cli.configure", lambda *args, **kwargs: None)
+    monkeypatch.delenv("IPQS_API_KEY", raising=False)
+
+
 #: About two seconds: long enough for several rounds at the test's poll intervals.
 SHORT_DEADLINE_HOURS = 2 / 3600
 
