@@ -3,6 +3,7 @@ and what cannot be fetched by then can be fetched later without uploading again.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from daemon.errors import RejectedError
 from daemon.inputs import first_row_is_header
 from daemon.job.verdicts import ResultsNotReady, links_ready, rows_in_doubt, unknown_id
 from daemon.sandbox import SandboxSettings
+from daemon.sandbox.options import add_arguments, settings_from_args
 from daemon.spool import Job
 from tests.conftest import StartSandbox
 from tests.support import (
@@ -380,3 +382,15 @@ def test_first_row_is_header(tmp_path: Path) -> None:
 def test_unknown_id_is_told_from_a_soft_failure() -> None:
     assert unknown_id(RejectedError("Invalid CSV ID."))
     assert not unknown_id(RejectedError("An internal error occurred."))
+
+
+def test_the_delivery_knobs_have_flags() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    faults = settings_from_args(parser.parse_args(
+        ["--links-dead-seconds", "10", "--status-soft-failures", "2",
+         "--null-link-answers", "3", "--short-results", "1"])).faults
+    assert (faults.links_dead_seconds, faults.status_soft_failures, faults.null_link_answers,
+            faults.short_results) == (10, 2, 3, 1)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--short-results", "-1"])

@@ -116,6 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     faults.add_argument("--seed", type=int, help="seed for reproducible fault draws "
                         "(default: a random seed)")
     _add_odd_answers(parser)
+    _add_delivery_faults(parser)
 
 
 def _add_odd_answers(parser: argparse.ArgumentParser) -> None:
@@ -149,6 +150,25 @@ def _add_odd_answers(parser: argparse.ArgumentParser) -> None:
                        help="answer the key-less /status/{id} form with 404")
 
 
+def _add_delivery_faults(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "paid but slow results (whatever --fault-operations says; see daemon.sandbox.faults)")
+    knobs = Faults()
+    group.add_argument("--links-dead-seconds", type=_non_negative,
+                       default=knobs.links_dead_seconds, metavar="S",
+                       help="downloads answer 404 until the job has been FINISHED this long "
+                            "(default: %(default)s)")
+    counts = {
+        "status_soft_failures": "the first N status calls answer success:false, 'An "
+                                "internal error occurred.'",
+        "null_link_answers": "the first N FINISHED status answers carry null links",
+        "short_results": "the first N downloads of an 'all' set lack their last row",
+    }
+    for name, text in counts.items():
+        group.add_argument(_flag(name), type=_credits, default=getattr(knobs, name),
+                           metavar="N", help=f"{text} (default: %(default)s)")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -179,6 +199,10 @@ def settings_from_args(ns: argparse.Namespace) -> SandboxSettings:
         redirect_to=ns.redirect_to or "",
         trickle_ms=ns.trickle_ms,
         keyless_status=not ns.refuse_keyless_status,
+        links_dead_seconds=ns.links_dead_seconds,
+        status_soft_failures=ns.status_soft_failures,
+        null_link_answers=ns.null_link_answers,
+        short_results=ns.short_results,
     )
     return SandboxSettings(
         key=ns.key,
