@@ -91,10 +91,21 @@ class CreditGuard:
             return ALLOW
         return self._wait(need)
 
-    def accepted(self, rows: int | None) -> None:
-        """IPQS accepted an admitted upload: its rows leave the balance."""
+    @property
+    def free(self) -> int | None:
+        """The balance less the rows of admitted uploads under way; None while unknown."""
+        return None if self.balance is None else self.balance - self.held
+
+    async def refresh(self) -> None:
+        """Read the balance if a read is due (at start, every ``refresh_seconds``...)."""
+        await self._refresh_if_due()
+
+    def accepted(self, rows: int | None, *, held: bool = True) -> None:
+        """IPQS accepted an upload: its rows leave the balance. ``held`` is False for one
+        this guard did not admit (resumed after a restart)."""
         need = 1 if rows is None else rows
-        self.held = max(0, self.held - need)
+        if held:
+            self.held = max(0, self.held - need)
         if self.balance is not None:
             self.balance -= need
 

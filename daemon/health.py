@@ -25,6 +25,8 @@ class HealthState:
     paused_reason: Callable[[], str | None] = lambda: None
     #: Conditions that degrade the daemon (each says why, or None when it does not hold).
     troubles: list[Callable[[], str | None]] = field(default_factory=list)
+    #: The account's balance as the credit guard knows it (None: unknown or not checked).
+    credits: Callable[[], int | None] = lambda: None
 
     def ready(self) -> tuple[bool, str]:
         if not self.recovered:
@@ -33,6 +35,9 @@ class HealthState:
             return False, "inbox watcher not running"
         reason = self.paused_reason()
         if reason is not None:
+            # The money guards' reasons say "paused: ..." or "waiting ..." themselves.
+            if reason.startswith(("paused: ", "waiting ")):
+                return False, reason
             return False, f"uploads paused: {reason}"
         troubles = [why for check in self.troubles if (why := check()) is not None]
         if troubles:
@@ -54,7 +59,8 @@ def create_app(state: HealthState, metrics: Metrics,
 
     async def readyz(_request: web.Request) -> web.Response:
         ok, why = state.ready()
-        return web.json_response({"ready": ok, "reason": why}, status=200 if ok else 503)
+        return web.json_response({"ready": ok, "reason": why, "credits": state.credits()},
+                                 status=200 if ok else 503)
 
     async def metrics_view(_request: web.Request) -> web.Response:
         if refresh is not None:

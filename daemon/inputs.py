@@ -139,11 +139,17 @@ def read_rows(path: Path) -> list[list[str]]:
 
 def rows_problem(path: Path) -> str | None:
     """Why the file cannot be sent as JSON rows (None if it can)."""
+    return json_rows(path)[1]
+
+
+def json_rows(path: Path) -> tuple[int, str | None]:
+    """The rows a JSON upload of ``path`` sends (and bills), and why it cannot be sent
+    that way (None if it can), in one pass."""
     try:
         rows = sum(1 for _ in iter_rows(path))
     except (csv.Error, UnicodeDecodeError) as exc:
-        return f"the file cannot be read as CSV rows: {exc}"
-    return None if rows else "the file holds no rows"
+        return 0, f"the file cannot be read as CSV rows: {exc}"
+    return rows, None if rows else "the file holds no rows"
 
 
 #: A lookup value (email, phone, IP, URL) always holds one of these; a column name none.

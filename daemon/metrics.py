@@ -39,6 +39,15 @@ class Metrics:
             ["folder"], registry=r)
         self.breaker_open = Gauge("ipqs_bulkd_uploads_paused",
                                   "1 while uploads are paused by an account error", registry=r)
+        self.rows = Counter("ipqs_bulkd_rows", "Rows accepted by IPQS (billed), by type",
+                            ["type"], registry=r)
+        self.credits = Gauge("ipqs_bulkd_credits_remaining",
+                             "The account's credits as last read, less uploads since (NaN "
+                             "while unknown)", registry=r)
+        self.credits.set(float("nan"))
+        self.budget_left = Gauge("ipqs_bulkd_budget_rows_left",
+                                 "Rows still within today's (UTC) budgets, by type (types "
+                                 "without a budget are absent)", ["type"], registry=r)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

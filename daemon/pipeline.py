@@ -24,6 +24,7 @@ from daemon.finishing import Finishing
 from daemon.job.breaker import Breaker
 from daemon.job.conversation import Conversation, Hooks
 from daemon.job.inflight import InFlight
+from daemon.job.money import Purse
 from daemon.job.state import JobState, advance
 from daemon.metrics import Metrics
 from daemon.spool import Job, Spool, utcnow
@@ -44,6 +45,8 @@ class Pipeline:
     metrics: Metrics = field(default_factory=Metrics)
     breaker: Breaker = field(default_factory=Breaker)
     jobs: InFlight = field(default_factory=InFlight)
+    #: The money guards; none unless given (the service gives those of ``[budget]``).
+    purse: Purse = field(default_factory=Purse)
     talk: Conversation = field(init=False)
     finishing: Finishing = field(init=False)
 
@@ -147,6 +150,7 @@ class Pipeline:
 
     def forget(self, job: Job) -> None:
         """The job is no longer this daemon's business (finished, or left for later)."""
+        self.purse.forget(job)
         # Still in processing/ without an outcome: a batch did not complete it.
         self.jobs.forget(job.job, left_behind=job.outcome is None
                          and self.spool.job_dir(job).exists())

@@ -20,9 +20,10 @@ import structlog
 from daemon.aio import Wakeup, wait_any
 from daemon.api import IpqsClient, make_client
 from daemon.config import Config, spool_root_error
-from daemon.errors import IpqsError
+from daemon.errors import AccountError, IpqsError
 from daemon.health import HealthServer, HealthState, create_app
 from daemon.job.breaker import Breaker
+from daemon.job.money import Purse
 from daemon.notify import Notifier
 from daemon.pipeline import Pipeline
 from daemon.poller import Poller
@@ -54,18 +55,21 @@ class Service:
                            file_mode=config.spool.file_mode,
                            lease_seconds=config.upload.lease_seconds,
                            on_change=self.changed.set)
-        self.pipe = Pipeline(config, self.spool, client or make_client(config), self.stop,
+        client = client or make_client(config)
+        self.pipe = Pipeline(config, self.spool, client, self.stop,
                              breaker=Breaker(config.upload.pause_initial_seconds,
-                                             config.upload.pause_max_seconds))
+                                             config.upload.pause_max_seconds),
+                             purse=Purse.for_config(config, client))
         self.watcher = Watcher({t: self.spool.inbox(t) for t in config.spool.types},
                                config.watch, self.stop)
         # Per upload, a file needs a status check and a download (more while IPQS works
         # on it): four poller slots per upload slot keep the poller from being the limit.
         self.poller = Poller(self.pipe, concurrency=4 * config.upload.concurrency)
         self.uploader = Uploader(self.pipe, self.watcher, self.poller)
-        self.health = HealthState(paused_reason=lambda: self.pipe.breaker.reason,
-                                  troubles=[self.pipe.finishing.reason,
-                                            self.uploader.trouble.reason])
+        self.health = HealthState(
+            paused_reason=lambda: self.pipe.breaker.reason or self.pipe.purse.reason,
+            credits=lambda: self.pipe.purse.credits,
+            troubles=[self.pipe.finishing.reason, self.uploader.trouble.reason])
         self.misplaced = MisplacedFiles(self.spool, config.spool.types)
         self.health_server: HealthServer | None = None
         self.notifier = notifier or Notifier()
@@ -97,6 +101,7 @@ class Service:
         await asyncio.to_thread(self.spool.heartbeat)
         try:
             await self._learn_newest_id()
+            await self.pipe.purse.refresh()  # the balance and today's rows, before any upload
             await self.recover()
             self.health.recovered = True
             if once:
@@ -141,12 +146,14 @@ class Service:
             if drained.is_set() and self._batch_finished():
                 break
             await wait_any(self.pipe.jobs.idle, self.stop, within=0.2)
+        waiting = len(self.uploader.waiting)  # for money: left in their inbox
         log.info("batch_finished", **self.pipe.outcomes,
-                 left_in_processing=self.pipe.jobs.left_count())
+                 left_in_processing=self.pipe.jobs.left_count(), left_waiting=waiting,
+                 waiting_reason=self.pipe.purse.reason if waiting else None)
         self.stop.set()
         if self._signal is not None:
             return 128 + self._signal  # interrupted: not every file got its outcome
-        if self.crashed or self.uploader.claim_failures:
+        if self.crashed or self.uploader.claim_failures or waiting:
             return 1
         return 1 if self.pipe.outcomes["failed"] or self.pipe.jobs.left_count() else 0
 
@@ -221,11 +228,38 @@ class Service:
     # -- recovery -------------------------------------------------------------------------
 
     async def _learn_newest_id(self) -> None:
-        """The newest job id before we send anything: lookups page back to it, no further."""
+        """The newest job id before we send anything: lookups page back to it, no further.
+
+        It is also the key's test at start: if IPQS refuses the account, uploads pause at
+        once (not ready, ``status`` says why, one error line) and the call is tried again
+        with the breaker's backoff until it works.
+        """
         try:
             self.pipe.talk.newest_id = await self.pipe.client.newest_id()
+        except AccountError as exc:
+            reason = f"IPQS refused the account at start: {exc.message}"
+            self.pipe.breaker.failure(reason)
+            self._spawn(self._recheck_account(reason), "account-check")
         except IpqsError as exc:  # an unknown floor only makes lookups page further
             log.warning("newest_id_unknown", error=str(exc))
+
+    async def _recheck_account(self, reason: str) -> None:
+        """Ask again, doubling the wait as the breaker does, while uploads are paused for
+        ``reason``; the first answer closes the breaker (an upload's probe may, too)."""
+        breaker = self.pipe.breaker
+        delay = breaker.initial
+        while breaker.reason == reason and not self.stop.is_set():
+            await wait_any(self.stop, within=delay)
+            delay = min(delay * 2, breaker.cap)
+            try:
+                newest = await self.pipe.client.newest_id()
+            except IpqsError as exc:
+                log.debug("account_still_refused", error=str(exc))
+                continue
+            if breaker.reason == reason:
+                self.pipe.talk.newest_id = newest
+                self.pipe.purse.account_error()  # the balance could not be read either
+                breaker.success()
 
     async def recover(self) -> None:
         """Resume every job in processing/ that is ours to run (ours, or its owner died)."""
@@ -252,6 +286,7 @@ class Service:
             await asyncio.to_thread(self.spool.heartbeat)
             count = await asyncio.to_thread(self.misplaced.sweep)
             self.pipe.metrics.misplaced.set(count)
+            await self.pipe.purse.refresh()  # every few minutes, and the day's budget
             if sweep:
                 await self.recover()
                 await asyncio.to_thread(self.spool.prune_owners)
@@ -291,11 +326,17 @@ class Service:
         m.finish_blocked.clear()
         for folder, count in finishing.blocked().items():
             m.finish_blocked.labels(folder).set(count)
+        purse = self.pipe.purse
+        m.credits.set(float("nan") if purse.credits is None else purse.credits)
+        for file_type, left in purse.rows_left(self.config.spool.types).items():
+            m.budget_left.labels(file_type).set(left)
         status = (f"inbox {pending + held}, queued {self.watcher.queued_count()}, "
                   f"uploading {uploading}, at IPQS {at_ipqs}, "
                   f"done {self.pipe.outcomes['done']}, failed {self.pipe.outcomes['failed']}")
         if self.pipe.breaker.paused:
             status += f"; PAUSED: {self.pipe.breaker.reason}"
+        elif purse.reason is not None:
+            status += f"; {purse.reason}"
         if (cannot_claim := self.uploader.trouble.reason()) is not None:
             status += f"; STUCK: {cannot_claim}"
         if finishing.count():

@@ -24,7 +24,7 @@ from daemon.errors import (
     RejectedError,
     TransientError,
 )
-from daemon.inputs import URL_SUFFIX, first_row_is_header, rows_problem, url_file_problem
+from daemon.inputs import URL_SUFFIX, first_row_is_header, json_rows, url_file_problem
 from daemon.job.breaker import Permit
 from daemon.job.state import JobState
 from daemon.pipeline import Pipeline
@@ -62,6 +62,9 @@ class Uploader:
         self.tracker = tracker
         self.claim_failures = 0  # files left in their inbox because the claim failed
         self.trouble = ClaimTrouble()
+        # Files sent back to their inbox to wait for money (budget, balance), by type and
+        # name: (size, mtime_ns, rows). Asked about again before they are claimed again.
+        self.waiting: dict[tuple[str, str], tuple[int | None, int | None, int | None]] = {}
         # Workers and resumed jobs together never upload more than ``concurrency`` at once.
         # A slot is held for the POST only; with twice as many workers as slots, the next
         # files are claimed, hashed and marked meanwhile, so no slot waits for the disk.
@@ -109,6 +112,8 @@ class Uploader:
         return permit is not None
 
     async def _claim(self, candidate: Candidate) -> Job | None:
+        if not await self._may_claim(candidate):
+            return None  # it waits in its inbox, untouched
         # Registered before its folder exists, so the recovery sweep never mistakes a
         # claim under way for a job left behind.
         job_id = new_job_id()
@@ -144,6 +149,19 @@ class Uploader:
                 return job
         finally:
             trouble.released(candidate.path)
+
+    async def _may_claim(self, candidate: Candidate) -> bool:
+        """A file that waited for money is claimed again only once it would be admitted,
+        so a waiting file is not taken out of its inbox and hashed again and again."""
+        key = (candidate.type, candidate.path.name)
+        if key not in self.waiting:
+            return True
+        size, mtime_ns, rows = self.waiting[key]
+        if (size, mtime_ns) == (candidate.size, candidate.mtime_ns) and not (
+                await self.pipe.purse.would_admit(candidate.type, rows)).allowed:
+            return False
+        del self.waiting[key]
+        return True
 
     def _method(self, path: Path) -> str:
         if path.name.lower().endswith(URL_SUFFIX):
@@ -206,8 +224,13 @@ class Uploader:
         return True
 
     async def _prepare(self, job: Job) -> bool:
-        """Inspect (once) and take the duplicate marker; False if the job ended here."""
+        """Inspect (once), check the per-file cap and take the duplicate marker; False if
+        the job ended here."""
         if job.sha256 is None and not await self._inspect(job):
+            return False
+        too_large = self.pipe.purse.too_large(job.rows)
+        if too_large is not None:
+            await self.pipe.finish(job, "failed", "too-large", too_large)
             return False
         return await self._check_duplicate(job)
 
@@ -217,6 +240,8 @@ class Uploader:
         pipe = self.pipe
         try:
             problem = await asyncio.to_thread(pipe.spool.inspect, job)
+            if job.method == "url":
+                job.rows = None  # what IPQS fetches is not known here
             if problem is None and job.method == "url":
                 problem = await asyncio.to_thread(url_file_problem, pipe.spool.input_path(job))
             elif problem is None and job.method == "json":
@@ -242,7 +267,9 @@ class Uploader:
             log.info("json_too_large_using_multipart", bytes=job.bytes, limit=limit)
             job.method = "multipart"
             return None
-        return await asyncio.to_thread(rows_problem, self.pipe.spool.input_path(job))
+        rows, problem = await asyncio.to_thread(json_rows, self.pipe.spool.input_path(job))
+        job.rows = rows  # the JSON body's rows are what IPQS bills, not the file's lines
+        return problem
 
     async def _check_duplicate(self, job: Job) -> bool:
         """Take the content's duplicate marker; False if the job ended here as a duplicate."""
@@ -279,6 +306,7 @@ class Uploader:
             return
         except AccountError as exc:
             pipe.breaker.failure(exc.message, permit)
+            pipe.purse.account_error()
             if job.uploads > 1 or exc.maybe_sent:
                 # An earlier POST of this job (or this one: a redirect answered a sent body)
                 # may yet show up at IPQS: keep its name and marker, so the next attempt
@@ -288,7 +316,11 @@ class Uploader:
             return
         await asyncio.to_thread(pipe.spool.update_mark, job)
         pipe.breaker.success()
-        log.info("file_submitted", id=job.id, file_name=job.file_name, method=job.method)
+        pipe.purse.accepted(job)
+        if job.rows is not None:
+            pipe.metrics.rows.labels(job.type).inc(job.rows)
+        log.info("file_submitted", id=job.id, file_name=job.file_name, method=job.method,
+                 rows=job.rows)
         self.tracker.track(job)
 
     async def _rejected(self, job: Job, exc: RejectedError) -> None:
@@ -297,9 +329,11 @@ class Uploader:
         lookup of an upload whose answer was lost."""
         pipe = self.pipe
         if not exc.maybe_sent:
+            await pipe.purse.released(job)  # nothing was billed
             await asyncio.to_thread(pipe.spool.unmark, job)
             await pipe.finish(job, "failed", "rejected", exc.message)
             return
+        pipe.purse.forget(job)  # maybe billed: its rows stay counted in the budget
         await pipe.finish(job, "failed", "rejected",
                           f"{exc.message}; an earlier upload may be at IPQS as file_name "
                           f"{job.file_name}, so the content stays marked as taken")
@@ -321,10 +355,16 @@ class Uploader:
         if not await asyncio.to_thread(pipe.spool.owns, job):
             log.warning("job_taken_over", owner_now="another daemon")
             raise _Stop
+        if job.state == JobState.CLAIMED:  # last: what it admits is held until the answer
+            admission = await pipe.purse.admit(job)
+            if not admission.allowed:
+                self.waiting[(job.type, job.source)] = (job.bytes, job.mtime_ns, job.rows)
+                await self._return_to_inbox(job, admission.reason)
 
     async def _return_to_inbox(self, job: Job, reason: str | None = None) -> None:
         """Nothing was sent (or IPQS refused the account, which creates nothing): the file
         goes back to its inbox, and the job is no longer ours to run."""
+        await self.pipe.purse.released(job)
         await self.pipe.unclaim(job)
         log.info("file_returned_to_inbox", reason=reason)
         raise _Stop

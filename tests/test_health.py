@@ -19,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.config import Config, ConfigError
+from daemon.sandbox.account import UNLIMITED_CREDITS as UNLIMITED
 from daemon.service import Service
 from tests.support import (
     daemon_config,
@@ -121,7 +122,8 @@ async def test_readyz_is_503_until_recovery_is_done_while_healthz_answers(
 
             gate.open()
             await wait_for(lambda: service.health.watching, what="watching")
-            assert await ready(base) == (200, {"ready": True, "reason": "ready"})
+            assert await ready(base) == (200, {"ready": True, "reason": "ready",
+                                               "credits": UNLIMITED})
 
 
 async def test_readyz_is_503_while_an_account_error_pauses_uploads(tmp_path: Path) -> None:
@@ -147,7 +149,8 @@ async def test_readyz_is_503_while_an_account_error_pauses_uploads(tmp_path: Pat
 
             sandbox.state.faults.invalid_key = False
             await wait_for(lambda: "list.csv" in records(root, "done"), what="file done")
-            assert await ready(base) == (200, {"ready": True, "reason": "ready"})
+            status, body = await ready(base)
+            assert (status, body["ready"], body["reason"]) == (200, True, "ready")
             assert (await scrape(base)).value("ipqs_bulkd_uploads_paused") == 0
 
 

@@ -37,17 +37,21 @@ from daemon.commands.common import (
 from daemon.config import Config, HealthConfig
 from daemon.health import DEGRADED_PREFIX
 from daemon.spool import OUTCOMES, Layout, Spool, is_ignored
+from daemon.spool.ledger import Ledger, Limits, utc_day
 from daemon.spool.mounts import misplaced
 
 HEALTH_TIMEOUT = 2.0
 PAUSED_PREFIX = "uploads paused: "
+#: How the money guards' reasons begin (they wait, with nothing wrong with the account).
+MONEY_PREFIXES = ("paused: ", "waiting ")
 
 DESCRIPTION = """\
 Show the spool at a glance: per type, how many files wait in the inbox, are in
 processing, done or failed; the jobs in processing with their age and last IPQS status;
-the most recently finished files with their outcome; and whether the daemon has paused
-uploads (read from its health endpoint, health.host:health.port /readyz). Read-only:
-safe to run while the daemon runs.
+the most recently finished files with their outcome; whether the daemon has paused
+uploads and the account's balance (read from its health endpoint,
+health.host:health.port /readyz); and today's rows (UTC day) per type against the
+[budget] limits. Read-only: safe to run while the daemon runs.
 """
 
 EPILOG = f"""\
@@ -75,6 +79,7 @@ def add_parser(commands: Any, add_config: Callable[[argparse.ArgumentParser], No
 def run(ns: argparse.Namespace, config: Config, console: Console) -> int:
     report = collect(config, recent=ns.recent)
     report["daemon"] = asyncio.run(probe(config.health))
+    report["budget"] = budget(config)
     if ns.json:
         console.line(json.dumps(report, indent=2))
     else:
@@ -214,10 +219,24 @@ async def probe(health: HealthConfig) -> dict[str, Any]:
         return {"reachable": False, "ready": None, "paused": None, "degraded": None,
                 "reason": f"unknown (daemon not reachable at {url})"}
     reason = str(data.get("reason") or "")
-    paused = reason.startswith(PAUSED_PREFIX)
+    paused = reason.startswith((PAUSED_PREFIX, *MONEY_PREFIXES))
     degraded = reason.startswith(DEGRADED_PREFIX)
+    credits = data.get("credits")
     return {"reachable": True, "ready": data["ready"], "paused": paused, "degraded": degraded,
-            "reason": reason.removeprefix(PAUSED_PREFIX).removeprefix(DEGRADED_PREFIX)}
+            "reason": reason.removeprefix(PAUSED_PREFIX).removeprefix(DEGRADED_PREFIX),
+            "credits": credits if isinstance(credits, int) else None}
+
+
+def budget(config: Config, now: float | None = None) -> dict[str, Any]:
+    """Today's rows (UTC day) per type from the spool's ledger, against the budgets."""
+    cfg = config.budget
+    limits = Limits(cfg.max_rows_per_day, dict(cfg.max_rows_per_day_by_type))
+    day = utc_day(time.time() if now is None else now)
+    used = Ledger(config.spool.root, limits).used(day)
+    return {"day": day.isoformat(), "used": used, "max_rows_per_day": cfg.max_rows_per_day,
+            "max_rows_per_day_by_type": dict(cfg.max_rows_per_day_by_type),
+            "left": {t: n for t in config.spool.types
+                     if (n := limits.left(used, t)) is not None}}
 
 
 # -- text output ----------------------------------------------------------------------------
@@ -235,6 +254,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         console.line(f"misplaced: {len(stray)} (never taken; move into inbox/<type>/): {shown}")
         console.line()
     console.line(f"uploads: {_uploads(report['daemon'])}")
+    _render_money(report, console)
     console.line()
     if report["finishing"]:
         waiting = ", ".join(f"{folder} {n}" for folder, n in report["finishing"].items())
@@ -257,8 +277,27 @@ def render(report: dict[str, Any], console: Console) -> None:
              for r in recent]))
 
 
+def _render_money(report: dict[str, Any], console: Console) -> None:
+    daemon, day = report["daemon"], report["budget"]
+    credits = daemon.get("credits")
+    console.line(f"credits: {credits if credits is not None else 'unknown'}"
+                 + ("" if credits is not None or not daemon["reachable"]
+                    else " (budget.check_credits off, or the account API unreadable)"))
+    total = sum(day["used"].values())
+    cap = day["max_rows_per_day"]
+    parts = [f"all types {total}" + (f" of {cap}" if cap else "")]
+    for file_type, rows in sorted(day["used"].items()):
+        limit = day["max_rows_per_day_by_type"].get(file_type)
+        parts.append(f"{file_type} {rows}" + (f" of {limit}" if limit else ""))
+    parts += [f"{t} 0 of {n}" for t, n in sorted(day["max_rows_per_day_by_type"].items())
+              if n and t not in day["used"]]
+    console.line(f"rows today ({day['day']} UTC): {', '.join(parts)}")
+
+
 def _uploads(daemon: dict[str, Any]) -> str:
     if not daemon["reachable"]:
+        return str(daemon["reason"])
+    if daemon["paused"] and str(daemon["reason"]).startswith(MONEY_PREFIXES):
         return str(daemon["reason"])
     if daemon["paused"]:
         return f"PAUSED: {daemon['reason']}"

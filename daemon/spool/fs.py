@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from daemon.inputs import RowCounter
+
 _HASH_CHUNK = 1024 * 1024
 _BOM = codecs.BOM_UTF8
 
@@ -43,20 +45,20 @@ class FileFacts:
 
 
 def inspect_file(path: Path) -> FileFacts:
-    """sha256, size and line count of ``path`` in one streamed pass, and what makes it
-    certainly unacceptable to IPQS as CSV (``problem`` is None when nothing does)."""
+    """sha256, size and billed rows (non-blank lines, see :class:`RowCounter`) of ``path``
+    in one streamed pass, and what makes it certainly unacceptable to IPQS as CSV
+    (``problem`` is None when nothing does)."""
     digest = hashlib.sha256()
     decoder = codecs.getincrementaldecoder("utf-8")()
-    size = lines = 0
-    last = b"\n"
+    rows = RowCounter()
+    size = 0
     problem: str | None = None
     text_seen = False
     with open_regular(path) as fh:
         while chunk := fh.read(_HASH_CHUNK):
             digest.update(chunk)
             size += len(chunk)
-            lines += chunk.count(b"\n")
-            last = chunk[-1:]
+            rows.feed(chunk)
             if problem is None:
                 problem = _check_text(chunk, decoder)
             text_seen = text_seen or bool(chunk.replace(_BOM, b"").strip())
@@ -64,7 +66,7 @@ def inspect_file(path: Path) -> FileFacts:
         problem = _check_text(b"", decoder, final=True)
     if problem is None and not text_seen:
         problem = "the file is empty" if size == 0 else "the file holds no rows"
-    return FileFacts(digest.hexdigest(), size, lines + (last != b"\n"), problem)
+    return FileFacts(digest.hexdigest(), size, rows.finish(), problem)
 
 
 def _check_text(chunk: bytes, decoder: codecs.IncrementalDecoder, *,

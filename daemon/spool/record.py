@@ -26,8 +26,8 @@ FINISHING = "finishing"      # being moved to done/ or failed/ under ``final_nam
 RETURNING = "returning"      # going back to its inbox (nothing was sent): never upload it
 
 # Fields of the public record (design.md), in the order they are written.
-RECORD_FIELDS = ("id", "type", "source", "file_name", "sha256", "bytes", "method", "status",
-                 "invalid_records", "results", "submitted_at", "finished_at")
+RECORD_FIELDS = ("id", "type", "source", "file_name", "sha256", "bytes", "rows", "method",
+                 "status", "invalid_records", "results", "submitted_at", "finished_at")
 
 
 def utcnow() -> str:
@@ -92,8 +92,9 @@ class Job:
     def record(self) -> dict[str, Any]:
         """The public record: contract fields, plus reason/error in failed/."""
         out: dict[str, Any] = {name: getattr(self, name) for name in RECORD_FIELDS}
-        if out["id"] is None:
-            del out["id"]
+        for optional in ("id", "rows"):  # never accepted; a .url file's rows are unknown
+            if out[optional] is None:
+                del out[optional]
         out["job"] = self.job
         if self.warning:
             out["warning"] = self.warning
