@@ -70,7 +70,7 @@ class CreditGuard:
         self._next_read = 0.0  # read at the first admission
         self._pause_delay = pause_initial_seconds
         self._warned = False
-        self._logged: set[int] = set()  # file sizes whose pause is logged since the read
+        self._logged: set[int] = set()  # file sizes whose pause is logged since new money
         self._reading = asyncio.Lock()
 
     @property
@@ -94,7 +94,7 @@ class CreditGuard:
     @property
     def free(self) -> int | None:
         """The balance less the rows of admitted uploads under way; None while unknown."""
-        return None if self.balance is None else self.balance - self.held
+        return None if self.balance is None else max(self.balance - self.held, 0)
 
     async def refresh(self) -> None:
         """Read the balance if a read is due (at start, every ``refresh_seconds``...)."""
@@ -134,7 +134,9 @@ class CreditGuard:
             return
         if self.balance is None and self._warned:
             log.info("credit_guard_on", credits=balance)
-        if balance != self.balance:
+        if self.balance is None or balance > self.balance:
+            # New money (or a first read): a file still short is worth a line again. A
+            # lower balance is uploads being paid for, which is no news.
             self._logged.clear()
         self.balance, self._warned = balance, False
         if self.paused is None:
@@ -153,7 +155,9 @@ class CreditGuard:
 
     def _wait(self, need: int) -> Admission:
         assert self.balance is not None
-        free = self.balance - self.held
+        # Not below 0: a read taken while uploads are under way may already show some of
+        # the rows still held here.
+        free = max(self.balance - self.held, 0)
         reason = f"paused: credits {free}, next file needs {need} + reserve {self._reserve}"
         if need not in self._logged:
             # One line per file size and balance read, not per question: a file that can

@@ -1,0 +1,316 @@
+"""The money guards against the sandbox: rows on records, the credit guard, the daily
+budget (across restarts, days and daemons), the per-file cap, the account API gone, the
+dry run, and a wrong key found at start (issue 11; issue 14 item 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from structlog.testing import capture_logs
+
+from daemon.commands.status import probe
+from daemon.config import Config, HealthConfig
+from daemon.sandbox import SandboxSettings
+from daemon.spool.ledger import Ledger, Limits, utc_day
+from tests.support import (
+    Sandbox,
+    daemon_config,
+    drop,
+    emails,
+    quick_settings,
+    records,
+    run_once,
+    running,
+    sandbox_server,
+    wait_for,
+    write_config_file,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def money_config(root: Path, api_base: str, *, health_port: int | None = None,
+                 **budget: Any) -> Config:
+    """A test daemon's config with ``[budget]`` set and quick pauses and rescans."""
+    health = {"enabled": False} if health_port is None else {"enabled": True,
+                                                             "port": health_port}
+    return daemon_config(root, api_base, spool={"types": ("email",)},
+                         watch={"rescan_seconds": 0.3},
+                         upload={"pause_initial_seconds": 0.05, "pause_max_seconds": 0.3},
+                         health=health, log={"level": "info", "format": "json"},
+                         budget=budget)
+
+
+def drop_files(root: Path, count: int, rows: int, tag: str = "f") -> None:
+    for n in range(count):
+        drop(root, "email", f"{tag}{n:03d}.csv", emails(rows, f"-{tag}{n}"))
+
+
+def inbox(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "inbox" / "email").iterdir())
+
+
+def billed(sandbox: Sandbox) -> int:
+    """Rows the sandbox debited (its usage counters)."""
+    return sum(sandbox.state.usage.values())
+
+
+def sandbox_with(tmp_path: Path, **faults: Any) -> SandboxSettings:
+    settings = quick_settings(tmp_path)
+    for name, value in faults.items():
+        setattr(settings.faults, name, value)
+    return settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def cli(*argv: str, faketime: str | None = None) -> tuple[int, str]:
+    """``python -m daemon ARGV`` as a subprocess: exit status, stdout + stderr."""
+    command = [sys.executable, "-m", "daemon", *argv]
+    env = {k: v for k, v in os.environ.items()
+           if k != "IPQS_API_KEY" and not k.startswith("IPQS_BULKD_")}
+    if faketime is not None:  # the daemon's clock only; the sandbox keeps the real one
+        command = ["faketime", "-f", faketime, *command]
+        env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
+    proc = await asyncio.create_subprocess_exec(
+        *command, cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode()
+
+
+async def readyz(port: int) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session, \
+            session.get(f"http://127.0.0.1:{port}/readyz") as resp:
+        data: dict[str, Any] = await resp.json()
+        return data
+
+
+def events(output: str, name: str) -> list[dict[str, Any]]:
+    lines = (json.loads(line) for line in output.splitlines() if line.startswith("{"))
+    return [line for line in lines if line.get("event") == name]
+
+
+# -- credits -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_short_balance_waits_in_the_inbox_and_resumes_after_a_top_up(
+        tmp_path: Path) -> None:
+    async with sandbox_server(sandbox_with(tmp_path, credits=100)) as sandbox:
+        root, port = tmp_path / "spool", free_port()
+        config = write_config_file(tmp_path / "config.toml",
+                                   money_config(root, sandbox.api_base, health_port=port))
+        drop_files(root, 15, rows=10)
+        log = (tmp_path / "daemon.log").open("wb")
+        daemon = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "daemon", "run", "--config", str(config), cwd=REPO,
+            stdout=log, stderr=log)
+        try:
+            paused = "paused: credits 0, next file needs 10 + reserve 0"
+
+            async def reason() -> str:
+                try:
+                    return str((await readyz(port))["reason"])
+                except aiohttp.ClientError:
+                    return ""
+
+            for _ in range(500):
+                if await reason() == paused and len(inbox(root)) == 5 \
+                        and len(records(root, "done")) == 10:
+                    break
+                await asyncio.sleep(0.05)
+            assert await reason() == paused
+            assert len(records(root, "done")) == 10 and len(sandbox.uploads()) == 10
+            assert len(inbox(root)) == 5 and records(root, "failed") == {}
+            assert sandbox.state.stats.faults["credits"] == 0  # never refused by IPQS
+            code, out = await cli("status", "--config", str(config))
+            assert code == 0 and f"uploads: {paused}" in out and "credits: 0" in out
+            async with aiohttp.ClientSession() as session, \
+                    session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                metrics = await resp.text()
+            assert "ipqs_bulkd_credits_remaining 0.0" in metrics
+            assert 'ipqs_bulkd_rows_total{type="email"} 100.0' in metrics
+
+            sandbox.state.faults.credits = 1000  # a top-up, seen by a fresh read
+            await wait_for(lambda: len(records(root, "done")) == 15, what="all 15 done")
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            await daemon.wait()
+            log.close()
+    assert len(sandbox.uploads()) == 15 and records(root, "failed") == {}
+    assert sandbox.state.stats.faults["credits"] == 0
+    assert {r["rows"] for r in records(root, "done").values()} == {10}
+    output = (tmp_path / "daemon.log").read_text()
+    assert len(events(output, "uploads_paused_for_credits")) == 1
+
+
+async def test_a_file_that_can_never_fit_does_not_hold_up_smaller_ones(tmp_path: Path) -> None:
+    async with sandbox_server(sandbox_with(tmp_path, credits=25)) as sandbox:
+        root = tmp_path / "spool"
+        drop(root, "email", "big.csv", emails(30, "big"))
+        drop_files(root, 2, rows=10, tag="small")
+        assert await run_once(money_config(root, sandbox.api_base)) == 1  # big one waits
+    assert sorted(records(root, "done")) == ["small000.csv", "small001.csv"]
+    assert inbox(root) == ["big.csv"] and records(root, "failed") == {}
+    assert billed(sandbox) == 20 and sandbox.state.stats.faults["credits"] == 0
+
+
+async def test_account_api_gone_works_unguarded_and_warns_once(tmp_path: Path) -> None:
+    async with sandbox_server(sandbox_with(tmp_path, account_missing=True)) as sandbox:
+        root = tmp_path / "spool"
+        drop_files(root, 3, rows=4)
+        with capture_logs() as logs:
+            assert await run_once(money_config(root, sandbox.api_base)) == 0
+    assert len(records(root, "done")) == 3 and len(sandbox.uploads()) == 3
+    assert sandbox.state.stats.faults["account_missing"] >= 1
+    assert [e["event"] for e in logs].count("credit_guard_off") == 1
+
+
+# -- daily budget --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_daily_budget_holds_across_a_restart_and_opens_the_next_utc_day(
+        tmp_path: Path) -> None:
+    async with sandbox_server(quick_settings(tmp_path)) as sandbox:
+        root = tmp_path / "spool"
+        config = str(write_config_file(
+            tmp_path / "config.toml", money_config(root, sandbox.api_base,
+                                                   max_rows_per_day=50)))
+        drop_files(root, 10, rows=10)
+        code, out = await cli("run", "--once", "--config", config)
+        assert code == 1, out[-2000:]  # files were left waiting
+        assert len(records(root, "done")) == 5 and len(inbox(root)) == 5
+        assert billed(sandbox) == 50 and records(root, "failed") == {}
+        assert len(events(out, "uploads_waiting_for_budget")) == 1
+        code, out = await cli("status", "--json", "--config", config)
+        assert json.loads(out)["budget"]["used"] == {"email": 50}
+        assert json.loads(out)["budget"]["left"] == {"email": 0}
+
+        code, out = await cli("run", "--once", "--config", config)  # a restart: no more
+        assert code == 1 and billed(sandbox) == 50 and len(inbox(root)) == 5
+
+        code, out = await cli("run", "--once", "--config", config, faketime="+1d")
+        assert code == 0, out[-2000:]
+    assert len(records(root, "done")) == 10 and inbox(root) == []
+    assert billed(sandbox) == 100 and len(sandbox.uploads()) == 10
+    assert {r["rows"] for r in records(root, "done").values()} == {10}
+
+
+@pytest.mark.slow
+async def test_two_daemons_on_one_spool_spend_exactly_the_budget(tmp_path: Path) -> None:
+    async with sandbox_server(quick_settings(tmp_path)) as sandbox:
+        root = tmp_path / "spool"
+        config = str(write_config_file(
+            tmp_path / "config.toml", money_config(root, sandbox.api_base,
+                                                   max_rows_per_day=50)))
+        drop_files(root, 20, rows=10)
+        results = await asyncio.gather(*(cli("run", "--once", "--config", config)
+                                         for _ in range(2)))
+    for n, (code, out) in enumerate(results):
+        (tmp_path / f"daemon{n}.log").write_text(out)
+        # (A claim may fail, the file staying in its inbox, when the other daemon's
+        # recovery sweep removes the job folder before its record: not about money.)
+        assert code in (0, 1) and "stage_crashed" not in out, out[-2000:]
+        assert "upload_job_error" not in out, out[-2000:]
+    assert billed(sandbox) == 50 and len(sandbox.uploads()) == 5
+    assert len(records(root, "done")) == 5 and len(inbox(root)) == 15
+    assert sum(Ledger(root, Limits(50)).used(utc_day(time.time())).values()) == 50
+
+
+@pytest.mark.slow
+async def test_one_hundred_files_under_a_budget_never_bill_above_it(tmp_path: Path) -> None:
+    """The closing figure: rows debited by the sandbox vs the budget vs the records."""
+    budget = 600
+    async with sandbox_server(quick_settings(tmp_path)) as sandbox:
+        root = tmp_path / "spool"
+        for n in range(100):
+            drop(root, "email", f"m{n:03d}.csv", emails(1 + n % 13, f"-m{n}"))
+        config = money_config(root, sandbox.api_base, max_rows_per_day=budget)
+        await run_once(config)
+    on_records = sum(r["rows"] for r in records(root, "done").values())
+    print(f"\n100 files, budget {budget}: sandbox debited {billed(sandbox)}, records "
+          f"{on_records} rows in {len(records(root, 'done'))} files, "
+          f"{len(inbox(root))} waiting")
+    assert billed(sandbox) == on_records <= budget
+    assert billed(sandbox) > budget - 13  # it stopped only when the next file did not fit
+    assert records(root, "failed") == {}
+
+
+# -- per-file cap, dry run -----------------------------------------------------------------
+
+
+async def test_over_the_cap_fails_too_large_unsent_and_retry_force_sends_it_once(
+        tmp_path: Path) -> None:
+    async with sandbox_server(quick_settings(tmp_path)) as sandbox:
+        root = tmp_path / "spool"
+        drop(root, "email", "big.csv", emails(101))
+        assert await run_once(money_config(root, sandbox.api_base,
+                                           max_rows_per_file=100)) == 1
+        failed = records(root, "failed")["big.csv"]
+        assert failed["reason"] == "too-large" and failed["rows"] == 101
+        assert "101 rows" in failed["error"] and "max_rows_per_file = 100" in failed["error"]
+        assert sandbox.uploads() == []
+
+        raised = write_config_file(tmp_path / "raised.toml", money_config(
+            root, sandbox.api_base, max_rows_per_file=200))
+        code, out = await cli("retry", "--force", "--config", str(raised), "big.csv")
+        assert code == 0, out
+        code, out = await cli("run", "--once", "--config", str(raised))
+        assert code == 0, out[-2000:]
+    assert records(root, "done")["big.csv"]["rows"] == 101
+    assert len(sandbox.uploads()) == 1
+
+
+async def test_dry_run_prints_rows_and_credits_and_sends_nothing(tmp_path: Path) -> None:
+    async with sandbox_server(sandbox_with(tmp_path, credits=500)) as sandbox:
+        root = tmp_path / "spool"
+        config = write_config_file(tmp_path / "config.toml", money_config(
+            root, sandbox.api_base, max_rows_per_day=100, max_rows_per_file=20))
+        a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+        a.write_bytes(b"email\n" + emails(9) + b"\n\n")
+        b.write_bytes(emails(25))
+        code, out = await cli("submit", "--dry-run", "--type", "email", "--config",
+                              str(config), str(a), str(b))
+    assert code == 0, out
+    assert "a.csv: 10 rows" in out and "b.csv: 25 rows" in out
+    assert "credits: 500" in out and "100 of 100 rows left today" in out
+    assert "over budget.max_rows_per_file = 20" in out
+    assert sandbox.uploads() == [] and billed(sandbox) == 0
+
+
+# -- a wrong key at start (issue 14 item 2) --------------------------------------------------
+
+
+async def test_a_wrong_key_at_start_is_not_ready_and_recovers_by_itself(tmp_path: Path) -> None:
+    async with sandbox_server(sandbox_with(tmp_path, invalid_key=True)) as sandbox:
+        config = money_config(tmp_path / "spool", sandbox.api_base, health_port=0)
+        with capture_logs() as logs:
+            async with running(config) as service:
+                assert service.health_server is not None and service.health_server.port
+                health = HealthConfig(port=service.health_server.port)
+                daemon = await probe(health)
+                assert daemon["ready"] is False and daemon["paused"] is True
+                assert "refused the account at start" in daemon["reason"]
+                assert "Invalid or unauthorized key" in daemon["reason"]
+                sandbox.state.faults.invalid_key = False  # fixed at IPQS: no restart
+                await wait_for(lambda: service.health.ready()[0], what="ready again")
+                assert (await probe(health))["ready"] is True
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert [e["event"] for e in errors] == ["uploads_paused"]
+    assert sandbox.uploads() == []
