@@ -230,7 +230,8 @@ class Uploader:
             return False
         too_large = self.pipe.purse.too_large(job.rows)
         if too_large is not None:
-            await self.pipe.finish(job, "failed", "too-large", too_large)
+            await self.pipe.finish(job, "failed", "too-large", too_large + (
+                "; to send it, raise the cap and run `ipqs-bulkd retry --force` on it"))
             return False
         return await self._check_duplicate(job)
 

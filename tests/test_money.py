@@ -314,3 +314,24 @@ async def test_a_wrong_key_at_start_is_not_ready_and_recovers_by_itself(tmp_path
     errors = [e for e in logs if e["log_level"] == "error"]
     assert [e["event"] for e in errors] == ["uploads_paused"]
     assert sandbox.uploads() == []
+
+
+async def test_submit_obeys_the_same_guards(tmp_path: Path) -> None:
+    async with sandbox_server(sandbox_with(tmp_path, credits=5)) as sandbox:
+        root = tmp_path / "spool"
+        config = str(write_config_file(tmp_path / "config.toml", money_config(
+            root, sandbox.api_base, max_rows_per_day=15)))
+        first, second = tmp_path / "first.csv", tmp_path / "second.csv"
+        first.write_bytes(emails(10, "first"))
+        second.write_bytes(emails(10, "second"))
+        submit = ("submit", "--type", "email", "--config", config)
+        code, out = await cli(*submit, str(first))
+        assert code == 3 and "not sent: paused: credits 5, next file needs 10" in out, out
+        sandbox.state.faults.credits = 100
+        code, out = await cli(*submit, str(first))  # the duplicate marker was given back
+        assert code == 0, out
+        code, out = await cli(*submit, str(second))
+        assert code == 1, out
+        assert "not sent: daily budget: 10 of 15 rows used today (UTC), next file needs 10" \
+            in out
+    assert len(sandbox.uploads()) == 1 and billed(sandbox) == 10

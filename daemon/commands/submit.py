@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from daemon import ALL_TYPES
 from daemon.api import CsvJob, make_client
+from daemon.commands import money
 from daemon.commands.common import (
     DEFAULT_TIMEOUT,
     EXIT_DUPLICATE,
@@ -46,8 +47,9 @@ from daemon.errors import (
     LostAnswerError,
     RejectedError,
 )
-from daemon.inputs import URL_SUFFIX, url_of, url_problem
+from daemon.inputs import URL_SUFFIX, json_rows, url_of, url_problem
 from daemon.job.conversation import Conversation, Hooks, Verdict
+from daemon.job.money import Purse
 from daemon.spool import Job, Spool, inspect_file, new_job_id, place_no_clobber, upload_name
 
 # After this many uploads whose answers were lost (and which a lookup then did not find),
@@ -81,8 +83,9 @@ def add_parser(commands: Any, add_config: Callable[[argparse.ArgumentParser], No
         "submit", help="send one file to IPQS now, without the daemon",
         description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("file", nargs="?", type=Path, metavar="FILE",
-                   help="the CSV file to send (leave out with --url)")
+    p.add_argument("files", nargs="*", type=Path, metavar="FILE",
+                   help="the CSV file to send (leave out with --url); any number with "
+                        "--dry-run")
     p.add_argument("--type", required=True, choices=ALL_TYPES, metavar="TYPE",
                    help=f"what the file holds: {', '.join(ALL_TYPES)}")
     how = p.add_mutually_exclusive_group()
@@ -102,6 +105,9 @@ def add_parser(commands: Any, add_config: Callable[[argparse.ArgumentParser], No
                    help="keep retrying while IPQS is unreachable or answers with temporary "
                         f"errors for this long, then give up with status 4 "
                         f"(default {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--dry-run", action="store_true",
+                   help="only check each FILE: count its rows and show the credits and "
+                        "today's budget left (budget.*); nothing is sent")
     p.add_argument("--no-duplicate-check", action="store_true",
                    help="send even if the same content was taken recently, and do not record "
                         "it (also the way out when the spool root is not writable)")
@@ -118,9 +124,15 @@ class Payload:
     size: int
     path: Path | None = None
     url: str | None = None
+    rows: int | None = None  # billed; unknown for a URL
 
 
 def run(ns: argparse.Namespace, config: Config, console: Console) -> int:
+    if ns.dry_run:
+        return money.dry_run(ns, config, console)
+    if len(ns.files) > 1:
+        raise CommandError(EXIT_USAGE, "give one FILE (any number with --dry-run)")
+    ns.file = ns.files[0] if ns.files else None
     require_key(config)
     payload = _payload(ns)
     if ns.wait:
@@ -129,7 +141,7 @@ def run(ns: argparse.Namespace, config: Config, console: Console) -> int:
     job_id = new_job_id()
     job = Job(job=job_id, type=ns.type, source=payload.source,
               file_name=upload_name(payload.source, job_id), method=payload.method,
-              sha256=payload.sha256, bytes=payload.size)
+              sha256=payload.sha256, bytes=payload.size, rows=payload.rows)
     guard.claim(job)
     submission = Submission(config, console, job, payload, guard, timeout=ns.timeout)
     return asyncio.run(submission.run(wait=ns.wait, out=ns.out))
@@ -154,10 +166,11 @@ def _payload(ns: argparse.Namespace) -> Payload:
         data = path.read_bytes()
         return _url_payload(_url_in(path, data), str(path), source=path.name, data=data)
     facts = inspect_file(path)
-    if facts.problem is not None:
-        raise CommandError(EXIT_FAILED, f"{path}: not sent: {facts.problem}")
+    rows, problem = json_rows(path) if ns.json and not facts.problem else (facts.rows, None)
+    if (problem := facts.problem or problem) is not None:
+        raise CommandError(EXIT_FAILED, f"{path}: not sent: {problem}")
     return Payload("json" if ns.json else "multipart", path.name, facts.sha256, facts.bytes,
-                   path=path)
+                   path=path, rows=rows)
 
 
 def _url_payload(url: str, where: str, *, source: str | None = None,
@@ -269,7 +282,10 @@ class Submission(Hooks):
         try:
             async with make_client(self.config) as client:
                 talk = Conversation(client, self.config, self.patience, hooks=self)
-                answer = await self._upload(talk)
+                purse = Purse.for_config(self.config, client)
+                # The daemon's money guards, before anything is sent.
+                await money.admit(purse, self.job, refused=lambda: self.guard.release(self.job))
+                answer = await self._upload(talk, purse)
                 self._accepted(answer)
                 if not wait:
                     return EXIT_OK
@@ -280,26 +296,35 @@ class Submission(Hooks):
         self._report_results(answer, saved)
         return EXIT_OK
 
-    async def _upload(self, talk: Conversation) -> CsvJob:
+    async def _upload(self, talk: Conversation, purse: Purse) -> CsvJob:
         payload = self.payload
         try:
             # Jobs at or below the newest id existed before ours: lookups page no further.
             await talk.learn_newest_id()
-            return await talk.send(self.job, path=payload.path, url=payload.url,
-                                   check=self._unchanged, max_sends=MAX_SENDS)
+            answer = await talk.send(self.job, path=payload.path, url=payload.url,
+                                     check=self._unchanged, max_sends=MAX_SENDS)
         except RejectedError as exc:
             if not exc.maybe_sent:  # IPQS surely has no job: the refusal answered our POST
-                self.guard.release(self.job)
+                await self._not_sent(purse)
             raise failure(exc, f"{payload.source} not accepted", self.timeout) from None
+        except CommandError:  # the file changed: nothing went
+            await self._not_sent(purse)
+            raise
         except IpqsError as exc:
             if not (self.maybe_sent or exc.maybe_sent):
-                self.guard.release(self.job)
+                await self._not_sent(purse)
                 raise failure(exc, f"{payload.source} not sent", self.timeout) from None
             line = failure(exc, f"{payload.source}: the upload's answer was lost", self.timeout)
             line.message += (f"; IPQS may have it as file_name {self.job.file_name}: check "
                              "`ipqs-bulkd jobs`; the duplicate guard keeps the content marked, "
                              "so if IPQS does not have it, send it with --no-duplicate-check")
-            raise line from None
+            raise line from None  # maybe sent: its rows stay counted in the budget
+        purse.accepted(self.job)
+        return answer
+
+    async def _not_sent(self, purse: Purse) -> None:
+        self.guard.release(self.job)
+        await purse.released(self.job)
 
     async def _unchanged(self, job: Job) -> None:
         payload = self.payload

@@ -80,8 +80,7 @@ class Purse:
         """Why a file of ``rows`` can never be sent under the cap (None if it can)."""
         if not self.cap or rows is None or rows <= self.cap:
             return None
-        return (f"the file has {rows} rows, over budget.max_rows_per_file = {self.cap}; "
-                "to send it, raise the cap and run `ipqs-bulkd retry --force` on it")
+        return f"the file has {rows} rows, over budget.max_rows_per_file = {self.cap}"
 
     async def admit(self, job: Job) -> Admission:
         """May ``job`` be sent now? If so, its rows are held (in the ledger and against the
