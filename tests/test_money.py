@@ -16,11 +16,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from daemon.commands.status import probe
 from daemon.config import Config, HealthConfig
 from daemon.sandbox import SandboxSettings
+from daemon.sandbox.account import UNLIMITED_CREDITS
+from daemon.service import Service
 from daemon.spool.ledger import Ledger, Limits, utc_day
 from tests.support import (
     Sandbox,
@@ -103,6 +106,43 @@ async def readyz(port: int) -> dict[str, Any]:
 def events(output: str, name: str) -> list[dict[str, Any]]:
     lines = (json.loads(line) for line in output.splitlines() if line.startswith("{"))
     return [line for line in lines if line.get("event") == name]
+
+
+# -- rows ----------------------------------------------------------------------------------
+
+
+async def test_rows_on_the_record_the_log_line_and_the_metrics(tmp_path: Path) -> None:
+    async with sandbox_server(quick_settings(tmp_path)) as sandbox:
+        root = tmp_path / "spool"
+        drop(root, "email", "blanks.csv", b"\xef\xbb\xbfemail\r\na@x.com\r\n\r\n  \nb@x.com")
+        drop(root, "email", "link.url", b"https://example.com/list.csv\n")
+        config = money_config(root, sandbox.api_base, max_rows_per_day_by_type={"email": 100})
+        service = Service(config)
+        with capture_logs() as logs:
+            assert await service.run(once=True) == 0
+        service.refresh_gauges()
+        metrics = service.pipe.metrics.render().decode()
+    done = records(root, "done")
+    assert done["blanks.csv"]["rows"] == 3  # the header is billed; blank lines are not
+    assert "rows" not in done["link.url"]  # unknown until IPQS fetches it
+    finished = {e["source"]: e["rows"] for e in logs if e["event"] == "file_finished"}
+    assert finished == {"blanks.csv": 3, "link.url": None}
+    assert 'ipqs_bulkd_rows_total{type="email"} 3.0' in metrics
+    assert 'ipqs_bulkd_budget_rows_left{type="email"} 97.0' in metrics
+    credits = next(f for f in text_string_to_metric_families(metrics)
+                   if f.name == "ipqs_bulkd_credits_remaining").samples[0].value
+    assert credits == UNLIMITED_CREDITS - 3 - 1  # a .url counts as one row against credits
+
+
+async def test_json_uploads_bill_their_json_rows(tmp_path: Path) -> None:
+    async with sandbox_server(quick_settings(tmp_path)) as sandbox:
+        root = tmp_path / "spool"
+        drop(root, "email", "q.csv", b"email,note\na@x.com,\n,\nb@x.com,x\n")
+        config = daemon_config(root, sandbox.api_base, spool={"types": ("email",)},
+                               upload={"method": "json"})
+        assert await run_once(config) == 0
+    # Four non-blank lines, but the blank row (",") is not sent: three JSON rows billed.
+    assert records(root, "done")["q.csv"]["rows"] == 3 == billed(sandbox)
 
 
 # -- credits -------------------------------------------------------------------------------
