@@ -67,8 +67,7 @@ class Service:
         self.poller = Poller(self.pipe, concurrency=4 * config.upload.concurrency)
         self.uploader = Uploader(self.pipe, self.watcher, self.poller)
         self.health = HealthState(
-            paused_reason=lambda: self.pipe.breaker.reason or self.pipe.purse.reason,
-            credits=lambda: self.pipe.purse.credits,
+            paused_reason=self.paused_reason, credits=lambda: self.pipe.purse.credits,
             troubles=[self.pipe.finishing.reason, self.uploader.trouble.reason])
         self.misplaced = MisplacedFiles(self.spool, config.spool.types)
         self.health_server: HealthServer | None = None
@@ -287,6 +286,7 @@ class Service:
             count = await asyncio.to_thread(self.misplaced.sweep)
             self.pipe.metrics.misplaced.set(count)
             await self.pipe.purse.refresh()  # every few minutes, and the day's budget
+            await self.uploader.forget_gone()
             if sweep:
                 await self.recover()
                 await asyncio.to_thread(self.spool.prune_owners)
@@ -308,6 +308,12 @@ class Service:
                            else max(self.idle_status_seconds, self.status_seconds))
             if self.changed.event.is_set():  # a burst of changes makes one report
                 await wait_any(self.stop, within=self.status_debounce_seconds)
+
+    def paused_reason(self) -> str | None:
+        """Why uploads do not go now: an account error, or files waiting for money."""
+        if self.pipe.breaker.reason is not None:
+            return self.pipe.breaker.reason
+        return self.pipe.purse.reason if self.uploader.waiting else None
 
     def refresh_gauges(self) -> str:
         """Set the queue and in-flight gauges from the stages; return the status line."""
@@ -335,8 +341,8 @@ class Service:
                   f"done {self.pipe.outcomes['done']}, failed {self.pipe.outcomes['failed']}")
         if self.pipe.breaker.paused:
             status += f"; PAUSED: {self.pipe.breaker.reason}"
-        elif purse.reason is not None:
-            status += f"; {purse.reason}"
+        elif (waiting := self.paused_reason()) is not None:
+            status += f"; {waiting}"
         if (cannot_claim := self.uploader.trouble.reason()) is not None:
             status += f"; STUCK: {cannot_claim}"
         if finishing.count():

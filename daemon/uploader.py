@@ -163,6 +163,15 @@ class Uploader:
         del self.waiting[key]
         return True
 
+    async def forget_gone(self) -> None:
+        """Forget waiting files that are no longer in their inbox (someone took them)."""
+        keys = list(self.waiting)
+        inbox = self.pipe.spool.inbox
+        gone = await asyncio.to_thread(
+            lambda: [k for k in keys if not os.path.lexists(inbox(k[0]) / k[1])])
+        for key in gone:
+            self.waiting.pop(key, None)
+
     def _method(self, path: Path) -> str:
         if path.name.lower().endswith(URL_SUFFIX):
             return "url"

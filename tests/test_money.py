@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,11 @@ from structlog.testing import capture_logs
 
 from daemon.commands.status import probe
 from daemon.config import Config, HealthConfig
+from daemon.job.money import Purse
 from daemon.sandbox import SandboxSettings
 from daemon.sandbox.account import UNLIMITED_CREDITS
 from daemon.service import Service
+from daemon.spool import Job
 from daemon.spool.ledger import Ledger, Limits, utc_day
 from tests.support import (
     Sandbox,
@@ -106,6 +109,39 @@ async def readyz(port: int) -> dict[str, Any]:
 def events(output: str, name: str) -> list[dict[str, Any]]:
     lines = (json.loads(line) for line in output.splitlines() if line.startswith("{"))
     return [line for line in lines if line.get("event") == name]
+
+
+# -- the purse, on an injected clock --------------------------------------------------------
+
+
+def a_job(n: int, rows: int | None) -> Job:
+    return Job(job=f"j{n}", type="email", source=f"{n}.csv", file_name=f"n{n}",
+               method="multipart", rows=rows)
+
+
+async def test_the_purse_holds_gives_back_and_forgets_old_days(tmp_path: Path) -> None:
+    now = [datetime(2030, 1, 1, 23, 59, tzinfo=UTC).timestamp()]
+    purse = Purse(cap=15, ledger=Ledger(tmp_path, Limits(per_day=20)), clock=lambda: now[0])
+    assert purse.too_large(16) == "the file has 16 rows, over budget.max_rows_per_file = 15"
+    assert purse.too_large(15) is None and purse.too_large(None) is None
+    assert (await purse.admit(a_job(1, 10))).allowed
+    assert (await purse.admit(a_job(1, 10))).allowed  # asked again: held once
+    refused = await purse.admit(a_job(2, 11))
+    assert not refused.allowed and purse.reason == refused.reason == (
+        "waiting until the next UTC day: daily budget: 10 of 20 rows used today (UTC), "
+        "next file needs 11")
+    assert not (await purse.would_admit("email", 11)).allowed
+    await purse.released(a_job(1, 10))  # not sent after all: its rows come back
+    assert (await purse.would_admit("email", 11)).allowed
+    assert (await purse.admit(a_job(2, 11))).allowed and purse.reason is None
+    purse.accepted(a_job(2, 11))
+    assert purse.rows_left(["email"]) == {"email": 9}
+    now[0] += 120  # past midnight UTC: a new day, a new budget
+    assert purse.rows_left(["email"]) == {"email": 20}
+    await purse.refresh()
+    now[0] += 8 * 86400
+    await purse.refresh()  # a new day again: days older than a week are removed
+    assert sorted(p.name for p in (tmp_path / "budget").iterdir()) == []
 
 
 # -- rows ----------------------------------------------------------------------------------

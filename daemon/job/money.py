@@ -20,7 +20,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 import structlog
@@ -32,6 +32,9 @@ from daemon.spool import Job
 from daemon.spool.ledger import Ledger, Limits, utc_day
 
 log = structlog.get_logger(__name__)
+
+#: The ledger keeps the folders of this many past days, for people to look at.
+KEEP_DAYS = timedelta(days=7)
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,10 @@ class Purse:
         if self.guard is not None:
             await self.guard.refresh()
         if self.ledger is not None:
-            await self._read_used(self.today())
+            today = self.today()
+            if self._used_day is not None and self._used_day != today:  # a new day
+                await asyncio.to_thread(self.ledger.prune, today - KEEP_DAYS)
+            await self._read_used(today)
 
     async def _read_used(self, day: date) -> None:
         assert self.ledger is not None
