@@ -71,6 +71,7 @@ class CreditGuard:
         self._pause_delay = pause_initial_seconds
         self._warned = False
         self._logged: set[int] = set()  # file sizes whose pause is logged since new money
+        self._last_read: int | None = None  # the balance as IPQS last told it
         self._reading = asyncio.Lock()
 
     @property
@@ -134,10 +135,13 @@ class CreditGuard:
             return
         if self.balance is None and self._warned:
             log.info("credit_guard_on", credits=balance)
-        if self.balance is None or balance > self.balance:
+        if self._last_read is None or balance > self._last_read:
             # New money (or a first read): a file still short is worth a line again. A
-            # lower balance is uploads being paid for, which is no news.
+            # lower balance is uploads being paid for, which is no news. (Compared with
+            # the last read, not the local debits: a read may include uploads whose
+            # answers are debited locally afterwards.)
             self._logged.clear()
+        self._last_read = balance
         self.balance, self._warned = balance, False
         if self.paused is None:
             self._next_read = self._clock() + self._refresh
@@ -146,7 +150,7 @@ class CreditGuard:
             self._next_read = self._clock() + self._pause_delay
 
     def _unreadable(self, why: str) -> None:
-        self.balance, self.paused = None, None
+        self.balance, self.paused, self._last_read = None, None, None
         self._next_read = self._clock() + self._refresh
         if not self._warned:
             log.warning("credit_guard_off", error=why,
