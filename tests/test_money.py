@@ -411,3 +411,14 @@ async def test_submit_obeys_the_same_guards(tmp_path: Path) -> None:
         assert "not sent: daily budget: 10 of 15 rows used today (UTC), next file needs 10" \
             in out
     assert len(sandbox.uploads()) == 1 and billed(sandbox) == 10
+
+
+async def test_a_type_over_its_budget_waits_while_others_go(tmp_path: Path) -> None:
+    purse = Purse(ledger=Ledger(tmp_path, Limits(per_type={"email": 10})))
+    assert (await purse.admit(a_job(1, 10))).allowed
+    assert not (await purse.admit(a_job(2, 1))).allowed
+    phones = Job(job="p1", type="phone", source="p.csv", file_name="p", method="multipart",
+                 rows=500)
+    assert (await purse.admit(phones)).allowed  # no phone budget: it goes...
+    assert purse.reason is not None and "daily email budget: 10 of 10" in purse.reason
+    assert purse.rows_left(["email", "phone"]) == {"email": 0}  # ...and email still waits

@@ -54,7 +54,8 @@ class Purse:
         self.guard = guard
         self._clock = clock
         self._held: dict[str, _Held] = {}  # job -> what it was admitted with
-        self._budget_wait: tuple[date, str] | None = None  # refused today, and why
+        # Per type: the day a file of it was refused by a budget, and why.
+        self._budget_wait: dict[str, tuple[date, str]] = {}
         self.used: dict[str, int] = {}  # rows reserved today, per type (as last read)
         self._used_day: date | None = None
 
@@ -104,7 +105,7 @@ class Purse:
                     await self._read_used(day)
                 return admission
         self._held[job.job] = _Held(job.rows, day)
-        self._budget_wait = None
+        self._budget_wait.pop(job.type, None)
         return ALLOW
 
     async def would_admit(self, file_type: str, rows: int | None) -> Admission:
@@ -114,7 +115,7 @@ class Purse:
         if self.ledger is not None:
             refusal = await asyncio.to_thread(self.ledger.refusal, file_type, rows or 0, day)
             if refusal is not None:
-                return self._waiting(refusal, day)
+                return self._waiting(file_type, refusal, day)
         if self.guard is not None:
             admission = await self.guard.admit(rows)
             if not admission.allowed:
@@ -161,8 +162,10 @@ class Purse:
         """Why uploads wait now (the balance, or today's budget), or None."""
         if self.guard is not None and self.guard.paused is not None:
             return self.guard.paused
-        if self._budget_wait is not None and self._budget_wait[0] == self.today():
-            return f"waiting until the next UTC day: {self._budget_wait[1]}"
+        today = self.today()
+        for day, why in self._budget_wait.values():
+            if day == today:
+                return f"waiting until the next UTC day: {why}"
         return None
 
     @property
@@ -199,11 +202,12 @@ class Purse:
         refusal = await asyncio.to_thread(self.ledger.refusal, file_type, rows or 0, day)
         await self._read_used(day)
         # None: refused on an entry that cannot be read whole (see the ledger).
-        return self._waiting(refusal or "daily budget: an entry of today's ledger cannot be "
-                             "read, so nothing more is counted today", day)
+        why = refusal or ("daily budget: an entry of today's ledger cannot be read, so "
+                          "nothing more is counted today")
+        return self._waiting(file_type, why, day)
 
-    def _waiting(self, why: str, day: date) -> Admission:
-        if self._budget_wait is None or self._budget_wait[0] != day:
+    def _waiting(self, file_type: str, why: str, day: date) -> Admission:
+        if all(waited != day for waited, _ in self._budget_wait.values()):
             log.warning("uploads_waiting_for_budget", reason=why, day=day.isoformat())
-        self._budget_wait = (day, why)
+        self._budget_wait[file_type] = (day, why)
         return Admission(False, f"waiting until the next UTC day: {why}")
