@@ -38,6 +38,7 @@ from tests.support import (
     run_once,
     running,
     sandbox_server,
+    start_daemon,
     wait_for,
     write_config_file,
 )
@@ -84,19 +85,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def cli(*argv: str, faketime: str | None = None) -> tuple[int, str]:
-    """``python -m daemon ARGV`` as a subprocess: exit status, stdout + stderr."""
-    command = [sys.executable, "-m", "daemon", *argv]
+async def cli(*argv: str) -> tuple[int, str]:
+    """An operator command, ``python -m daemon ARGV``, as a subprocess: exit status,
+    stdout + stderr."""
     env = {k: v for k, v in os.environ.items()
            if k != "IPQS_API_KEY" and not k.startswith("IPQS_BULKD_")}
-    if faketime is not None:  # the daemon's clock only; the sandbox keeps the real one
-        command = ["faketime", "-f", faketime, *command]
-        env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
     proc = await asyncio.create_subprocess_exec(
-        *command, cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT)
+        sys.executable, "-m", "daemon", *argv, cwd=REPO, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await proc.communicate()
     return proc.returncode or 0, out.decode()
+
+
+async def run_batch(config: str, *, faketime: str | None = None) -> tuple[int, str]:
+    """``run --once`` as a subprocess (under ``faketime``: the daemon's clock only, the
+    sandbox keeps the real one): exit status and its log."""
+    wrap = () if faketime is None else ("env", "FAKETIME_DONT_FAKE_MONOTONIC=1",
+                                        "faketime", "-f", faketime)
+    proc = await start_daemon(Path(config), "--once", wrap=wrap)
+    _, err = await proc.communicate()
+    return proc.returncode or 0, err.decode()
 
 
 async def readyz(port: int) -> dict[str, Any]:
@@ -193,9 +201,7 @@ async def test_short_balance_waits_in_the_inbox_and_resumes_after_a_top_up(
                                    money_config(root, sandbox.api_base, health_port=port))
         drop_files(root, 15, rows=10)
         log = (tmp_path / "daemon.log").open("wb")
-        daemon = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "daemon", "run", "--config", str(config), cwd=REPO,
-            stdout=log, stderr=log)
+        daemon = await start_daemon(config, stderr=log)
         try:
             paused = "paused: credits 0, next file needs 10 + reserve 0"
 
@@ -269,7 +275,7 @@ async def test_daily_budget_holds_across_a_restart_and_opens_the_next_utc_day(
             tmp_path / "config.toml", money_config(root, sandbox.api_base,
                                                    max_rows_per_day=50)))
         drop_files(root, 10, rows=10)
-        code, out = await cli("run", "--once", "--config", config)
+        code, out = await run_batch(config)
         assert code == 1, out[-2000:]  # files were left waiting
         assert len(records(root, "done")) == 5 and len(inbox(root)) == 5
         assert billed(sandbox) == 50 and records(root, "failed") == {}
@@ -278,10 +284,10 @@ async def test_daily_budget_holds_across_a_restart_and_opens_the_next_utc_day(
         assert json.loads(out)["budget"]["used"] == {"email": 50}
         assert json.loads(out)["budget"]["left"] == {"email": 0}
 
-        code, out = await cli("run", "--once", "--config", config)  # a restart: no more
+        code, out = await run_batch(config)  # a restart: no more
         assert code == 1 and billed(sandbox) == 50 and len(inbox(root)) == 5
 
-        code, out = await cli("run", "--once", "--config", config, faketime="+1d")
+        code, out = await run_batch(config, faketime="+1d")
         assert code == 0, out[-2000:]
     assert len(records(root, "done")) == 10 and inbox(root) == []
     assert billed(sandbox) == 100 and len(sandbox.uploads()) == 10
@@ -296,8 +302,7 @@ async def test_two_daemons_on_one_spool_spend_exactly_the_budget(tmp_path: Path)
             tmp_path / "config.toml", money_config(root, sandbox.api_base,
                                                    max_rows_per_day=50)))
         drop_files(root, 20, rows=10)
-        results = await asyncio.gather(*(cli("run", "--once", "--config", config)
-                                         for _ in range(2)))
+        results = await asyncio.gather(run_batch(config), run_batch(config))
     for n, (code, out) in enumerate(results):
         (tmp_path / f"daemon{n}.log").write_text(out)
         # (A claim may fail, the file staying in its inbox, when the other daemon's
@@ -347,7 +352,7 @@ async def test_over_the_cap_fails_too_large_unsent_and_retry_force_sends_it_once
             root, sandbox.api_base, max_rows_per_file=200))
         code, out = await cli("retry", "--force", "--config", str(raised), "big.csv")
         assert code == 0, out
-        code, out = await cli("run", "--once", "--config", str(raised))
+        code, out = await run_batch(str(raised))
         assert code == 0, out[-2000:]
     assert records(root, "done")["big.csv"]["rows"] == 101
     assert len(sandbox.uploads()) == 1
