@@ -4,6 +4,8 @@ each by the state it was saved in (the table is ``_RESUME`` at the end)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -117,8 +119,8 @@ class Recovery:
         if not files:
             # A claim that died before its record: the input never left the inbox. (Were
             # it another daemon's claim under way, its rename now fails and the file stays.)
-            log.info("empty_job_removed", job=job_dir.name)
-            self.spool.discard_dir(job_dir)
+            if _remove_if_empty(job_dir):
+                log.info("empty_job_removed", job=job_dir.name)
             return
         if time.time() - job_dir.stat().st_mtime < self.config.upload.lease_seconds:
             return
@@ -141,3 +143,23 @@ _RESUME: dict[JobState, Callable[[Recovery, Job], Awaitable[None]]] = {
     JobState.FINISHING: Recovery._resume_finish,
     JobState.RETURNING: Recovery._resume_return,
 }
+
+
+def _remove_if_empty(job_dir: Path) -> bool:
+    """Remove a job folder that holds nothing but temporary files; False if something
+    else is in it now. Never a recursive removal: another daemon's claim may be putting
+    its record and input into the folder right now, and those must survive (its claim
+    then fails at the next step, and the file stays in its inbox)."""
+    with contextlib.suppress(FileNotFoundError):
+        for path in job_dir.iterdir():
+            if path.name.startswith("."):  # a temporary file (never an input or record)
+                path.unlink(missing_ok=True)
+    try:
+        job_dir.rmdir()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if exc.errno != errno.ENOTEMPTY:
+            raise
+        return False
+    return True
