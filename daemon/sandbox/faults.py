@@ -113,6 +113,10 @@ async def _inject(
         return None
     if faults.redirect_to:
         state.fired("redirect")
+        # Read (and drop) the whole body first, as a gateway that buffers requests does:
+        # the client then surely sent it, and the answer does not race the upload.
+        while await request.content.readany():
+            pass
         location = faults.redirect_to.rstrip("/") + request.path_qs
         return web.Response(status=302, headers={"Location": location})
     if faults.latency_ms > 0:
