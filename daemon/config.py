@@ -87,7 +87,7 @@ class WatchConfig(Section):
     settle_seconds: Annotated[Seconds, NotAbove("quiet_seconds")] = 0.2
     #: ... and this long when they are not ("quiet", or /proc only partly readable).
     quiet_seconds: Seconds = 5.0
-    writer_check: Literal["auto", "proc", "quiet"] = "auto"
+    writer_check: Literal["auto", "lease", "proc", "quiet"] = "auto"
     #: Full rescan period: events get lost on overflow, on NFS and across restarts.
     rescan_seconds: Seconds = 60.0
     #: Poll instead of inotify, for NFS/SMB mounts where inotify sees nothing.

@@ -37,6 +37,10 @@ class Metrics:
             "ipqs_bulkd_finish_blocked",
             "Finished jobs waiting because their done/ or failed/ folder refuses the move",
             ["folder"], registry=r)
+        self.held_by_lease = Counter(
+            "ipqs_bulkd_files_held_by_writer",
+            "Files a lease probe found open for writing, and held back until the writer let go",
+            registry=r)
         self.breaker_open = Gauge("ipqs_bulkd_uploads_paused",
                                   "1 while uploads are paused by an account error", registry=r)
         self.rows = Counter("ipqs_bulkd_rows", "Rows accepted by IPQS (billed), by type",

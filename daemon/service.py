@@ -61,7 +61,8 @@ class Service:
                                              config.upload.pause_max_seconds),
                              purse=Purse.for_config(config, client))
         self.watcher = Watcher({t: self.spool.inbox(t) for t in config.spool.types},
-                               config.watch, self.stop)
+                               config.watch, self.stop,
+                               on_held_back=self.pipe.metrics.held_by_lease.inc)
         # Per upload, a file needs a status check and a download (more while IPQS works
         # on it): four poller slots per upload slot keep the poller from being the limit.
         self.poller = Poller(self.pipe, concurrency=4 * config.upload.concurrency)
@@ -204,11 +205,21 @@ class Service:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        # A writer opening a file during a lease probe makes the kernel send us SIGIO,
+        # whose default action kills: handle it (a handler, unlike SIG_IGN, is not
+        # inherited by the hooks we start). The watcher probes only once this is done.
+        loop.add_signal_handler(signal.SIGIO, self._on_sigio)
 
     def remove_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        # SIGIO stays handled until the loop closes, after asyncio.run has waited for
+        # the threads: a probe still running in one must not be killed by a late SIGIO.
+
+    @staticmethod
+    def _on_sigio() -> None:
+        log.debug("lease_broken")  # a writer opened a file while we probed it: harmless
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1

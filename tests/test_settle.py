@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import WatchConfig
+from daemon.watcher.checks import Check, Probe
 from daemon.watcher.settle import Candidate, Notice, Observation, Seen, SettleTable, Verdict
 
 PROC = WatchConfig(settle_seconds=0.1, quiet_seconds=3.0, writer_check="proc",
@@ -47,6 +48,16 @@ def look(table: SettleTable, clock: Clock, saw: dict[Path, Seen | None],
     """One settle round: plan, "look" (the test says what was seen), apply."""
     plan = table.plan(clock.now, ROOM)
     observed = Observation({p: saw.get(p) for p in plan.paths}, writers, visible, clock.wall)
+    return table.apply(plan, observed, clock.now)
+
+
+def probed(table: SettleTable, clock: Clock, saw: dict[Path, Seen | None],
+           answers: dict[Path, Probe], visible: bool | None = None) -> Verdict:
+    """One settle round in which the lease probes the table asked for answered ``answers``."""
+    plan = table.plan(clock.now, ROOM)
+    assert set(answers) <= set(plan.probes), "answered a probe the table did not ask for"
+    observed = Observation({p: saw.get(p) for p in plan.paths}, visible=visible,
+                           wall=clock.wall, lease=answers)
     return table.apply(plan, observed, clock.now)
 
 
@@ -136,6 +147,7 @@ def test_auto_mode_uses_the_quiet_window_once_writers_cannot_be_seen() -> None:
     clock = Clock()
     file = seen()
     table = SettleTable(replace(PROC, writer_check="auto"), max_pending=100)
+    table.checks.refuse("no CAP_LEASE")  # where no lease can be taken, /proc decides
     table.probed(True)
     assert table.window() == PROC.settle_seconds
     table.notice("email", PATH, file, clock.now, clock.wall)
@@ -239,3 +251,107 @@ def test_non_regular_and_gone_paths_are_not_noticed() -> None:
     assert table.notice("email", PATH, None, 0.0, WALL) is Notice.KNOWN
     assert table.notice("email", PATH, seen(kind="symlink"), 0.0, WALL) is Notice.NOT_REGULAR
     assert table.load() == 0
+
+
+# -- lease probes (daemon.watcher.checks) ----------------------------------------------------
+
+LEASE = replace(PROC, writer_check="lease")
+AUTO = replace(PROC, writer_check="auto")
+
+
+@pytest.mark.parametrize("settings", [LEASE, AUTO], ids=["lease", "auto"])
+def test_a_lease_probe_holds_a_file_while_a_writer_has_it_open(settings: WatchConfig) -> None:
+    clock = Clock()
+    file = seen()
+    table = noticed(settings, file, clock)
+    assert table.window() == settings.settle_seconds  # a writer would be seen: no quiet wait
+    for _ in range(3):  # a writer paused far longer than quiet_seconds: still held
+        clock.advance(settings.quiet_seconds)
+        verdict = probed(table, clock, {PATH: file}, {PATH: Probe.WRITER})
+        assert verdict.ready == []
+    assert verdict.held_back == []  # counted once, on the first probe that saw the writer
+    clock.advance(settings.settle_seconds + 0.001)  # the writer closed the file
+    assert [e.path for e in probed(table, clock, {PATH: file}, {PATH: Probe.FREE}).ready] == [PATH]
+
+
+def test_the_first_writer_seen_by_a_lease_is_reported_once() -> None:
+    clock = Clock()
+    table = noticed(LEASE, seen(), clock)
+    clock.advance(LEASE.settle_seconds)
+    assert probed(table, clock, {PATH: seen()}, {PATH: Probe.WRITER}).held_back == [PATH]
+
+
+def test_a_probe_asked_for_and_not_answered_never_hands_a_file_on() -> None:
+    clock = Clock()
+    file = seen()
+    table = noticed(AUTO, file, clock)
+    for _ in range(5):
+        clock.advance(AUTO.quiet_seconds)
+        assert look(table, clock, {PATH: file}).ready == []
+
+
+def test_a_file_system_without_leases_falls_back_alone_and_is_reported_once() -> None:
+    clock = Clock()
+    local, remote = seen(), replace(seen(inode=8), dev=2)
+    other = PATH.with_name("remote.csv")
+    table = SettleTable(AUTO, max_pending=100)
+    table.notice("email", PATH, local, clock.now, clock.wall)
+    table.notice("email", other, remote, clock.now, clock.wall)
+    clock.advance(AUTO.settle_seconds)
+    verdict = probed(table, clock, {PATH: local, other: remote},
+                     {PATH: Probe.FREE, other: Probe.UNSUPPORTED})
+    assert [e.path for e in verdict.ready] == [PATH]  # the lease saw no writer: settled
+    assert {(c.dev, c.check) for c in verdict.choices} == {(1, Check.LEASE), (2, Check.QUIET)}
+    assert verdict.refused is None
+    table.hand_off(verdict.ready[0])
+    # dev 2 now waits for the quiet window, with no probe asked for
+    assert table.plan(clock.now + AUTO.settle_seconds, ROOM).due == []
+    clock.advance(AUTO.quiet_seconds)
+    plan = table.plan(clock.now, ROOM)
+    assert plan.probes == {} and plan.targets == frozenset({remote.key})
+    verdict = probed(table, clock, {other: remote}, {})
+    assert [e.path for e in verdict.ready] == [other] and verdict.choices == []
+
+
+def test_a_refused_lease_falls_back_everywhere_and_says_so_once() -> None:
+    clock = Clock()
+    file = seen()
+    table = noticed(LEASE, file, clock)
+    clock.advance(LEASE.settle_seconds)
+    verdict = probed(table, clock, {PATH: file}, {PATH: Probe.DENIED}, visible=True)
+    assert verdict.ready == [] and verdict.refused is not None and "CAP_LEASE" in verdict.refused
+    assert [c.check for c in verdict.choices] == [Check.QUIET]  # "lease" never falls back to /proc
+    assert table.window() == LEASE.quiet_seconds
+    assert table.plan(clock.now + 1.0, ROOM).due == []
+    clock.advance(LEASE.quiet_seconds)
+    verdict = look(table, clock, {PATH: file})
+    assert verdict.ready and verdict.refused is None and verdict.choices == []
+
+
+def test_auto_falls_back_to_proc_where_it_sees_everyone() -> None:
+    table = SettleTable(AUTO, max_pending=100)
+    table.probed(True)
+    assert table.check() is Check.LEASE
+    table.checks.refuse("no CAP_LEASE")
+    assert table.check() is Check.PROC and table.window() == AUTO.settle_seconds
+    table.probed(False)
+    assert table.check() is Check.QUIET and table.window() == AUTO.quiet_seconds
+
+
+def test_a_file_that_cannot_be_opened_for_a_probe_waits_for_the_quiet_window() -> None:
+    clock = Clock()
+    file = seen()
+    table = noticed(LEASE, file, clock)
+    clock.advance(LEASE.settle_seconds)
+    assert probed(table, clock, {PATH: file}, {PATH: Probe.BLIND}).ready == []
+    assert table.window() == LEASE.settle_seconds  # other files still get a lease
+    assert settle_time(table, clock, file) >= LEASE.quiet_seconds
+
+
+def test_quiet_and_proc_modes_never_probe() -> None:
+    for settings in (QUIET, PROC):
+        clock = Clock()
+        table = noticed(settings, seen(), clock)
+        clock.advance(settings.quiet_seconds)
+        plan = table.plan(clock.now, ROOM)
+        assert plan.due and plan.probes == {}

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.spool.layout import is_ignored
+from daemon.watcher.checks import Probe
+from daemon.watcher.lease import LeaseProbe
 from daemon.watcher.proc import proc_writers
 from daemon.watcher.settle import Key, Observation, Seen
 
@@ -40,18 +42,29 @@ def look(path: Path) -> Seen | None:
         return None
 
 
-def observe(paths: list[Path], targets: frozenset[Key] | None) -> Observation:
-    """One settle round's look: the /proc pass for ``targets`` (if any), then an lstat of
-    every path."""
+def observe(paths: list[Path], targets: frozenset[Key] | None,
+            probes: dict[Path, Key] | None = None,
+            prober: LeaseProbe | None = None) -> Observation:
+    """One settle round's look: the /proc pass for ``targets`` (if any), the lease probes
+    of ``probes`` (path -> the file it must still be), then an lstat of every path."""
     writers: frozenset[Key] = frozenset()
     visible = None
     if targets:
         writers, visible = proc_writers(targets)
-    # lstat after the /proc pass: a writer that writes and closes in between shows up
-    # as a change, instead of slipping between the two looks.
+    lease = {path: _probe(prober, path, key) for path, key in (probes or {}).items()}
+    # lstat after the /proc pass and the probes: a writer that writes and closes in
+    # between shows up as a change, instead of slipping between the two looks.
     wall = time.time()
     seen = {path: look(path) for path in paths}
-    return Observation(seen, writers, visible, wall)
+    return Observation(seen, writers, visible, wall, lease)
+
+
+def _probe(prober: LeaseProbe | None, path: Path, key: Key) -> Probe:
+    # The lstat gate: only the regular file the table knows is ever opened.
+    gate = look(path)
+    if gate is None or gate.kind != "regular" or gate.key != key:
+        return Probe.CHANGED
+    return prober.probe(path, key) if prober is not None else Probe.UNSUPPORTED
 
 
 def scan(

@@ -8,8 +8,10 @@ and when the next one falls due (:meth:`SettleTable.next_due`). Tests drive it w
 fake clock and made-up observations, without sleeping.
 
 A file *settles* once its size, mtime and inode stayed the same for a window and no
-process was seen writing it. The window is ``settle_seconds`` while writers are visible,
-else ``quiet_seconds`` less the time the file had already been still by its mtime.
+process was seen writing it. The window is ``settle_seconds`` while writers are visible
+(a lease probe, or a ``/proc`` that shows every process: see
+:mod:`~daemon.watcher.checks`), else ``quiet_seconds`` less the time the file had
+already been still by its mtime.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.config import WatchConfig
+from daemon.watcher.checks import Check, Choice, Probe, WriterChecks
 
 Key = tuple[int, int]  # (st_dev, st_ino): what identifies a file across renames
 
@@ -88,6 +91,8 @@ class Pending:
     # Seconds the file had already been still when this version of it was first seen
     # (from its mtime): a file renamed in long after it was written needs no quiet wait.
     credit: float = 0.0
+    blind: bool = False  # could not be opened for a lease probe: judged without one
+    held: bool = False  # a lease probe found a writer (counted once per file)
 
     def candidate(self) -> Candidate:
         seen = self.seen
@@ -99,13 +104,14 @@ class Observation:
     """What one look saw: every path's lstat and the files open for writing.
 
     ``wall`` is the wall-clock time of the look (compared with mtimes); ``visible`` is
-    None when /proc was not looked at.
+    None when /proc was not looked at; ``lease`` holds the lease probes' answers.
     """
 
     seen: dict[Path, Seen | None]
     writers: frozenset[Key] = frozenset()
     visible: bool | None = None
     wall: float = 0.0
+    lease: dict[Path, Probe] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,6 +123,7 @@ class Plan:
     dirty: dict[Path, str]
     recheck: set[Path]
     targets: frozenset[Key] | None  # files to look for in /proc; None: no /proc pass
+    probes: dict[Path, Key] = field(default_factory=dict)  # files to probe with a lease
 
     @property
     def paths(self) -> list[Path]:
@@ -140,6 +147,9 @@ class Verdict:
     dropped: list[tuple[Path, Seen | None]] = field(default_factory=list)
     noticed: list[tuple[Path, Notice, Seen | None]] = field(default_factory=list)
     visibility_changed: bool = False
+    held_back: list[Path] = field(default_factory=list)  # a lease probe found a writer
+    choices: list[Choice] = field(default_factory=list)  # file systems whose check changed
+    refused: str | None = None  # leases just became unusable everywhere, and why
 
 
 class SettleTable:
@@ -157,8 +167,8 @@ class SettleTable:
         self.settings = settings
         self.max_pending = max_pending
         self.low_water = max_pending // 2
-        #: Whether every writer can be seen (decides the window in "auto" mode).
-        self.visible = settings.writer_check == "proc"
+        #: Which writer check judges which file system.
+        self.checks = WriterChecks(settings.writer_check)
         #: Files were left in the inbox for lack of room: a later scan must find them.
         self.backlog = False
         self._missed = False  # something was turned away since the current scan began
@@ -208,15 +218,26 @@ class SettleTable:
 
     # -- windows ------------------------------------------------------------------------
 
+    @property
+    def visible(self) -> bool:
+        """Whether /proc shows every writer (decides the window where no lease works)."""
+        return self.checks.visible
+
+    def check(self, entry: Pending | None = None) -> Check:
+        """How writers of ``entry`` are looked for (None: a file where leases work)."""
+        if entry is None:
+            return self.checks.check(None)
+        return self.checks.check(entry.seen.dev, entry.blind)
+
     def window(self, entry: Pending | None = None) -> float:
         """How long ``entry`` must stay unchanged before it is handed on.
 
-        With writers visible, the settle window. Otherwise the quiet window, less the time
-        the file had already been still (by its mtime) when first seen, and never less
-        than the settle window.
+        With writers visible (lease, or /proc), the settle window. Otherwise the quiet
+        window, less the time the file had already been still (by its mtime) when first
+        seen, and never less than the settle window.
         """
         settings = self.settings
-        if self.visible and settings.writer_check != "quiet":
+        if self.check(entry) is not Check.QUIET:
             return settings.settle_seconds
         credit = entry.credit if entry is not None else 0.0
         return max(settings.settle_seconds, settings.quiet_seconds - credit)
@@ -231,13 +252,13 @@ class SettleTable:
 
     def probed(self, visible: bool) -> None:
         """The first /proc pass found every other process's fds readable, or not."""
-        self.visible = visible or self.settings.writer_check == "proc"
+        self.checks.visible = visible or self.settings.writer_check == "proc"
 
     def set_visible(self, visible: bool) -> bool:
         """Record what a /proc pass found; True when that changed the window ("auto")."""
         if self.settings.writer_check != "auto" or visible == self.visible:
             return False
-        self.visible = visible
+        self.checks.visible = visible
         return True
 
     def due(self, now: float, room: int) -> list[Pending]:
@@ -312,10 +333,12 @@ class SettleTable:
         due = self.due(now, room)
         recheck = set(self._recheck)
         checked = due + [e for p in recheck if (e := self._pending.get(p)) and e not in due]
+        probes = {e.path: e.seen.key for e in due if self.check(e) is Check.LEASE}
+        in_proc = [e for e in due if e.path not in probes]
         targets = None
-        if due and self.settings.writer_check != "quiet":
-            targets = frozenset(e.seen.key for e in due)
-        return Plan(due, checked, dict(self._dirty), recheck, targets)
+        if in_proc and self.settings.writer_check in ("auto", "proc"):
+            targets = frozenset(e.seen.key for e in in_proc)
+        return Plan(due, checked, dict(self._dirty), recheck, targets, probes)
 
     def apply(self, plan: Plan, observed: Observation, now: float) -> Verdict:
         """Update the table from the look ``plan`` asked for; say what settled."""
@@ -339,17 +362,32 @@ class SettleTable:
             if self._pending.get(entry.path) is not entry:
                 continue  # forgotten while we looked
             seen = observed.seen[entry.path]
+            # A probe asked for and not answered proves nothing: the file waits.
+            unanswered = Probe.CHANGED if entry.path in plan.probes else None
+            probe = self._learn(entry, observed.lease.get(entry.path, unanswered), verdict)
             if seen is None or seen.kind != "regular":
                 del self._pending[entry.path]
                 verdict.dropped.append((entry.path, seen))
             elif seen != entry.seen:  # written to or replaced
                 entry.seen, entry.last_change = seen, now
                 entry.credit = self.credit(seen, observed.wall)
-            elif seen.key in observed.writers:
+            elif seen.key in observed.writers or probe in (Probe.WRITER, Probe.CHANGED):
                 entry.last_change = now  # its window starts when the writer lets go
             # The window is taken afresh: the /proc pass may just have lengthened it.
             elif entry in plan.due and now - entry.last_change >= self.window(entry):
                 verdict.ready.append(entry)
+        verdict.choices = self.checks.changes({e.seen.dev for e in plan.due})
+
+    def _learn(self, entry: Pending, probe: Probe | None, verdict: Verdict) -> Probe | None:
+        """Take in what a lease probe of ``entry`` said (before its window is judged)."""
+        if probe is Probe.BLIND:
+            entry.blind = True
+        elif probe is Probe.WRITER and not entry.held:
+            entry.held = True
+            verdict.held_back.append(entry.path)
+        elif probe is not None and self.checks.learn(entry.seen.dev, probe):
+            verdict.refused = self.checks.refused
+        return probe
 
     # -- hand-off -----------------------------------------------------------------------
 
