@@ -170,7 +170,8 @@ def test_every_section_is_checked_by_its_declared_limits() -> None:
     # Built directly (as the watcher's tests do), a section checks itself all the same.
     with pytest.raises(ConfigError, match=r"config key watch\.queue_size must be at least 1"):
         WatchConfig(queue_size=0)
-    with pytest.raises(ConfigError, match=r"watch\.writer_check must be one of auto, lease, proc, quiet"):
+    with pytest.raises(ConfigError,
+                       match=r"watch\.writer_check must be one of auto, lease, proc, quiet"):
         dataclasses.replace(WatchConfig(), writer_check="sometimes")  # type: ignore[arg-type]
 
 

@@ -6,6 +6,7 @@ Blocking: run in a thread. Nothing here opens a watched file; following an fd li
 
 from __future__ import annotations
 
+import functools
 import os
 
 from daemon.watcher.settle import Key
@@ -17,7 +18,7 @@ def proc_writers(targets: frozenset[Key], proc: str = PROC) -> tuple[frozenset[K
     """Which of ``targets`` some other process has open for writing, in one pass over
     ``/proc``; and whether every other process's fds could be read."""
     found: set[Key] = set()
-    complete = True
+    complete = not _pids_hidden(proc)
     own = str(os.getpid())
     try:
         entries = os.scandir(proc)
@@ -28,6 +29,26 @@ def proc_writers(targets: frozenset[Key], proc: str = PROC) -> tuple[frozenset[K
             if entry.name.isdigit() and entry.name != own:
                 complete = _scan_process(entry.path, targets, found) and complete
     return frozenset(found), complete
+
+
+@functools.lru_cache(maxsize=4)
+def _pids_hidden(proc: str) -> bool:
+    """Whether ``proc`` is mounted with ``hidepid=invisible`` (systemd's
+    ``ProtectProc=invisible``): other users' processes are then not listed at all, and a
+    pass that read every fd it was shown would wrongly look complete."""
+    options = None
+    try:
+        with open(f"{proc}/self/mountinfo", encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                mount, _, fs = line.partition(" - ")
+                fields = mount.split()
+                if len(fields) > 4 and fields[4] == proc and fs:
+                    options = fs.split()[-1]  # the last mount there is the one we see
+    except OSError:
+        return True  # cannot tell: assume the worst
+    if options is None:
+        return False  # not a proc mount point (a test's folder): nothing hides there
+    return any(o in ("hidepid=invisible", "hidepid=2") for o in options.split(","))
 
 
 def _scan_process(pid_dir: str, targets: frozenset[Key], found: set[Key]) -> bool:
