@@ -104,6 +104,17 @@ def test_a_writer_in_another_pid_and_mount_namespace_is_seen(writer: Writer) -> 
     assert probe_as((*NOBODY, *LEASE_CAP), target) == "writer"
 
 
+def test_cap_lease_inside_a_private_user_namespace_is_refused(shared: Path) -> None:
+    # What systemd's PrivateUsers=yes would do to the unit: the capability is there, but
+    # the kernel asks for it in the initial user namespace.
+    need_root("unshare")
+    target = shared / "theirs.csv"
+    target.write_bytes(b"x\n")
+    shutil.chown(target, "nobody")
+    assert probe_as(("unshare", "--user", "--map-root-user"), target) == "denied"
+    assert probe_as((), target) == "free"
+
+
 def test_without_a_writer_the_lease_is_granted_and_dropped_at_once(shared: Path) -> None:
     target = shared / "done.csv"
     target.write_bytes(b"x\n")
