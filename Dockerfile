@@ -26,14 +26,18 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
         --shell /usr/sbin/nologin ipqs-bulkd \
     && install -d -o ipqs-bulkd -g ipqs-bulkd -m 0750 /spool
 
-# The spool on a volume; writers in other containers are invisible from here, so a file is
-# taken once it has been quiet for watch.quiet_seconds (README.md, "Dropping files safely").
+# The spool on a volume. Writers in other containers are invisible in this /proc; a kernel
+# lease probe sees them, but needs CAP_LEASE, which a non-root user only gets as an
+# ambient capability: start the container as root with only LEASE, SETUID and SETGID and
+# let setpriv drop to 10001 keeping LEASE (examples/docker-compose.yml). Without it the
+# daemon says so once and takes a file once it has been quiet for watch.quiet_seconds
+# (README.md, "Run it in a container").
 ENV PATH=/opt/ipqs-bulkd/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     IPQS_BULKD_SPOOL_ROOT=/spool \
     IPQS_BULKD_HEALTH_HOST=0.0.0.0 \
     IPQS_BULKD_HEALTH_PORT=9187 \
-    IPQS_BULKD_WATCH_WRITER_CHECK=quiet
+    IPQS_BULKD_WATCH_WRITER_CHECK=lease
 # Where the key is read from when IPQS_API_KEY is unset: a path, not a secret (DL3064 goes
 # by the variable's name alone).
 # hadolint ignore=DL3064

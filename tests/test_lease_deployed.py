@@ -9,6 +9,8 @@ import asyncio
 import json
 import os
 import shutil
+import sys
+import sysconfig
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -16,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.shares import daemon_process, samba_share
 from tests.support import (
+    FAKE_KEY,
     Sandbox,
     daemon_config,
     drop,
@@ -30,6 +34,7 @@ from tests.support import (
     wait_for,
     write_config_file,
 )
+from tests.test_packaging import REPO, dockerfile_stages
 from tests.test_shares import paid, slow_put, split
 
 AS_DEPLOYED = "/work/shared/tools/as-deployed"
@@ -181,3 +186,126 @@ async def test_a_slow_smb_put_to_a_daemon_with_cap_lease_is_uploaded_once_comple
     assert paid(sandbox) == {sha256(data): 1}
     assert (root / "done" / "email" / "slow.csv").read_bytes() == data
     assert len(events(log, "file_held_by_writer")) == 1
+
+
+# -- the container image, started as Docker would start it (setpriv stands in for runc) ---
+
+IMAGE_UID = 10001
+CAP_BITS = {"lease": 1 << 28, "setuid": 1 << 7, "setgid": 1 << 6}
+
+
+def image_command(base: Path) -> Path:
+    """The image's ``/opt/ipqs-bulkd/venv/bin``, here: an ``ipqs-bulkd`` on a system
+    interpreter of this Python version, which the image's user can run without any
+    capability (this venv's interpreter may sit in root's home)."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    python = shutil.which(version, path="/usr/local/bin:/usr/bin")
+    if python is None:
+        pytest.skip(f"needs a system {version} that any user can run")
+    site_packages = sysconfig.get_paths()["purelib"]
+    folder = base / "bin"
+    folder.mkdir()
+    script = folder / "ipqs-bulkd"
+    script.write_text(f"#!{python}\nimport site, sys\nsite.addsitedir({site_packages!r})\n"
+                      "from daemon.cli import run_main\nsys.exit(run_main())\n")
+    script.chmod(0o755)
+    return folder
+
+
+def image_env(base: Path, sandbox: Sandbox) -> dict[str, str]:
+    """The image's ENV lines, pointed at this checkout, a sandbox and a spool under ``base``."""
+    _, final = dockerfile_stages()
+    env = {k: v for k, v in final.env().items() if k.startswith("IPQS_")}
+    return env | {"PATH": f"{image_command(base)}:{os.environ['PATH']}",
+                  "IPQS_BULKD_SPOOL_ROOT": str(base / "spool"), "IPQS_API_KEY": FAKE_KEY,
+                  "IPQS_BULKD_API_BASE_URL": sandbox.api_base, "IPQS_BULKD_HEALTH_PORT": "0",
+                  "IPQS_BULKD_SPOOL_TYPES": "email", "IPQS_BULKD_LOG_FORMAT": "json",
+                  "IPQS_BULKD_WATCH_SETTLE_SECONDS": "0.05",
+                  "IPQS_BULKD_WATCH_QUIET_SECONDS": str(QUIET),
+                  "IPQS_BULKD_POLL_INITIAL_SECONDS": "0.02", "HOME": str(base)}
+
+
+def capabilities(pid: int) -> dict[str, int]:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    caps = {k: int(v, 16) for k, _, v in (line.partition(":\t") for line in status)
+            if k.startswith("Cap")}
+    uid = next(line.split()[1] for line in status if line.startswith("Uid:"))
+    return caps | {"uid": int(uid)}
+
+
+@asynccontextmanager
+async def image_process(base: Path, argv: list[str], env: dict[str, str]
+                        ) -> AsyncIterator[tuple[asyncio.subprocess.Process, Path]]:
+    log = base / "image.log"
+    with open(log, "ab") as out:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, env=env, cwd=base, stdin=asyncio.subprocess.DEVNULL, stdout=out,
+            stderr=out, start_new_session=True)
+    try:
+        await wait_for(lambda: "daemon_ready" in log.read_text() or proc.returncode is not None,
+                       what="daemon_ready")
+        assert proc.returncode is None, log.read_text()
+        yield proc, log
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 20)
+
+
+def docker_start(*, user: int, caps: tuple[str, ...]) -> list[str]:
+    """What runc leaves behind for ``--user U --cap-drop ALL --cap-add ...`` and
+    no-new-privileges: the bounding set cut down to ``caps``, nothing inheritable, and for
+    a non-root user no permitted or effective capabilities (no ambient ones are set)."""
+    bounding = ",".join(["-all", *(f"+{c}" for c in caps)])
+    argv = ["setpriv", f"--bounding-set={bounding}", "--inh-caps=-all", "--no-new-privs"]
+    if user:
+        argv += [f"--reuid={user}", f"--regid={user}", "--clear-groups"]
+    return [*argv, "--"]
+
+
+async def test_the_compose_example_gives_the_daemon_cap_lease_and_nothing_else(
+        tmp_path: Path, base: Path) -> None:
+    shutil.chown(base / "spool", IMAGE_UID, IMAGE_UID)
+    compose = yaml.safe_load((REPO / "examples" / "docker-compose.yml").read_text())
+    sidecar = compose["services"]["ipqs-bulkd"]
+    assert sidecar["user"] == "0:0" and "ALL" in sidecar["cap_drop"]
+    argv = docker_start(user=0, caps=tuple(c.lower() for c in sidecar["cap_add"]))
+    data = emails(2000, "-image")
+    async with sandbox_server(quick_settings(tmp_path)) as sandbox:
+        env = image_env(base, sandbox)
+        async with image_process(base, [*argv, *sidecar["entrypoint"], *sidecar["command"]],
+                                 env) as (proc, log):
+            caps = capabilities(proc.pid)
+            target = base / "spool" / "inbox" / "email" / "held.csv"
+            with open(target, "wb") as writer:  # root, in another "container": a writer
+                writer.write(data[:1000])
+                await wait_for(lambda: events(log, "file_held_by_writer") != [],
+                               what="the lease probe holding the file")
+                assert sandbox.uploads() == []
+                writer.write(data[1000:])
+            await wait_for(lambda: "held.csv" in records(base / "spool", "done"), what="done")
+    assert caps["uid"] == IMAGE_UID
+    assert caps["CapEff"] == caps["CapPrm"] == caps["CapAmb"] == CAP_BITS["lease"]
+    assert caps["CapBnd"] & ~sum(CAP_BITS.values()) == 0
+    [mode] = events(log, "writer_check_mode")
+    assert (mode["mode"], mode["check"]) == ("lease", "lease")
+    assert paid(sandbox) == {sha256(data): 1}
+
+
+async def test_the_image_as_it_is_with_cap_add_lease_falls_back_and_says_so(
+        tmp_path: Path, base: Path) -> None:
+    shutil.chown(base / "spool", IMAGE_UID, IMAGE_UID)
+    _, final = dockerfile_stages()
+    argv = docker_start(user=IMAGE_UID, caps=("lease",))  # USER 10001, --cap-add LEASE
+    entrypoint = json.loads(final.args("ENTRYPOINT")[0]) + json.loads(final.args("CMD")[0])
+    async with sandbox_server(quick_settings(tmp_path)) as sandbox:
+        env = image_env(base, sandbox)
+        async with image_process(base, [*argv, *entrypoint], env) as (proc, log):
+            caps = capabilities(proc.pid)
+            drop(base / "spool", "email", "a.csv", emails(10))
+            await wait_for(lambda: "a.csv" in records(base / "spool", "done"), what="done")
+    assert (caps["CapEff"], caps["CapBnd"]) == (0, CAP_BITS["lease"])  # bounding set only
+    [refused] = events(log, "lease_probe_unavailable")
+    assert "CAP_LEASE" in refused["reason"] and refused["fallback"] == "quiet"
+    [mode] = events(log, "writer_check_mode")
+    assert (mode["check"], mode["window"]) == ("quiet", QUIET)

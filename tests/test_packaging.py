@@ -234,7 +234,8 @@ def test_dockerfile_shape() -> None:
     assert secret == Path("/run/secrets/ipqs_api_key")
     config = load_config(None, {k: v for k, v in env.items() if k.startswith("IPQS_")}
                          | {"IPQS_API_KEY": FAKE_KEY})
-    assert (config.health.host, config.watch.writer_check) == ("0.0.0.0", "quiet")
+    # Never /proc, which shows nothing of the other containers: a lease, else quiet.
+    assert (config.health.host, config.watch.writer_check) == ("0.0.0.0", "lease")
 
 
 def healthcheck_argv(stage: Stage) -> list[str]:
@@ -327,7 +328,7 @@ def test_installed_daemon_runs_like_the_image(installed: Path, tmp_path: Path) -
     secret.write_text(FAKE_KEY + "\n")
     config = tmp_path / "config.toml"  # a mounted config file; the ENV lines win over it
     config.write_text("[poll]\ninitial_seconds = 0.2\n[watch]\nquiet_seconds = 0.3\n"
-                      "writer_check = \"proc\"\n")
+                      "settle_seconds = 0.1\nwriter_check = \"proc\"\n")
     env = final.env()
     env["PATH"] = env["PATH"].replace("/opt/ipqs-bulkd/venv", str(installed)).replace(
         "$PATH", os.environ["PATH"])
@@ -380,7 +381,8 @@ def test_installed_daemon_runs_like_the_image(installed: Path, tmp_path: Path) -
     assert any(e["event"] == "file_finished" for e in events)
     # The image's ENV wins over the mounted file; the file's other keys still apply.
     mode = next(e for e in events if e["event"] == "writer_check_mode")
-    assert (mode["mode"], mode["window"]) == ("quiet", 0.3)
+    assert mode["mode"] == "lease"  # root here has CAP_LEASE; else the quiet window
+    assert mode["window"] == (0.1 if mode["check"] == "lease" else 0.3)
     assert FAKE_KEY not in out + err and "Traceback" not in err
     # The health check really asks the daemon: with the daemon gone it fails.
     assert run(*healthcheck, env=env, timeout=30).returncode != 0
@@ -455,5 +457,5 @@ def test_kubernetes_example_shares_the_spool_and_mounts_the_key() -> None:
     assert pod["terminationGracePeriodSeconds"] > ServiceConfig().shutdown_seconds
     assert pod["securityContext"]["runAsUser"] == 10001
     env = {e["name"]: e["value"] for e in sidecar["env"]} | {"IPQS_API_KEY": FAKE_KEY}
-    assert load_config(None, env).watch.writer_check == "quiet"
+    assert load_config(None, env).watch.writer_check == "lease"
 
