@@ -13,7 +13,11 @@ from daemon.spool.layout import is_ignored
 
 _WATCH_STEP_MS = 50  # a renamed-in file is reported this long after the rename
 _WATCH_DEBOUNCE_MS = 500  # a stream of changes still gets reported at least this often
-_WATCH_TIMEOUT_MS = 1000  # bounds how long cancelling the watch thread can take
+# How long the watch thread waits in Rust before handing back "nothing" (and being
+# started again): each round trip wakes the event loop and two threads, so idle it must
+# be rare. Stopping does not wait for it: the stop event is checked every step, and
+# Watcher sets it before cancelling the watch; it only bounds a cancel without a stop.
+_WATCH_TIMEOUT_MS = 5_000
 
 
 class WatchStop:

@@ -434,6 +434,8 @@ class Watcher:
         await wait_any(self._stop, self._wake, within=seconds)
 
     async def _end_tasks(self) -> None:
+        if self._watch_stop is not None:
+            self._watch_stop.set()  # the watch thread sees it within a step, not a timeout
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
