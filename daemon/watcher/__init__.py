@@ -12,11 +12,15 @@ shorter.
 Memory and work stay bounded however many files wait: at most :attr:`Watcher.max_pending`
 paths are pending, dirty or in flight at once; the rest are left in the folder for a later
 scan, which runs when the load drops to half of that bound. Symlinks are never followed and
-nothing in the inbox is ever opened (opening a fifo would hang).
+nothing in the inbox is opened but a file an lstat just called regular, for a lease probe,
+with ``O_NONBLOCK|O_NOFOLLOW`` (opening a fifo would hang).
 
 The parts: :mod:`~daemon.watcher.settle` (the pure settle table),
-:mod:`~daemon.watcher.scan` (scanning and looking), :mod:`~daemon.watcher.proc` (the
-``/proc`` writer check) and :mod:`~daemon.watcher.watcher` (the loops that drive them).
+:mod:`~daemon.watcher.scan` (scanning and looking), the writer checks
+(:mod:`~daemon.watcher.checks` chooses per file system between
+:mod:`~daemon.watcher.lease`, the kernel lease probe, and :mod:`~daemon.watcher.proc`,
+the ``/proc`` pass; :mod:`~daemon.watcher.modes` says which) and
+:mod:`~daemon.watcher.watcher` (the loops that drive them).
 """
 
 from daemon.config import WatchConfig

@@ -6,7 +6,9 @@ Pure bookkeeping, fed with what lease probes and ``/proc`` passes found. By
 * ``"lease"``: a lease probe, on every local file system where it works; elsewhere (no
   ``CAP_LEASE``, network and FUSE file systems) the quiet window.
 * ``"auto"``: the same, but where leases do not work ``/proc`` while it shows every
-  process, else the quiet window.
+  process, else the quiet window. Unreadable fds and a ``hidepid=invisible`` mount
+  count as "not every process"; a separate PID namespace hides processes without any
+  sign, so use "lease" (never ``/proc``) or "quiet" there.
 * ``"proc"``: ``/proc``, trusted to show every writer.
 * ``"quiet"``: the quiet window alone.
 

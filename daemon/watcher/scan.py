@@ -1,7 +1,7 @@
 """Looking at the inboxes: the bounded round-robin scan and the settle round's lstats.
 
-Blocking: run in a thread. Symlinks are never followed and nothing in an inbox is ever
-opened (opening a fifo would hang).
+Blocking: run in a thread. Symlinks are never followed, and nothing in an inbox is opened
+but a regular file the lstat gate just saw, for a lease probe (opening a fifo would hang).
 """
 
 from __future__ import annotations

@@ -225,9 +225,8 @@ class SettleTable:
 
     def check(self, entry: Pending | None = None) -> Check:
         """How writers of ``entry`` are looked for (None: a file where leases work)."""
-        if entry is None:
-            return self.checks.check(None)
-        return self.checks.check(entry.seen.dev, entry.blind)
+        return self.checks.check(None) if entry is None else self.checks.check(
+            entry.seen.dev, entry.blind)
 
     def window(self, entry: Pending | None = None) -> float:
         """How long ``entry`` must stay unchanged before it is handed on.

@@ -8,7 +8,6 @@ the waiting and the logging around it.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,8 +18,8 @@ from daemon.aio import wait_any
 from daemon.config import WatchConfig
 from daemon.watcher import scan as scanning
 from daemon.watcher.events import WatchStop, watch_session
-from daemon.watcher.lease import LeaseProbe, refusal
-from daemon.watcher.proc import proc_writers
+from daemon.watcher.lease import LeaseProbe
+from daemon.watcher.modes import announce_mode, report_checks
 from daemon.watcher.report import Reports
 from daemon.watcher.scan import ScanResult
 from daemon.watcher.settle import Candidate, Notice, Pending, Seen, SettleTable, Verdict
@@ -47,21 +46,9 @@ class Watcher:
       :meth:`oldest_pending_age` feed the status line and the metrics;
     * :meth:`close` forgets everything.
 
-    ``settings.writer_check`` decides how "nobody is writing" is established (per file
-    system: :mod:`~daemon.watcher.checks`):
-
-    * ``"lease"``: a kernel lease probe (:mod:`~daemon.watcher.lease`) sees a writer of
-      any user in any namespace on this kernel; wait ``settle_seconds``. Where it cannot
-      work (no CAP_LEASE, network file systems), the quiet window.
-    * ``"proc"``: trust ``/proc/<pid>/fd`` to show every writer; wait ``settle_seconds``.
-    * ``"quiet"``: look at no processes; wait ``quiet_seconds`` of no change. Use this when
-      the writers run elsewhere: a sidecar container sees none of the other container's
-      processes, and neither does a host writing to a shared or network volume.
-    * ``"auto"``: a lease probe where it works; elsewhere ``settle_seconds`` while the
-      last ``/proc`` pass could read the fds of every other process, ``quiet_seconds`` as
-      soon as one could not (not root, no ``CAP_SYS_PTRACE``). A ``hidepid`` mount or a
-      separate PID namespace hides processes without any error, which /proc cannot
-      notice: where leases do not work, configure "quiet" there.
+    ``settings.writer_check`` decides how "nobody is writing" is established, per file
+    system: a kernel lease probe, ``/proc``, or a quiet window (see
+    :mod:`~daemon.watcher.checks`; :mod:`~daemon.watcher.lease`, :mod:`~daemon.watcher.proc`).
 
     ``on_held_back`` is called with the number of files a lease probe newly found open
     for writing (a metric).
@@ -299,7 +286,7 @@ class Watcher:
         if verdict.visibility_changed:
             log.info("writer_visibility_changed", writers_visible=self._table.visible,
                      window=self._table.window())
-        self._log_checks(verdict)
+        report_checks(self._table, verdict, self._on_held_back)
         for path, seen in verdict.dropped:
             if seen is None:
                 log.debug("file_vanished", path=str(path))
@@ -309,21 +296,6 @@ class Watcher:
             self._noticed(path, outcome, seen)
         if verdict.dropped:
             self._refill_if_low()
-
-    def _log_checks(self, verdict: Verdict) -> None:
-        if verdict.refused is not None:
-            self._lease_refused(verdict.refused)
-        for choice in verdict.choices:
-            log.info("writer_check_chosen", device=f"{os.major(choice.dev)}:{os.minor(choice.dev)}",
-                     check=choice.check.value, reason=choice.reason)
-        for path in verdict.held_back:
-            log.info("file_held_by_writer", path=str(path), check="lease")
-        if verdict.held_back and self._on_held_back is not None:
-            self._on_held_back(len(verdict.held_back))
-
-    def _lease_refused(self, reason: str) -> None:
-        log.warning("lease_probe_unavailable", reason=reason,
-                    fallback=self._table.checks.fallback().value)
 
     def _hand_off_room(self) -> int:
         """How many files to hand on now. None until consumers have taken half the
@@ -351,23 +323,10 @@ class Watcher:
             )
 
     async def _announce_mode(self) -> None:
-        """Probe /proc once and log how settling will be judged (once per watcher)."""
-        if self._mode_known:
-            return
-        self._mode_known = True
-        mode = self._settings.writer_check
-        visible = None
-        if mode in ("auto", "proc"):
-            _, visible = await asyncio.to_thread(proc_writers, frozenset())
-            self._table.probed(visible)
-        if mode in ("auto", "lease"):
-            why = await asyncio.to_thread(refusal)  # before any probe, said once
-            if why is not None and self._table.checks.refuse(why):
-                self._lease_refused(why)
-        log.info("writer_check_mode", mode=mode, writers_visible=visible,
-                 check=self._table.check().value, window=self._table.window())
-        if mode == "proc" and not visible:
-            log.warning("writer_check_proc_partial", detail="some processes' fds are unreadable")
+        """Say once per watcher how settling will be judged."""
+        if not self._mode_known:
+            self._mode_known = True
+            await announce_mode(self._table)
 
     # -- bookkeeping ----------------------------------------------------------------------
 
