@@ -86,6 +86,7 @@ def probe_as(prefix: tuple[str, ...], target: Path) -> str:
     return done.stdout.strip()
 
 
+@pytest.mark.slow  # five interpreters started: ~5 s on a busy machine
 def test_a_writer_of_another_user_is_seen_only_with_cap_lease(writer: Writer) -> None:
     need_root("setpriv")
     target, hold = writer
