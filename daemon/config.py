@@ -51,6 +51,9 @@ DEFAULT_PATH = Path("/etc/ipqs-bulkd/config.toml")
 ENV_CONFIG = "IPQS_BULKD_CONFIG"
 ENV_KEY = "IPQS_API_KEY"
 ENV_PREFIX = "IPQS_BULKD_"
+#: Set by the daemon for its hooks (``hooks.on_finish``), not config: a hook that runs
+#: an ipqs-bulkd command must not have them read as unknown keys.
+HOOK_ENV = ("IPQS_BULKD_OUTCOME", "IPQS_BULKD_TYPE", "IPQS_BULKD_RECORD")
 REDACTED = "<redacted>"
 #: Real IPQS keys have 32 characters; a shorter one is a copy-paste accident, and masking
 #: it in logs would mask every occurrence of a common word.
@@ -77,6 +80,8 @@ class SpoolConfig(Section):
     root: Path = Path("/var/lib/ipqs-bulkd")
     types: Annotated[tuple[str, ...], Members(ALL_TYPES)] = ("proxy", "email", "phone", "url")
     file_mode: Annotated[int, Mode()] = 0o640
+    #: Free space on the spool's file system below this many MiB is a warning (0 = none).
+    min_free_mb: Annotated[int, Between(0, 1024**3)] = 1024
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,28 @@ class BudgetConfig(Section):
 
 
 @dataclass(frozen=True)
+class HooksConfig(Section):
+    """Programs run for every finished file (see README "Hooks")."""
+
+    #: argv, run without a shell; the record's path is appended. Empty: no hook.
+    on_finish: tuple[str, ...] = ()
+    timeout_seconds: Seconds = 60.0
+
+
+#: Days to keep something; 0 = forever. At most a century.
+Days = Annotated[int, Between(0, 36500)]
+
+
+@dataclass(frozen=True)
+class RetentionConfig(Section):
+    """How long finished files are kept (see README "Housekeeping"); 0 = forever."""
+
+    done_days: Days = 0
+    failed_days: Days = 0
+    history_days: Days = 0
+
+
+@dataclass(frozen=True)
 class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
@@ -181,6 +208,8 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     def as_dict(self, *, redact: bool = True) -> dict[str, dict[str, Any]]:
         """The effective configuration as plain TOML-able data, the key masked."""
@@ -284,7 +313,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     """Fold ``IPQS_BULKD_SECTION_KEY=value`` into the parsed file, as strings."""
     names = _env_names()
     for var, raw in environ.items():
-        if not var.startswith(ENV_PREFIX) or var == ENV_CONFIG:
+        if not var.startswith(ENV_PREFIX) or var == ENV_CONFIG or var in HOOK_ENV:
             continue
         if var not in names:
             # A typo here would otherwise be ignored in silence.
@@ -376,6 +405,10 @@ def _with_key(config: Config, environ: Mapping[str, str]) -> Config:
     if key and len(key) < MIN_KEY_LENGTH:
         raise ConfigError(f"config key api.key{shown} is only {len(key)} characters long; an "
                           "IPQS key has 32 (was it copied whole?)")
+    if key and any(key in arg for arg in config.hooks.on_finish):
+        # The hook never sees the key: not in its environment, and not in its arguments.
+        raise ConfigError("config key hooks.on_finish contains the API key; a hook must "
+                          "not be given it")
     return dataclasses.replace(config, api=dataclasses.replace(config.api, key=key))
 
 

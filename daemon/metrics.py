@@ -41,6 +41,14 @@ class Metrics:
             "ipqs_bulkd_files_held_by_writer",
             "Files a lease probe found open for writing, and held back until the writer let go",
             registry=r)
+        self.hooks_pending = Gauge("ipqs_bulkd_hooks_pending",
+                                   "Finished files whose on_finish hook has not exited 0 yet",
+                                   registry=r)
+        self.hooks_failing = Gauge("ipqs_bulkd_hooks_failing",
+                                   "Of those, files whose hook failed at least once",
+                                   registry=r)
+        self.hook_runs = Counter("ipqs_bulkd_hook_runs", "Runs of the on_finish hook, by "
+                                 "result (ok, failed, timeout)", ["result"], registry=r)
         self.breaker_open = Gauge("ipqs_bulkd_uploads_paused",
                                   "1 while uploads are paused by an account error", registry=r)
         self.rows = Counter("ipqs_bulkd_rows", "Rows accepted by IPQS (billed), by type",

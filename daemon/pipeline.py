@@ -21,6 +21,7 @@ from daemon import retry
 from daemon.api import CsvJob, IpqsClient
 from daemon.config import Config
 from daemon.finishing import Finishing
+from daemon.hooks import HookRunner
 from daemon.job.breaker import Breaker
 from daemon.job.conversation import Conversation, Hooks
 from daemon.job.inflight import InFlight
@@ -49,6 +50,7 @@ class Pipeline:
     purse: Purse = field(default_factory=Purse)
     talk: Conversation = field(init=False)
     finishing: Finishing = field(init=False)
+    hooks: HookRunner = field(init=False)
 
     def __post_init__(self) -> None:
         self.talk = Conversation(self.client, self.config, self, stop=self.stop,
@@ -60,6 +62,8 @@ class Pipeline:
         self.finishing = Finishing(self._move, self._finished, self.stop,
                                    initial_seconds=min(1.0, max_seconds),
                                    max_seconds=max_seconds)
+        self.hooks = HookRunner(self.config.hooks, self.spool, self.metrics, self.stop,
+                                secret=self.config.api.key)
 
     @property
     def outcomes(self) -> Mapping[str, int]:
@@ -121,6 +125,7 @@ class Pipeline:
     def _finished(self, job: Job, record: Path) -> None:
         outcome = job.outcome or "failed"
         self._count(job, outcome, job.reason)
+        self.hooks.queue(job.job)
         log.info("file_finished", type=job.type, source=job.source, id=job.id, rows=job.rows,
                  bytes=job.bytes, seconds=_seconds_since(job.claimed_at), outcome=outcome,
                  reason=job.reason, error=job.error, record=str(record))

@@ -54,7 +54,8 @@ class Service:
         self.spool = Spool(config.spool.root, config.spool.types,
                            file_mode=config.spool.file_mode,
                            lease_seconds=config.upload.lease_seconds,
-                           on_change=self.changed.set)
+                           on_change=self.changed.set,
+                           hook_notices=bool(config.hooks.on_finish))
         client = client or make_client(config)
         self.pipe = Pipeline(config, self.spool, client, self.stop,
                              breaker=Breaker(config.upload.pause_initial_seconds,
@@ -116,6 +117,7 @@ class Service:
         self._spawn(self.uploader.run(), "uploader")
         self._spawn(self.poller.run(), "poller")
         self._spawn(self.pipe.finishing.run(), "finishing")
+        self._spawn(self.pipe.hooks.run(), "hooks")
         self._spawn(self._housekeeping(sweep=True), "housekeeping")
         self._spawn(self.watchdog(), "watchdog")
         self._spawn(self._status_loop(), "status")
@@ -129,6 +131,7 @@ class Service:
         self._spawn(self.uploader.run(), "uploader")
         self._spawn(self.poller.run(), "poller")
         self._spawn(self.pipe.finishing.run(), "finishing")
+        self._spawn(self.pipe.hooks.run(), "hooks")
         self._spawn(self._housekeeping(sweep=False), "housekeeping")
         self._spawn(self.watchdog(), "watchdog")
         self._spawn(self._status_loop(), "status")
@@ -146,6 +149,7 @@ class Service:
             if drained.is_set() and self._batch_finished():
                 break
             await wait_any(self.pipe.jobs.idle, self.stop, within=0.2)
+        await self._hooks_tried()
         waiting = len(self.uploader.waiting)  # for money: left in their inbox
         log.info("batch_finished", **self.pipe.outcomes,
                  left_in_processing=self.pipe.jobs.left_count(), left_waiting=waiting,
@@ -156,6 +160,13 @@ class Service:
         if self.crashed or self.uploader.claim_failures or waiting:
             return 1
         return 1 if self.pipe.outcomes["failed"] or self.pipe.jobs.left_count() else 0
+
+    async def _hooks_tried(self) -> None:
+        """A batch ends once every hook owed was tried (one that fails runs again at the
+        next start: its notice stays)."""
+        while self.pipe.hooks.enabled and not self.pipe.hooks.settled() \
+                and not self.stop.is_set():
+            await wait_any(self.stop, within=0.05)
 
     async def _drain(self, drained: asyncio.Event) -> None:
         await self.watcher.drain_settled()
@@ -358,6 +369,11 @@ class Service:
             status += f"; STUCK: {cannot_claim}"
         if finishing.count():
             status += f"; STUCK: {finishing.reason()}"
+        hooks = self.pipe.hooks
+        m.hooks_pending.set(hooks.pending())
+        m.hooks_failing.set(hooks.failing())
+        if hooks.pending():
+            status += f"; hooks pending {hooks.pending()} ({hooks.failing()} failing)"
         return status
 
     def _report(self) -> None:

@@ -12,6 +12,8 @@ Layout under the spool root::
     done/<type>/<name>, <name>.json, <name>.<set>.csv
     failed/<type>/<name>, <name>.json
     history/<type>/<name>.<stamp>.json   records of retried files (``retry``)
+    hooks/<job>.json                 a finished file whose ``on_finish`` hook has yet to
+                                     succeed (:mod:`~daemon.spool.notices`)
 
 Commands and stages ask a :class:`Layout` for these paths instead of joining them by hand.
 """
@@ -49,6 +51,7 @@ class Layout:
         self.markers = root / "markers"
         self.budget = root / "budget"
         self.owners = self.processing / OWNERS_DIR
+        self.hooks = root / "hooks"
 
     def inbox(self, file_type: str) -> Path:
         return self.root / "inbox" / file_type
@@ -65,6 +68,10 @@ class Layout:
 
     def history(self, file_type: str) -> Path:
         return self.root / "history" / file_type
+
+    def notice(self, job_id: str) -> Path:
+        """The pending hook notice of a finished job."""
+        return self.hooks / f"{job_id}.json"
 
     def marker(self, sha256: str) -> Path:
         return self.markers / sha256

@@ -29,6 +29,7 @@ from daemon.spool.fs import (
 from daemon.spool.layout import Layout
 from daemon.spool.leases import Leases, Owner
 from daemon.spool.markers import Markers
+from daemon.spool.notices import Notices, new_notice
 from daemon.spool.record import (
     FINISHING,
     JOB_FILE,
@@ -52,9 +53,11 @@ class Spool(Layout):
 
     def __init__(self, root: Path, types: tuple[str, ...], *, owner: Owner | None = None,
                  file_mode: int = 0o640, lease_seconds: float = 60.0,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None,
+                 hook_notices: bool = False) -> None:
         """``on_change`` is called (in the calling thread) after every change of a job: a
-        claim, a saved state, a file finished or put back."""
+        claim, a saved state, a file finished or put back. With ``hook_notices`` (an
+        ``on_finish`` hook is configured), :meth:`finish` leaves a hook notice."""
         super().__init__(root)
         self._on_change = on_change or _nothing
         self.types = types
@@ -64,6 +67,8 @@ class Spool(Layout):
         self.leases = Leases(self, self.owner, lease_seconds=lease_seconds,
                              file_mode=file_mode)
         self.marks = Markers(self, file_mode)
+        self.notices = Notices(self, file_mode)
+        self.hook_notices = hook_notices
 
     def prepare(self) -> None:
         """Create every folder of the layout (idempotent)."""
@@ -228,12 +233,20 @@ class Spool(Layout):
                 job.final_name = self._free_name(outcome_dir, job)
                 job.state = FINISHING
                 self.save(job)
+            if self.hook_notices:
+                # Before the move: a crash after it still owes the hook (at least once).
+                self._owe_hook(job, outcome_dir)
             if self._place(job, outcome_dir):
                 break
             job.final_name = None
         self._remove_job_dir(self.job_dir(job))
         self._on_change()
         return outcome_dir / f"{job.final_name}.json"
+
+    def _owe_hook(self, job: Job, folder: Path) -> None:
+        record = (folder / f"{job.final_name}.json").relative_to(self.root)
+        self.notices.write(new_notice(job.job, job.type, job.outcome or "failed",
+                                      str(record), self.owner.name))
 
     def _outcome_folder(self, outcome: str, file_type: str) -> Path:
         """done/<type> or failed/<type>; re-created as its siblings are if it went missing
