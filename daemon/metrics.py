@@ -49,6 +49,13 @@ class Metrics:
                                    registry=r)
         self.hook_runs = Counter("ipqs_bulkd_hook_runs", "Runs of the on_finish hook, by "
                                  "result (ok, failed, timeout)", ["result"], registry=r)
+        self.expired = Counter("ipqs_bulkd_expired", "Removed by housekeeping: finished "
+                               "files (done, failed, history) past their retention, and "
+                               "duplicate markers past the window", ["kind"], registry=r)
+        self.spool_free_bytes = Gauge("ipqs_bulkd_spool_free_bytes",
+                                      "Free space on the spool's file system", registry=r)
+        self.low_disk = Gauge("ipqs_bulkd_low_disk",
+                              "1 while free space is under spool.min_free_mb", registry=r)
         self.breaker_open = Gauge("ipqs_bulkd_uploads_paused",
                                   "1 while uploads are paused by an account error", registry=r)
         self.rows = Counter("ipqs_bulkd_rows", "Rows accepted by IPQS (billed), by type",

@@ -22,6 +22,7 @@ from daemon.api import IpqsClient, make_client
 from daemon.config import Config, spool_root_error
 from daemon.errors import AccountError, IpqsError
 from daemon.health import HealthServer, HealthState, create_app
+from daemon.housekeeping import Housekeeper
 from daemon.job.breaker import Breaker
 from daemon.job.money import Purse
 from daemon.notify import Notifier
@@ -68,9 +69,11 @@ class Service:
         # on it): four poller slots per upload slot keep the poller from being the limit.
         self.poller = Poller(self.pipe, concurrency=4 * config.upload.concurrency)
         self.uploader = Uploader(self.pipe, self.watcher, self.poller)
+        self.housekeeper = Housekeeper(self.spool, config, self.pipe.metrics)
         self.health = HealthState(
             paused_reason=self.paused_reason, credits=lambda: self.pipe.purse.credits,
-            troubles=[self.pipe.finishing.reason, self.uploader.trouble.reason])
+            troubles=[self.pipe.finishing.reason, self.uploader.trouble.reason,
+                      self.housekeeper.low_disk])
         self.misplaced = MisplacedFiles(self.spool, config.spool.types)
         self.health_server: HealthServer | None = None
         self.notifier = notifier or Notifier()
@@ -300,18 +303,22 @@ class Service:
         task.add_done_callback(done)
 
     async def _housekeeping(self, *, sweep: bool) -> None:
-        """Heartbeat our lease and report misplaced files; with ``sweep``, also take over
-        jobs left behind (by us or by a daemon that died)."""
+        """Heartbeat our lease, report misplaced files and low disk, apply retention; with
+        ``sweep``, also take over jobs left behind (by us or by a daemon that died)."""
         every = min(self.config.upload.lease_seconds / 3, 60.0)
+        keeper = self.housekeeper
         while not self.stop.is_set():
             await asyncio.to_thread(self.spool.heartbeat)
             count = await asyncio.to_thread(self.misplaced.sweep)
             self.pipe.metrics.misplaced.set(count)
             await self.pipe.purse.refresh()  # every few minutes, and the day's budget
             await self.uploader.forget_gone()
+            await asyncio.to_thread(keeper.check_disk)
             if sweep:
                 await self.recover()
                 await asyncio.to_thread(self.spool.prune_owners)
+            if keeper.due():
+                await asyncio.to_thread(keeper.sweep)
             await wait_any(self.stop, within=every)
 
     async def _status_loop(self) -> None:
@@ -369,6 +376,8 @@ class Service:
             status += f"; STUCK: {cannot_claim}"
         if finishing.count():
             status += f"; STUCK: {finishing.reason()}"
+        if (low := self.housekeeper.low_disk()) is not None:
+            status += f"; {low}"
         hooks = self.pipe.hooks
         m.hooks_pending.set(hooks.pending())
         m.hooks_failing.set(hooks.failing())

@@ -33,6 +33,7 @@ from daemon.health import create_app as health_app
 from daemon.metrics import Metrics
 from daemon.sandbox import SANDBOX, SandboxState, create_app
 from daemon.spool import SUBMITTED, Spool
+from daemon.spool.notices import Notice
 from tests.support import (
     FAKE_KEY,
     daemon_config,
@@ -566,7 +567,9 @@ def test_status_json_on_a_spool_with_files_in_each_state(
     report = json.loads(result.out)
     assert result.code == 0
     assert set(report) == {"root", "types", "processing", "finishing", "misplaced", "recent",
-                           "daemon", "budget"}
+                           "hooks", "disk", "daemon", "budget"}
+    assert report["hooks"] == {"pending": 0, "failing": 0, "last_error": None}
+    assert report["disk"]["min_free_bytes"] == 1024 * 1024**2  # spool.min_free_mb
     assert report["misplaced"] == [] and report["finishing"] == {}
     assert report["budget"]["used"] == {} and report["budget"]["left"] == {}
     assert report["types"] == {"email": {"inbox": 1, "processing": 0, "done": 1, "failed": 1},
@@ -617,6 +620,33 @@ def test_status_table_shows_uploads_paused_by_the_daemon(
     state.paused_reason = lambda: None
     running = cli(capsys, "status", "--config", config)
     assert "uploads: running" in running.out.splitlines()
+
+
+def test_status_shows_hooks_owed_and_failing(tmp_path: Path, sandbox: Sandbox,
+                                            busy_spool: Spool,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    for job, attempts in (("20261130T101500-00000001", 0), ("20261130T101501-00000002", 2)):
+        busy_spool.notices.write(Notice(job=job, type="email", outcome="done",
+                                        record="done/email/old.csv.json", owner="h:1:t",
+                                        created=0.0, attempts=attempts,
+                                        last_error="exit status 3" if attempts else None))
+    config = write_config(tmp_path, sandbox.api_base)
+    report = json.loads(cli(capsys, "status", "--json", "--config", config).out)
+    assert report["hooks"] == {"pending": 2, "failing": 1, "last_error": "exit status 3"}
+    lines = cli(capsys, "status", "--config", config).out.splitlines()
+    assert ("on_finish hooks pending: 2, 1 failing (last error: exit status 3)") in lines
+
+
+@pytest.mark.parametrize("min_free_mb", [0, 1024**3])
+def test_status_says_when_the_spool_is_low_on_disk(
+        tmp_path: Path, sandbox: Sandbox, busy_spool: Spool, min_free_mb: int,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IPQS_BULKD_SPOOL_MIN_FREE_MB", str(min_free_mb))
+    config = write_config(tmp_path, sandbox.api_base)
+    report = json.loads(cli(capsys, "status", "--json", "--config", config).out)
+    assert report["disk"]["low"] is bool(min_free_mb)  # 1 PiB is more than any test disk
+    lines = cli(capsys, "status", "--config", config).out.splitlines()
+    assert any(line.startswith("LOW DISK: ") for line in lines) is bool(min_free_mb)
 
 
 def test_status_without_a_spool_exits_2(tmp_path: Path, config: Path,

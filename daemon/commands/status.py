@@ -14,6 +14,7 @@ import asyncio
 import heapq
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -41,6 +42,7 @@ from daemon.spool.ledger import Ledger, Limits, utc_day
 from daemon.spool.mounts import misplaced
 
 HEALTH_TIMEOUT = 2.0
+MiB = 1024**2
 PAUSED_PREFIX = "uploads paused: "
 #: How the money guards' reasons begin (they wait, with nothing wrong with the account).
 MONEY_PREFIXES = ("paused: ", "waiting ")
@@ -114,7 +116,33 @@ def collect(config: Config, *, recent: int) -> dict[str, Any]:
     return {"root": str(root), "types": counts, "processing": processing,
             "finishing": finishing,
             "misplaced": [str(p.relative_to(root)) for p in misplaced(spool, types)],
+            "hooks": _hooks(spool),
+            "disk": _disk(root, config.spool.min_free_mb),
             "recent": [_finished(spool, *item) for item in newest]}
+
+
+def _disk(root: Path, min_free_mb: int) -> dict[str, Any]:
+    """Free space on the spool's file system, and whether it is under ``spool.min_free_mb``."""
+    free = shutil.disk_usage(root).free
+    return {"free_bytes": free, "min_free_bytes": min_free_mb * MiB,
+            "low": free < min_free_mb * MiB}
+
+
+#: Notices read for ``status`` at most (a hook down for days may owe many).
+_NOTICES_READ = 1000
+
+
+def _hooks(spool: Spool) -> dict[str, Any]:
+    """Finished files whose ``on_finish`` hook has not exited 0 yet, and how many of them
+    failed (read from their notices, at most ``_NOTICES_READ``)."""
+    jobs = list(spool.notices.jobs())
+    failing, last_error = 0, None
+    for job in jobs[:_NOTICES_READ]:
+        notice = spool.notices.load(job)
+        if notice is not None and notice.attempts:
+            failing += 1
+            last_error = notice.last_error
+    return {"pending": len(jobs), "failing": failing, "last_error": last_error}
 
 
 def _count_inbox(folder: Path) -> int:
@@ -256,6 +284,17 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.line(f"uploads: {_uploads(report['daemon'])}")
     _render_money(report, console)
     console.line()
+    disk = report["disk"]
+    if disk["low"]:
+        console.line(f"LOW DISK: {disk['free_bytes'] // MiB} MiB free on the spool's file "
+                     f"system, under spool.min_free_mb ({disk['min_free_bytes'] // MiB})")
+        console.line()
+    hooks = report["hooks"]
+    if hooks["pending"]:
+        failing = (f", {hooks['failing']} failing (last error: {hooks['last_error']})"
+                   if hooks["failing"] else "")
+        console.line(f"on_finish hooks pending: {hooks['pending']}{failing}")
+        console.line()
     if report["finishing"]:
         waiting = ", ".join(f"{folder} {n}" for folder, n in report["finishing"].items())
         console.line(f"waiting to be moved (finishing): {waiting}")

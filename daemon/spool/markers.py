@@ -8,11 +8,12 @@ import json
 import os
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 import structlog
 
-from daemon.spool.fs import atomic_write, exclusive_write, read_json
+from daemon.spool.fs import atomic_write, exclusive_write, link_no_clobber, read_json
 from daemon.spool.layout import Layout
 from daemon.spool.record import Job
 
@@ -60,6 +61,47 @@ class Markers:
         job = mark.get("job")
         return (mark.get("id") is None and isinstance(job, str)
                 and not (self.layout.processing / job).exists())
+
+    def prune(self, window_seconds: float, limit: int) -> int:
+        """Remove markers that :meth:`stale` says are over (older than the window, or never
+        paid for and their job gone), and leftovers of writers and of :meth:`mark`; at most
+        ``limit``. Returns how many markers were removed."""
+        removed = 0
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.layout.markers) as it:
+            for entry in it:
+                if removed >= limit:
+                    break
+                path = Path(entry.path)
+                if entry.name.startswith("."):  # an aside copy or a dead writer's temp file
+                    with contextlib.suppress(OSError):
+                        if time.time() - path.lstat().st_mtime >= window_seconds:
+                            path.unlink()
+                    continue
+                removed += self._prune_one(path, window_seconds)
+        return removed
+
+    def _prune_one(self, path: Path, window_seconds: float) -> bool:
+        try:
+            before = path.lstat()
+        except FileNotFoundError:
+            return False
+        mark = read_json(path)
+        if mark is None:  # unreadable: only its age can say
+            mark = {"created": before.st_mtime}
+        if not self.stale(mark, window_seconds):
+            return False
+        # Aside first, then make sure it is the marker we judged: another daemon may have
+        # replaced it with a fresh one meanwhile, which must stay.
+        aside = path.with_name(f".{path.name}.{secrets.token_hex(4)}.prune")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False
+        fresh = aside.lstat().st_ino != before.st_ino
+        if fresh:
+            link_no_clobber(aside, path)
+        aside.unlink(missing_ok=True)
+        return not fresh
 
     def update(self, job: Job) -> None:
         """Record the IPQS id in our duplicate marker (best effort)."""
