@@ -117,6 +117,26 @@ async def test_each_finished_file_runs_the_hook_once(
     assert calls(tmp_path) == seen  # nothing failed, nothing ran twice
 
 
+async def test_failing_hooks_never_hold_uploads_and_show_in_status_and_metrics(
+        tmp_path: Path, sandbox: Sandbox) -> None:
+    root = tmp_path / "spool"
+    argv = hook_argv(tmp_path)
+    (tmp_path / "hookdir" / "fails").write_text("1000")  # every run fails
+    config = daemon_config(root, sandbox.api_base, hooks={"on_finish": argv})
+    async with running(config) as service:
+        for i in range(3):
+            drop(root, "email", f"list{i}.csv", emails(2, seed=str(i)))
+        await wait_for(lambda: len(records(root, "done")) == 3, what="three files done")
+        await wait_for(lambda: service.pipe.hooks.failing() == 3, what="three failing hooks")
+        assert "hooks pending 3 (3 failing)" in service.refresh_gauges()
+        metrics = service.pipe.metrics.render()
+        assert b"ipqs_bulkd_hooks_pending 3.0" in metrics
+        assert b"ipqs_bulkd_hooks_failing 3.0" in metrics
+        assert service.health.ready() == (True, "ready")  # the daemon itself is fine
+    assert len(notices(root)) == 3  # still owed: the next start tries again
+    assert len(records(root, "done")) == 3 and not list((root / "inbox/email").iterdir())
+
+
 def test_the_environment_loses_the_key_wherever_it_is() -> None:
     env = hook_environment({"IPQS_API_KEY": "k" * 32, "A": "x", "B": f"y{'k' * 32}y",
                             "IPQS_BULKD_API_KEY": "other", "NOTIFY_SOCKET": "/run/n",
