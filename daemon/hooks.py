@@ -86,6 +86,7 @@ class HookRunner:
         self._due: dict[str, float] = {}  # job -> when its next attempt may start
         self._attempts: dict[str, int] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()
         self._wake = asyncio.Event()
         self._scanned = False
 
@@ -96,6 +97,8 @@ class HookRunner:
     def queue(self, job: str) -> None:
         """``job``'s file has been moved to done/ or failed/: run its hook soon."""
         if self.enabled:
+            if job in self._tasks:  # a rescan's attempt may have found it not yet moved
+                self._again.add(job)
             self._due.setdefault(job, self._clock())
             self._wake.set()
 
@@ -189,7 +192,11 @@ class HookRunner:
     async def _run_one(self, job: str) -> None:
         notice = await asyncio.to_thread(self._ready, job)
         if notice is None:
-            self._forget(job)
+            if job in self._again:  # moved meanwhile: run it now
+                self._due[job] = self._clock()
+            else:
+                self._forget(job)
+            self._again.discard(job)
             return
         attempt = await self._exec(notice)
         self._metrics.hook_runs.labels(attempt.result).inc()
@@ -213,6 +220,7 @@ class HookRunner:
         return tries, delay
 
     def _forget(self, job: str) -> None:
+        self._again.discard(job)
         self._due.pop(job, None)
         self._attempts.pop(job, None)
 
