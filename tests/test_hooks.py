@@ -297,7 +297,6 @@ async def test_leftover_notices_run_at_start_and_a_vanished_record_is_dropped(
 # -- kill -9 -------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # ~6 s: two daemon processes
 async def test_the_hook_runs_after_a_kill_9_between_finish_and_hook(
         tmp_path: Path, start_sandbox: StartSandbox) -> None:
     sandbox = await start_sandbox(quick_settings(tmp_path))
