@@ -101,3 +101,72 @@ class ClaimTrouble:
             return None
         return (f"files cannot be claimed: {self._error} "
                 f"({len(self._held)} waiting in the inboxes)")
+
+
+#: What to tell the operator about a file the daemon's user may not read.
+UNREADABLE_FIX = ("let the daemon's group read it (chmod g+r FILE); have the producer write "
+                  "with a umask that keeps group read (027 or 007), or give the inbox a "
+                  "default ACL (setfacl -d -m g::r INBOX); it waits in its inbox and is "
+                  "taken as soon as it is readable")
+
+
+class Unreadable:
+    """Files left in their inbox because the daemon's user may not read them (mode 0600 of
+    another user, say): not bad input, so never failed. Each is said once; they are
+    looked at again with a backoff (events for a chmod and the rescans also find them),
+    and taken as soon as they are readable."""
+
+    def __init__(self, check: Callable[[Path], bool | None], *,
+                 initial_seconds: float = 1.0, max_seconds: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``check(path)`` blocks: True if readable now, False if not, None if gone."""
+        self._check = check
+        self._initial = initial_seconds
+        self._max = max(max_seconds, initial_seconds)
+        self._clock = clock
+        self._files: dict[Path, float] = {}  # path -> when it was first found unreadable
+        self._added = asyncio.Event()
+
+    def held(self, path: Path, mode: int | None, owner: int | None) -> None:
+        """``path`` could not be opened for reading: one line per file, then it waits."""
+        if path in self._files:
+            return
+        if len(self._files) >= _SAID_MAX:
+            return  # still counted by the rescans that find it; memory stays bounded
+        self._files[path] = self._clock()
+        self._added.set()
+        log.warning("file_unreadable", path=str(path),
+                    mode=None if mode is None else f"{mode:04o}", owner_uid=owner,
+                    fix=UNREADABLE_FIX)
+
+    def claimed(self, path: Path) -> None:
+        """``path`` was claimed (or went): it no longer waits."""
+        if self._files.pop(path, None) is not None:
+            log.info("file_readable", path=str(path))
+
+    def count(self) -> int:
+        """Files waiting in their inbox because they cannot be read."""
+        return len(self._files)
+
+    async def run(self, stop: asyncio.Event, readable: Callable[[], None]) -> None:
+        """Look at the unreadable files again and again (backoff, reset by a new one);
+        call ``readable()`` (a rescan) when one can be read now, forget those gone."""
+        delay = self._initial
+        while not stop.is_set():
+            self._added.clear()
+            await wait_any(stop, self._added, within=delay if self._files else None)
+            if self._added.is_set():
+                delay = self._initial
+                continue
+            delay = min(delay * 2, self._max)
+            if await asyncio.to_thread(self._recheck):
+                readable()
+
+    def _recheck(self) -> bool:
+        now_readable = False
+        for path in list(self._files):
+            state = self._check(path)
+            if state is None:
+                self._files.pop(path, None)
+            now_readable = now_readable or bool(state)
+        return now_readable

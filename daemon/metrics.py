@@ -30,6 +30,9 @@ class Metrics:
         self.api_latency = Histogram(
             "ipqs_bulkd_api_seconds", "Latency of IPQS API calls", ["operation"], registry=r,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+        self.unreadable = Gauge("ipqs_bulkd_inbox_unreadable",
+                                "Files waiting in an inbox that the daemon may not read",
+                                registry=r)
         self.misplaced = Gauge("ipqs_bulkd_misplaced_files",
                                "Files in inbox/ outside any type folder: never taken",
                                registry=r)

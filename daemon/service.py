@@ -352,7 +352,9 @@ class Service:
         held = self.uploader.trouble.count()  # settled, but their claims fail for now
         uploading = max(self.pipe.jobs.count() - at_ipqs - finishing.count() - held, 0)
         m = self.pipe.metrics
+        unreadable = self.uploader.unreadable.count()
         m.queue_depth.set(pending + self.watcher.queued_count() + held)
+        m.unreadable.set(unreadable)
         m.oldest_pending.set(self.watcher.oldest_pending_age() or 0)
         m.breaker_open.set(1 if self.pipe.breaker.paused else 0)
         m.in_flight.labels("uploading").set(uploading)
@@ -368,6 +370,8 @@ class Service:
         status = (f"inbox {pending + held}, queued {self.watcher.queued_count()}, "
                   f"uploading {uploading}, at IPQS {at_ipqs}, "
                   f"done {self.pipe.outcomes['done']}, failed {self.pipe.outcomes['failed']}")
+        if unreadable:
+            status += f", unreadable {unreadable} (chmod g+r)"
         if self.pipe.breaker.paused:
             status += f"; PAUSED: {self.pipe.breaker.reason}"
         elif (waiting := self.paused_reason()) is not None:

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import structlog
 
-from daemon.claims import ClaimTrouble
+from daemon.claims import ClaimTrouble, Unreadable
 from daemon.errors import (
     AccountError,
     IpqsError,
@@ -29,6 +29,7 @@ from daemon.job.breaker import Permit
 from daemon.job.state import JobState
 from daemon.pipeline import Pipeline
 from daemon.spool import Job, new_job_id
+from daemon.spool.fs import UnreadableFileError, readable
 from daemon.watcher import Candidate
 
 log = structlog.get_logger(__name__)
@@ -48,6 +49,8 @@ class Source(Protocol):
 
     def release(self, path: Path) -> None: ...
 
+    def rescan_soon(self) -> None: ...
+
 
 class _Stop(Exception):
     """This job goes no further in this run (paused, taken over, or back in its inbox)."""
@@ -65,6 +68,7 @@ class Uploader:
         # Files sent back to their inbox to wait for money (budget, balance), by type and
         # name: (size, mtime_ns, rows). Asked about again before they are claimed again.
         self.waiting: dict[tuple[str, str], tuple[int | None, int | None, int | None]] = {}
+        self.unreadable = Unreadable(readable)
         # Workers and resumed jobs together never upload more than ``concurrency`` at once.
         # A slot is held for the POST only; with twice as many workers as slots, the next
         # files are claimed, hashed and marked meanwhile, so no slot waits for the disk.
@@ -75,6 +79,8 @@ class Uploader:
         async with asyncio.TaskGroup() as group:
             for n in range(2 * self.pipe.config.upload.concurrency):
                 group.create_task(self._worker(), name=f"upload-worker-{n}")
+            group.create_task(self.unreadable.run(self.pipe.stop, self.source.rescan_soon),
+                              name="unreadable-recheck")
 
     async def _worker(self) -> None:
         pipe = self.pipe
@@ -97,7 +103,12 @@ class Uploader:
                 # From here on the watcher may look at a new file of that name.
                 self.source.release(candidate.path)
             if job is not None and permit is not None:
+                self.unreadable.claimed(candidate.path)
                 await self.process(job, permit, candidate)
+        except UnreadableFileError as exc:
+            # Not bad input: a permission the producer (or the operator) can fix.
+            self.unreadable.held(candidate.path, exc.mode, exc.owner)
+            self.claim_failures += 1
         except OSError as exc:
             # A file that cannot be claimed (EACCES, EPERM...) stays in its inbox for a
             # later look; it must never take the workers down with it.

@@ -5,6 +5,7 @@ pytest's private tmp folders, while the test (root) plays producers and operator
 from __future__ import annotations
 
 import asyncio
+import grp
 import json
 import os
 import pwd
@@ -100,3 +101,45 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+PRODUCER = "ipqs-drop"  # another user, in the daemon's group, that drops files
+
+
+def tmpfiles_layout(spool: Deployed, types: tuple[str, ...]) -> None:
+    """The inboxes as ``systemd/ipqs-bulkd.tmpfiles`` makes them: inbox/ 0750, each
+    inbox/<type> 2770, all the daemon's user and group."""
+    inbox = spool.root / "inbox"
+    inbox.mkdir()
+    os.chown(inbox, spool.uid, spool.gid)
+    inbox.chmod(0o750)
+    for file_type in types:
+        folder = inbox / file_type
+        folder.mkdir()
+        os.chown(folder, spool.uid, spool.gid)
+        folder.chmod(0o2770)
+
+
+def producer(spool: Deployed) -> pwd.struct_passwd:
+    """The producer user (created on first use), a member of the daemon's group."""
+    try:
+        user = pwd.getpwnam(PRODUCER)
+    except KeyError:
+        group = grp_name(spool.gid)
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                        "/usr/sbin/nologin", "-G", group, PRODUCER], check=True,
+                       capture_output=True)
+        user = pwd.getpwnam(PRODUCER)
+    return user
+
+
+def grp_name(gid: int) -> str:
+    return grp.getgrgid(gid).gr_name
+
+
+def as_producer(spool: Deployed, script: str, *, umask: str = "0027") -> None:
+    """Run ``sh -c script`` as the producer (with its groups) under ``umask``."""
+    user = producer(spool)
+    subprocess.run(["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
+                    "--init-groups", "sh", "-c", f"umask {umask}; {script}"],
+                   check=True, capture_output=True, cwd="/")

@@ -34,6 +34,19 @@ class NotRegularFileError(OSError):
     """A path that should be a plain file is a fifo, socket, device or folder."""
 
 
+class SymlinkedFolderError(OSError):
+    """A folder of the spool is a symbolic link: refused, never followed."""
+
+
+class UnreadableFileError(PermissionError):
+    """A file the daemon may not read (its mode or ACL): it waits where it is."""
+
+    def __init__(self, path: Path, st: os.stat_result | None) -> None:
+        super().__init__(errno.EACCES, "the daemon's user may not read this file", str(path))
+        self.mode = None if st is None else stat.S_IMODE(st.st_mode)
+        self.owner = None if st is None else st.st_uid
+
+
 @dataclass(frozen=True)
 class FileFacts:
     """What one streamed pass over a file tells: its digest, size, rows, and a problem."""
@@ -143,6 +156,75 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_folder(path: Path, *, below: Path) -> int:
+    """An fd of the folder ``path``, opened component by component from ``below`` (which
+    is followed: the operator chose it) with ``O_NOFOLLOW``: a component that is a symlink
+    raises :class:`SymlinkedFolderError` naming it. The caller closes the fd.
+
+    Working relative to this fd (``scandir``, ``rename`` with ``src_dir_fd``) then never
+    strays outside the spool, even if a folder is swapped for a link meanwhile.
+    """
+    parts = path.relative_to(below).parts
+    fd = os.open(below, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for n, part in enumerate(parts):
+            try:
+                child = os.open(part, _FOLDER_FLAGS, dir_fd=fd)
+            except NotADirectoryError:
+                if stat.S_ISLNK(os.lstat(part, dir_fd=fd).st_mode):
+                    raise SymlinkedFolderError(
+                        errno.ELOOP, "a symbolic link, not a folder: refused, never followed",
+                        str(below.joinpath(*parts[: n + 1]))) from None
+                raise
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_readable(name: str, dir_fd: int, path: Path) -> bool:
+    """Can the daemon open ``name`` (in the folder ``dir_fd``) for reading? Raises
+    :class:`UnreadableFileError` when its mode or ACL forbids it; False when it is gone.
+
+    Only a permission refusal counts: anything else (a symlink or fifo swapped in) is left
+    to the claim's own checks. Opened with ``O_NONBLOCK`` (a fifo cannot hang it) and
+    closed at once; nothing is read.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        os.close(os.open(name, flags, dir_fd=dir_fd))
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        try:
+            st: os.stat_result | None = os.lstat(name, dir_fd=dir_fd)
+        except OSError:
+            st = None
+        raise UnreadableFileError(path, st) from None
+    except OSError:
+        pass
+    return True
+
+
+def readable(path: Path) -> bool | None:
+    """Could ``path`` be opened for reading now? None when it is gone. Nothing is read."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        os.close(os.open(path, flags))
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        return False
+    except OSError:
+        return True  # not a permission matter: the claim's own checks decide
+    return True
+
+
 def fit_name(name: str) -> str:
     """``name`` shortened (in bytes, keeping the end of its extensions) so that every file
     placed beside it still has a legal name."""
@@ -170,24 +252,28 @@ def place_no_clobber(src: Path, folder: Path, name: str, *, tries: int = 10000) 
     raise OSError(errno.EEXIST, f"no free name for {name} in {folder}")
 
 
-def make_dir_like(path: Path, models: list[Path]) -> int | None:
+def make_dir_like(path: Path, models: list[Path], *, default_mode: int | None = None) -> int | None:
     """Create the folder ``path`` with the mode (setgid included) and group of the first
     existing folder of ``models``; returns the mode given, or None if it existed already.
+    With no model left, ``default_mode`` (if given) and the parent's group, else the
+    parent's mode too.
 
     ``mkdir`` alone would give the daemon's umask and primary group, which may lock out the
     people who read the folder.
     """
-    model = next((m for m in models if m.is_dir() and not m.is_symlink()), path.parent)
+    model = next((m for m in models if m.is_dir() and not m.is_symlink()), None)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
         return None
-    st = model.stat()
+    st = (model or path.parent).stat()
     if st.st_gid != os.stat(path).st_gid:
         with contextlib.suppress(PermissionError):  # not a member: the mode still holds
             os.chown(path, -1, st.st_gid)
     mode = stat.S_IMODE(st.st_mode)
+    if model is None and default_mode is not None:
+        mode = default_mode
     os.chmod(path, mode)  # after chown, which may clear setgid
     fsync_dir(path.parent)
     return mode

@@ -26,9 +26,11 @@ _NETWORK = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glu
 
 
 def foreign_inboxes(layout: Layout, types: tuple[str, ...]) -> list[Path]:
-    """The inboxes on another file system (device) than ``processing/``."""
+    """The inboxes on another file system (device) than ``processing/``. A symlinked inbox
+    is not looked through: the watcher refuses it, and the other inboxes work on."""
     device = os.stat(layout.processing).st_dev
-    return [layout.inbox(t) for t in types if os.stat(layout.inbox(t)).st_dev != device]
+    return [layout.inbox(t) for t in types
+            if os.lstat(layout.inbox(t)).st_dev != device and not layout.inbox(t).is_symlink()]
 
 
 def refuse_foreign_inboxes(layout: Layout, types: tuple[str, ...]) -> None:

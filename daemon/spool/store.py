@@ -16,12 +16,15 @@ from typing import Any
 import structlog
 
 from daemon.spool.fs import (
+    SymlinkedFolderError,
+    check_readable,
     exclusive_write,
     fit_name,
     fsync_dir,
     inspect_file,
     link_no_clobber,
     make_dir_like,
+    open_folder,
     own_copy,
     place_no_clobber,
     read_json,
@@ -93,8 +96,31 @@ class Spool(Layout):
         job = Job(job=job_id, type=file_type, source=path.name,
                   file_name=upload_name(path.name, job_id), method=method,
                   claimed_at=utcnow(), owner=self.owner.name)
+        # Both folders opened without following a link (a symlinked inbox or processing/
+        # raises SymlinkedFolderError), and the rename made relative to them.
+        inbox_fd = open_folder(self.inbox(file_type), below=self.root)
+        try:
+            # Unreadable (mode 0600 of another user): it waits in its inbox, unclaimed.
+            if not check_readable(path.name, inbox_fd, path):
+                return None
+            processing_fd = open_folder(self.processing, below=self.root)
+            try:
+                if not self._claim_into(job, path, inbox_fd, processing_fd):
+                    return None
+            finally:
+                os.close(processing_fd)
+        finally:
+            os.close(inbox_fd)
+        fsync_dir(self.job_dir(job))
+        fsync_dir(path.parent)
+        self._on_change()
+        return job
+
+    def _claim_into(self, job: Job, path: Path, inbox_fd: int, processing_fd: int) -> bool:
+        """Write the record into a new job folder, then rename the input in; False if the
+        input is gone (another daemon won, or the file went)."""
         job_dir = self.job_dir(job)
-        job_dir.mkdir(parents=True)
+        os.mkdir(job.job, dir_fd=processing_fd)
         try:
             self.save(job)
         except BaseException:
@@ -102,18 +128,16 @@ class Spool(Layout):
             self._remove_job_dir(job_dir)
             raise
         try:
-            os.rename(path, self.input_path(job))
+            os.rename(path.name, f"{job.job}/{job.source}", src_dir_fd=inbox_fd,
+                      dst_dir_fd=processing_fd)
         except FileNotFoundError:
             # Another daemon won, or the file went. But on NFS a retransmitted RENAME whose
             # first reply was lost reports ENOENT although it worked: then the input is
             # here, and removing the folder would delete it.
             if not os.path.lexists(self.input_path(job)):
                 self._remove_job_dir(job_dir)
-                return None
-        fsync_dir(job_dir)
-        fsync_dir(path.parent)
-        self._on_change()
-        return job
+                return False
+        return True
 
     def unclaim(self, job: Job) -> None:
         """Put a job's input back into its inbox, when nothing was sent. Idempotent.
@@ -252,6 +276,11 @@ class Spool(Layout):
         """done/<type> or failed/<type>; re-created as its siblings are if it went missing
         (an operator rotating it away, say)."""
         folder = self.outcome_dir(outcome, file_type)
+        if folder.is_symlink() or folder.parent.is_symlink():
+            # Never followed, never replaced: the job waits aside until an operator fixes it.
+            linked = folder if folder.is_symlink() else folder.parent
+            raise SymlinkedFolderError(errno.ELOOP, "a symbolic link, not a folder: refused, "
+                                       "never followed", str(linked))
         if not os.path.lexists(folder):
             models = [self.outcome_dir(outcome, t) for t in self.types if t != file_type]
             mode = make_dir_like(folder, models)

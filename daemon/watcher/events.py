@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,9 +44,11 @@ async def watch_session(folders: list[Path], settings: WatchConfig, stopper: Wat
                         on_changes: Callable[[dict[Path, bool]], None]) -> None:
     """Report changed paths (path -> whether it was only deleted) until ``stopper`` is set.
 
-    Raises FileNotFoundError when a folder vanished before the watch began, RuntimeError
-    for the Rust side's own failures.
+    Raises FileNotFoundError when a folder vanished before the watch began (or there is
+    none to watch), RuntimeError for the Rust side's own failures (inotify limits).
     """
+    if not folders:
+        raise FileNotFoundError(errno.ENOENT, "no usable inbox folder to watch")
     async for changes in watchfiles.awatch(
         *folders,
         watch_filter=_accept_change,

@@ -42,16 +42,18 @@ class Reports:
 
     def scanned(self, result: ScanResult, folders: dict[str, Path]) -> None:
         """Report what a scan found about the folders and the odd entries in them."""
-        for type_ in result.recreated:
+        for type_, mode in result.recreated.items():
             folder = str(folders[type_])
             if self._scanned:
-                log.warning("inbox_recreated", type=type_, path=folder)
+                log.warning("inbox_recreated", type=type_, path=folder, mode=f"{mode:04o}")
             else:
-                log.info("inbox_created", type=type_, path=folder)
+                log.info("inbox_created", type=type_, path=folder, mode=f"{mode:04o}")
         self._scanned = True
         for type_, error in result.unusable.items():
             if type_ not in self._unusable:
-                log.error("inbox_unusable", type=type_, error=error)
+                log.error("inbox_unusable", type=type_, path=str(folders[type_]), error=error)
+        for type_ in self._unusable - set(result.unusable):
+            log.info("inbox_usable", type=type_, path=str(folders[type_]))
         self._unusable = set(result.unusable)
         self.reported.difference_update(result.unreported)
         for path, kind in result.odd:

@@ -86,6 +86,7 @@ class Watcher:
         self._scan_lock = asyncio.Lock()
         self._watch_stop: WatchStop | None = None
         self._watch_failing = False
+        self._unusable: frozenset[str] = frozenset()  # inboxes refused by the last scan
         self._settle_failing = False
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -170,6 +171,10 @@ class Watcher:
         self._refill_if_low()
         self._wake_up()
 
+    def rescan_soon(self) -> None:
+        """Scan the inboxes again now (a file that could not be claimed may be takeable)."""
+        self._rescan_now.set()
+
     def pending_count(self) -> int:
         """Files noticed but not yet handed on."""
         return self._table.pending_count()
@@ -217,7 +222,10 @@ class Watcher:
         # inside awatch after its watches exist: nothing dropped in between is missed.
         self._rescan_now.set()
         try:
-            await watch_session([path for _, path in self._inboxes], self._settings, stopper,
+            # Never an inbox the last scan refused: a watch would follow a symlink, and a
+            # folder it cannot read would fail the watch of every other inbox.
+            await watch_session([path for type_, path in self._inboxes
+                                 if type_ not in self._unusable], self._settings, stopper,
                                 self._on_changes)
         except (OSError, RuntimeError) as exc:
             if not self._watch_failing:
@@ -357,7 +365,7 @@ class Watcher:
                 self._watch_stop.set()  # watch again once the folder is back
             return
         type_ = self._types.get(path.parent)
-        if type_ is None:
+        if type_ is None or type_ in self._unusable:
             return
         if not gone:
             self._table.mark_dirty(type_, path)
@@ -369,8 +377,11 @@ class Watcher:
 
     def _apply_scan(self, result: ScanResult) -> int:
         self._reports.scanned(result, self._folders)
-        if result.recreated and self._watch_stop is not None:
-            self._watch_stop.set()  # an inotify watch does not follow a new folder
+        unusable = frozenset(result.unusable)
+        changed, self._unusable = unusable != self._unusable, unusable
+        if (result.recreated or changed) and self._watch_stop is not None:
+            # An inotify watch does not follow a new folder, and the set to watch changed.
+            self._watch_stop.set()
         self._table.scan_finished(result.truncated)
         now = self._clock()
         noticed = 0

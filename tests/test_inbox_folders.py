@@ -1,0 +1,128 @@
+"""Inbox folders as deployed (issue 17 item 3, issue 19 items 4, 6, 7): a folder replaced
+by a symlink is refused, files the daemon may not read wait for a chmod, a deleted inbox
+comes back as the tmpfiles layout has it, and lost inotify watches show and recover.
+
+Each runs the daemon as the unit does (``tests/deployed.py``), with producers as another
+user of the daemon's group."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import shutil
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from daemon import ALL_TYPES
+from tests.deployed import (
+    Deployed,
+    as_producer,
+    daemon_as_deployed,
+    deployed_spool,
+    free_port,
+    tmpfiles_layout,
+)
+from tests.support import Sandbox, daemon_config, emails, records, sha256, write_config_file
+
+
+async def _get(port: int, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, \
+            session.get(f"http://127.0.0.1:{port}{path}") as resp:
+        return resp.status, await resp.text()
+
+
+async def _ready(port: int) -> bool:
+    try:
+        return (await _get(port, "/readyz"))[0] == 200
+    except aiohttp.ClientError:
+        return False
+
+
+async def _until(check: Callable[[], bool | Awaitable[bool]], what: str,
+                 timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+def _config_file(spool: Deployed, sandbox: Sandbox, port: int, **watch: object) -> Path:
+    config = daemon_config(spool.root, sandbox.api_base, health={"enabled": True, "port": port},
+                           watch={"rescan_seconds": 0.5, **watch})
+    return write_config_file(spool.base / "config.toml", config)
+
+
+def _drop(spool: Deployed, file_type: str, name: str, data: bytes, *,
+          umask: str = "0027") -> None:
+    """The producer writes under a hidden name, then renames into the inbox."""
+    staging = spool.base / f"{name}.src"
+    staging.write_bytes(data)
+    staging.chmod(0o644)
+    inbox = spool.root / "inbox" / file_type
+    as_producer(spool, f"cat {staging} > {inbox}/.{name} && mv {inbox}/.{name} {inbox}/{name}",
+                umask=umask)
+
+
+def _delivered(root: Path, name: str, file_type: str = "email") -> Callable[[], bool]:
+    return lambda: name in records(root, "done", file_type)
+
+
+# -- 17.3: an inbox folder replaced by a symlink ------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_an_inbox_replaced_by_a_symlink_is_refused_as_deployed(sandbox: Sandbox) -> None:
+    with deployed_spool() as spool:
+        root, port = spool.root, free_port()
+        tmpfiles_layout(spool, ALL_TYPES)
+        elsewhere = spool.base / "hr"
+        elsewhere.mkdir()
+        os.chown(elsewhere, -1, spool.gid)  # a folder the daemon's group may write
+        elsewhere.chmod(0o2770)
+        payroll = elsewhere / "payroll.csv"
+        payroll.write_bytes(emails(5, seed="-payroll"))
+        payroll.chmod(0o644)  # readable by the daemon: only the refusal keeps it out
+        hour_ago = time.time() - 3600
+        os.utime(payroll, (hour_ago, hour_ago))
+        before = payroll.stat()
+        async with daemon_as_deployed(spool, _config_file(spool, sandbox, port)) as proc:
+            await _until(lambda: _ready(port), "the daemon ready")
+            url = root / "inbox" / "url"
+            shutil.rmtree(url)
+            url.symlink_to(elsewhere)
+            await _until(lambda: bool(spool.events("inbox_unusable")), "the link refused")
+            # The other inboxes keep working, over several rescans (0.5 s apart).
+            for name in ("a.csv", "b.csv"):
+                _drop(spool, "email", name, emails(2, seed=name))
+                await _until(_delivered(root, name), f"{name} delivered")
+            assert url.is_symlink()  # not re-created over the link
+            assert proc.returncode is None
+            url.unlink()  # the operator takes the link away: the inbox comes back
+            await _until(lambda: bool(spool.events("inbox_usable")), "the inbox usable again")
+        after = payroll.stat()
+        assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+            before.st_ino, before.st_size, before.st_mtime_ns)
+        assert sorted(elsewhere.iterdir()) == [payroll]
+        assert payroll.read_bytes() == emails(5, seed="-payroll")
+        assert sorted(records(root, "done", "url")) == []
+        uploads = sandbox.uploads()
+        assert len(uploads) == 2
+        assert sha256(emails(5, seed="-payroll")) not in {u["sha256"] for u in uploads}
+        refused = spool.events("inbox_unusable")
+        assert len(refused) == 1, refused  # one line, not one per rescan
+        assert refused[0]["path"] == str(url) and "symbolic link" in refused[0]["error"]
+        assert refused[0]["level"] == "error"
+        made = url.lstat()
+        assert stat.S_ISDIR(made.st_mode) and f"{stat.S_IMODE(made.st_mode):o}" == "2770"
