@@ -27,6 +27,8 @@ class HealthState:
     troubles: list[Callable[[], str | None]] = field(default_factory=list)
     #: The account's balance as the credit guard knows it (None: unknown or not checked).
     credits: Callable[[], int | None] = lambda: None
+    #: Files waiting in the inboxes for a reason people should hear of (e.g. "unreadable").
+    waiting: Callable[[], dict[str, int]] = dict
 
     def ready(self) -> tuple[bool, str]:
         if not self.recovered:
@@ -59,7 +61,8 @@ def create_app(state: HealthState, metrics: Metrics,
 
     async def readyz(_request: web.Request) -> web.Response:
         ok, why = state.ready()
-        return web.json_response({"ready": ok, "reason": why, "credits": state.credits()},
+        return web.json_response({"ready": ok, "reason": why, "credits": state.credits(),
+                                  "waiting": state.waiting()},
                                  status=200 if ok else 503)
 
     async def metrics_view(_request: web.Request) -> web.Response:

@@ -123,7 +123,8 @@ async def test_readyz_is_503_until_recovery_is_done_while_healthz_answers(
             gate.open()
             await wait_for(lambda: service.health.watching, what="watching")
             assert await ready(base) == (200, {"ready": True, "reason": "ready",
-                                               "credits": UNLIMITED})
+                                               "credits": UNLIMITED,
+                                               "waiting": {"unreadable": 0}})
 
 
 async def test_readyz_is_503_while_an_account_error_pauses_uploads(tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ import inspect
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -126,3 +128,62 @@ async def test_an_inbox_replaced_by_a_symlink_is_refused_as_deployed(sandbox: Sa
         assert refused[0]["level"] == "error"
         made = url.lstat()
         assert stat.S_ISDIR(made.st_mode) and f"{stat.S_IMODE(made.st_mode):o}" == "2770"
+
+
+# -- 19.4: files the daemon may not read --------------------------------------------------------
+
+
+async def _status(config_file: Path) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "daemon", "status", "--config", str(config_file),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd="/")
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+@pytest.mark.slow
+async def test_an_unreadable_file_waits_said_once_and_goes_once_readable_as_deployed(
+        sandbox: Sandbox) -> None:
+    with deployed_spool() as spool:
+        root, port = spool.root, free_port()
+        tmpfiles_layout(spool, ALL_TYPES)
+        inbox = root / "inbox" / "email"
+        # Rescans far apart: what takes the file after the chmod is the event (or the
+        # unreadable files' own re-check), not a rescan.
+        config_file = _config_file(spool, sandbox, port, rescan_seconds=600.0)
+        async with daemon_as_deployed(spool, config_file) as proc:
+            await _until(lambda: _ready(port), "the daemon ready")
+            _drop(spool, "email", "secret.csv", emails(3, seed="-secret"), umask="0077")
+            assert f"{stat.S_IMODE((inbox / 'secret.csv').stat().st_mode):o}" == "600"
+            await _until(lambda: bool(spool.events("file_unreadable")), "said unreadable")
+            # Other files go meanwhile, and the unreadable one is not said again.
+            _drop(spool, "email", "other.csv", emails(2, seed="-other"))
+            await _until(_delivered(root, "other.csv"), "other.csv delivered")
+            metrics = (await _get(port, "/metrics"))[1]
+            assert "ipqs_bulkd_inbox_unreadable 1.0" in metrics
+            shown = await _status(config_file)
+            assert "unreadable: 1 file(s)" in shown, shown
+            assert (inbox / "secret.csv").exists()
+            assert records(root, "failed") == {}
+
+            as_producer(spool, f"chmod g+r {inbox}/secret.csv")  # the fix the line names
+            fixed = time.monotonic()
+            await _until(_delivered(root, "secret.csv"), "secret.csv delivered")
+            took = time.monotonic() - fixed
+            assert "ipqs_bulkd_inbox_unreadable 0.0" in (await _get(port, "/metrics"))[1]
+
+            # A default ACL gives the group read whatever the producer's umask.
+            subprocess.run(["setfacl", "-d", "-m", "g::r", str(inbox)], check=True)
+            _drop(spool, "email", "acl.csv", emails(2, seed="-acl"), umask="0077")
+            await _until(_delivered(root, "acl.csv"), "acl.csv delivered")
+            assert proc.returncode is None
+        said = spool.events("file_unreadable")
+        assert len(said) == 1, said
+        assert said[0]["path"] == str(inbox / "secret.csv") and said[0]["mode"] == "0600"
+        assert "chmod g+r" in said[0]["fix"] and "umask" in said[0]["fix"]
+        assert [e["path"] for e in spool.events("file_readable")] == [str(inbox / "secret.csv")]
+        assert not spool.events("claim_failed") and not spool.events("claim_error")
+        assert len(sandbox.uploads()) == 3
+        print(f"taken {took:.2f} s after the chmod")
+        assert took < 10, took

@@ -250,9 +250,12 @@ async def probe(health: HealthConfig) -> dict[str, Any]:
     paused = reason.startswith((PAUSED_PREFIX, *MONEY_PREFIXES))
     degraded = reason.startswith(DEGRADED_PREFIX)
     credits = data.get("credits")
+    waiting = data.get("waiting")
+    unreadable = waiting.get("unreadable") if isinstance(waiting, dict) else None
     return {"reachable": True, "ready": data["ready"], "paused": paused, "degraded": degraded,
             "reason": reason.removeprefix(PAUSED_PREFIX).removeprefix(DEGRADED_PREFIX),
-            "credits": credits if isinstance(credits, int) else None}
+            "credits": credits if isinstance(credits, int) else None,
+            "unreadable": unreadable if isinstance(unreadable, int) else 0}
 
 
 def budget(config: Config, now: float | None = None) -> dict[str, Any]:
@@ -294,6 +297,11 @@ def render(report: dict[str, Any], console: Console) -> None:
         failing = (f", {hooks['failing']} failing (last error: {hooks['last_error']})"
                    if hooks["failing"] else "")
         console.line(f"on_finish hooks pending: {hooks['pending']}{failing}")
+        console.line()
+    if report["daemon"].get("unreadable"):
+        console.line(f"unreadable: {report['daemon']['unreadable']} file(s) wait in the inboxes "
+                     "because the daemon's user may not read them (chmod g+r; see the "
+                     "file_unreadable log lines)")
         console.line()
     if report["finishing"]:
         waiting = ", ".join(f"{folder} {n}" for folder, n in report["finishing"].items())
