@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 
 from daemon import ALL_TYPES
+from daemon.watcher.scan import scan
 from tests.deployed import (
     Deployed,
     as_producer,
@@ -187,3 +188,42 @@ async def test_an_unreadable_file_waits_said_once_and_goes_once_readable_as_depl
         assert len(sandbox.uploads()) == 3
         print(f"taken {took:.2f} s after the chmod")
         assert took < 10, took
+
+
+# -- 19.6: an inbox deleted while running -------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_deleted_inbox_comes_back_as_its_siblings_are_as_deployed(
+        sandbox: Sandbox) -> None:
+    with deployed_spool() as spool:
+        root, port = spool.root, free_port()
+        tmpfiles_layout(spool, ALL_TYPES)
+        inbox = root / "inbox" / "email"
+        async with daemon_as_deployed(spool, _config_file(spool, sandbox, port)) as proc:
+            await _until(lambda: _ready(port), "the daemon ready")
+            shutil.rmtree(inbox)  # an operator's clean-up gone too far
+            await _until(lambda: bool(spool.events("inbox_recreated")), "inbox re-created")
+            made = inbox.stat()
+            assert (f"{stat.S_IMODE(made.st_mode):o}", made.st_uid, made.st_gid) == (
+                "2770", spool.uid, spool.gid)
+            # A producer of the daemon's group can drop into it again.
+            _drop(spool, "email", "after.csv", emails(2, seed="-after"))
+            await _until(_delivered(root, "after.csv"), "after.csv delivered")
+            assert proc.returncode is None
+        said = spool.events("inbox_recreated")
+        assert len(said) == 1 and said[0]["level"] == "warning", said
+        assert said[0]["path"] == str(inbox) and said[0]["mode"] == "2770"
+
+
+def test_an_inbox_with_no_sibling_left_gets_the_tmpfiles_mode(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    (root / "inbox").mkdir(parents=True)
+    inboxes = [(t, root / "inbox" / t) for t in ("email", "phone")]
+    result = scan(inboxes, frozenset(), frozenset(), room=10, report_room=10)
+    assert result.recreated == {"email": 0o2770, "phone": 0o2770}
+    modes = {t: stat.S_IMODE(p.stat().st_mode) for t, p in inboxes}
+    assert modes == {"email": 0o2770, "phone": 0o2770}
+    (root / "inbox" / "phone").chmod(0o2775)  # the operator's choice is kept for siblings
+    (root / "inbox" / "email").rmdir()
+    assert scan(inboxes, frozenset(), frozenset(), 10, 10).recreated == {"email": 0o2775}
