@@ -33,6 +33,10 @@ class Metrics:
         self.unreadable = Gauge("ipqs_bulkd_inbox_unreadable",
                                 "Files waiting in an inbox that the daemon may not read",
                                 registry=r)
+        self.events_unavailable = Gauge(
+            "ipqs_bulkd_watch_events_unavailable",
+            "1 while inotify events for the inboxes are unavailable (limits reached): "
+            "the inboxes are rescanned more often meanwhile", registry=r)
         self.misplaced = Gauge("ipqs_bulkd_misplaced_files",
                                "Files in inbox/ outside any type folder: never taken",
                                registry=r)

@@ -73,7 +73,7 @@ class Service:
         self.health = HealthState(
             paused_reason=self.paused_reason, credits=lambda: self.pipe.purse.credits,
             troubles=[self.pipe.finishing.reason, self.uploader.trouble.reason,
-                      self.housekeeper.low_disk],
+                      self.housekeeper.low_disk, self.watcher.watch_health.reason],
             waiting=lambda: {"unreadable": self.uploader.unreadable.count()})
         self.misplaced = MisplacedFiles(self.spool, config.spool.types)
         self.health_server: HealthServer | None = None
@@ -356,6 +356,8 @@ class Service:
         unreadable = self.uploader.unreadable.count()
         m.queue_depth.set(pending + self.watcher.queued_count() + held)
         m.unreadable.set(unreadable)
+        no_events = self.watcher.watch_health.reason()
+        m.events_unavailable.set(0 if no_events is None else 1)
         m.oldest_pending.set(self.watcher.oldest_pending_age() or 0)
         m.breaker_open.set(1 if self.pipe.breaker.paused else 0)
         m.in_flight.labels("uploading").set(uploading)
@@ -388,6 +390,8 @@ class Service:
         m.hooks_failing.set(hooks.failing())
         if hooks.pending():
             status += f"; hooks pending {hooks.pending()} ({hooks.failing()} failing)"
+        if no_events is not None:
+            status += f"; DEGRADED: {no_events}"
         return status
 
     def _report(self) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import inspect
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import pytest
 from daemon import ALL_TYPES
 from daemon.watcher.scan import scan
 from tests.deployed import (
+    AS_DEPLOYED,
     Deployed,
     as_producer,
     daemon_as_deployed,
@@ -31,7 +33,15 @@ from tests.deployed import (
     free_port,
     tmpfiles_layout,
 )
-from tests.support import Sandbox, daemon_config, emails, records, sha256, write_config_file
+from tests.support import (
+    Sandbox,
+    daemon_config,
+    emails,
+    records,
+    sha256,
+    start_daemon,
+    write_config_file,
+)
 
 
 async def _get(port: int, path: str) -> tuple[int, str]:
@@ -227,3 +237,87 @@ def test_an_inbox_with_no_sibling_left_gets_the_tmpfiles_mode(tmp_path: Path) ->
     (root / "inbox" / "phone").chmod(0o2775)  # the operator's choice is kept for siblings
     (root / "inbox" / "email").rmdir()
     assert scan(inboxes, frozenset(), frozenset(), 10, 10).recreated == {"email": 0o2775}
+
+
+# -- 19.7: inotify limits reached ---------------------------------------------------------------
+
+_LIMIT = "/proc/sys/user/max_inotify_instances"
+
+
+def _in_own_user_namespace(python_path: str) -> tuple[str, ...]:
+    """Run the daemon (still the daemon's user to the host, with no capabilities) in a user
+    and pid namespace of its own whose inotify instance limit is 0: the limit binds only
+    that namespace, so no other process on the machine is touched, and nothing needs
+    restoring. Its /proc shows only its own processes, as ProcSubset=pid would."""
+    # "$1" is the test's interpreter, which this namespace's user cannot open; the system
+    # python3 runs the same checkout and site-packages instead.
+    script = (f"echo 0 > {_LIMIT} && shift && PYTHONPATH={python_path} exec setpriv "
+              '--inh-caps=-all --bounding-set=-all /usr/bin/python3 "$@"')
+    return (str(AS_DEPLOYED), "--", "unshare", "--user", "--map-root-user", "--pid", "--fork",
+            "--mount", "--mount-proc", "sh", "-c", script, "daemon")
+
+
+def _set_limit(pid: int, value: int) -> None:
+    subprocess.run(["nsenter", f"--target={pid}", "--user", "sh", "-c",
+                    f"echo {value} > {_LIMIT}"], check=True, capture_output=True)
+
+
+@pytest.mark.slow
+async def test_lost_inotify_is_reported_polled_faster_retried_and_said_back_as_deployed(
+        sandbox: Sandbox) -> None:
+    if not Path("/usr/bin/python3").exists() or shutil.which("nsenter") is None:
+        pytest.skip("needs /usr/bin/python3 and nsenter")
+    with deployed_spool() as spool:
+        port = free_port()
+        tmpfiles_layout(spool, ALL_TYPES)
+        # Rescans 10 min apart: a delivery within seconds comes from the faster polling
+        # while events are missing, and from events once they are back.
+        config_file = _config_file(spool, sandbox, port, rescan_seconds=600.0)
+        site = next(p for p in sys.path if p.endswith("site-packages"))
+        repo = str(Path(__file__).resolve().parent.parent)
+        config_file.chmod(0o644)
+        with spool.log_file.open("ab") as log:
+            proc = await start_daemon(config_file, stdout=log, stderr=log,
+                                      wrap=_in_own_user_namespace(f"{site}:{repo}"))
+        try:
+            await _check_lost_and_back(spool, port, proc.pid)
+            assert proc.returncode is None
+        finally:
+            if proc.returncode is None:
+                # unshare --fork does not pass SIGTERM on: signal the whole session.
+                os.killpg(proc.pid, signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), timeout=30)
+        failed = spool.events("watch_failed")
+        assert len(failed) == 1, failed  # said once, not on every retry
+        assert "max_user_instances" in failed[0]["fix"]
+        assert len(spool.events("watch_restored")) == 1
+    assert len(sandbox.uploads()) == 2
+
+
+async def _check_lost_and_back(spool: Deployed, port: int, pid: int) -> None:
+    root = spool.root
+    await _until(lambda: _ready_or_degraded(port), "the daemon up")
+    status, body = await _get(port, "/readyz")
+    assert status == 503 and "degraded: inbox events unavailable" in body, body
+    assert "ipqs_bulkd_watch_events_unavailable 1.0" in (await _get(port, "/metrics"))[1]
+    start = time.monotonic()
+    _drop(spool, "email", "polled.csv", emails(2, seed="-polled"))
+    await _until(_delivered(root, "polled.csv"), "polled.csv delivered by the rescans")
+    polled = time.monotonic() - start
+    _set_limit(pid, 128)  # the operator raises the limit
+    await _until(lambda: _ready(port), "readiness back", timeout=60)
+    assert spool.events("watch_restored")
+    assert "ipqs_bulkd_watch_events_unavailable 0.0" in (await _get(port, "/metrics"))[1]
+    start = time.monotonic()
+    _drop(spool, "email", "evented.csv", emails(2, seed="-evented"))
+    await _until(_delivered(root, "evented.csv"), "evented.csv delivered by an event")
+    evented = time.monotonic() - start
+    print(f"delivered {polled:.2f} s after the drop without events, {evented:.2f} s with")
+    assert polled < 15 and evented < 15, (polled, evented)
+
+
+async def _ready_or_degraded(port: int) -> bool:
+    try:
+        return "reason" in (await _get(port, "/readyz"))[1]
+    except aiohttp.ClientError:
+        return False

@@ -7,10 +7,13 @@ import errno
 from collections.abc import Callable
 from pathlib import Path
 
+import structlog
 import watchfiles
 
 from daemon.config import WatchConfig
 from daemon.spool.layout import is_ignored
+
+log = structlog.get_logger("daemon.watcher")
 
 _WATCH_STEP_MS = 50  # a renamed-in file is reported this long after the rename
 _WATCH_DEBOUNCE_MS = 500  # a stream of changes still gets reported at least this often
@@ -19,6 +22,54 @@ _WATCH_DEBOUNCE_MS = 500  # a stream of changes still gets reported at least thi
 # be rare. Stopping does not wait for it: the stop event is checked every step, and
 # Watcher sets it before cancelling the watch; it only bounds a cancel without a stop.
 _WATCH_TIMEOUT_MS = 5_000
+
+#: While events are unavailable the inboxes are rescanned at least this often.
+FALLBACK_RESCAN_SECONDS = 2.0
+#: The longest wait between two tries of a failing watch.
+WATCH_RETRY_MAX_SECONDS = 30.0
+
+_LIMITS_FIX = ("raise fs.inotify.max_user_instances / fs.inotify.max_user_watches (sysctl), "
+               "or stop other watchers of this user; the inboxes are rescanned meanwhile")
+
+
+class WatchHealth:
+    """Whether file events are coming: said once when they stop and once when they are
+    back, and read by status, metrics and readiness meanwhile."""
+
+    def __init__(self, rescan_seconds: float) -> None:
+        self._rescan = rescan_seconds
+        self.error: str | None = None
+
+    def failed(self, exc: BaseException) -> None:
+        """A watch session could not start or broke (inotify limits, say)."""
+        if isinstance(exc, FileNotFoundError):
+            # An inbox vanished under the watch: the next scan makes it again, then the
+            # watch restarts; events are not "unavailable" for that.
+            log.info("watch_restarting", error=str(exc))
+            return
+        if self.error is None:
+            log.warning("watch_failed", error=str(exc), error_type=type(exc).__name__,
+                        rescan_seconds=self.rescan_seconds(), fix=_LIMITS_FIX)
+        self.error = str(exc)
+
+    def started(self) -> None:
+        """A watch session is up: events flow again."""
+        if self.error is not None:
+            log.info("watch_restored", error_was=self.error)
+            self.error = None
+
+    def reason(self) -> str | None:
+        """For readiness and status: why events are missing; None while they flow."""
+        if self.error is None:
+            return None
+        return (f"inbox events unavailable ({self.error}); rescanning every "
+                f"{self.rescan_seconds():g} s")
+
+    def rescan_seconds(self) -> float:
+        """How often to rescan: faster while events are missing."""
+        if self.error is None:
+            return self._rescan
+        return min(self._rescan, FALLBACK_RESCAN_SECONDS)
 
 
 class WatchStop:

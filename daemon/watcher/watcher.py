@@ -17,7 +17,7 @@ import structlog
 from daemon.aio import wait_any
 from daemon.config import WatchConfig
 from daemon.watcher import scan as scanning
-from daemon.watcher.events import WatchStop, watch_session
+from daemon.watcher.events import WATCH_RETRY_MAX_SECONDS, WatchHealth, WatchStop, watch_session
 from daemon.watcher.lease import LeaseProbe
 from daemon.watcher.modes import announce_mode, report_checks
 from daemon.watcher.report import Reports
@@ -85,7 +85,7 @@ class Watcher:
         self._rescan_now = asyncio.Event()
         self._scan_lock = asyncio.Lock()
         self._watch_stop: WatchStop | None = None
-        self._watch_failing = False
+        self.watch_health = WatchHealth(settings.rescan_seconds)
         self._unusable: frozenset[str] = frozenset()  # inboxes refused by the last scan
         self._settle_failing = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -212,7 +212,8 @@ class Watcher:
             # Not at once: a folder deleted in a loop, or a watch that cannot start (inotify
             # limits), would spin. The rescans keep files flowing meanwhile.
             retry = _WATCH_RETRY_SECONDS if ended_cleanly else retry * 2
-            await wait_any(self._stop, within=min(retry, self._settings.rescan_seconds))
+            await wait_any(self._stop, within=min(retry, self._settings.rescan_seconds,
+                                                  WATCH_RETRY_MAX_SECONDS))
             await self._scan_logged()  # recreates missing inboxes before watching again
 
     async def _watch_session(self) -> bool:
@@ -221,6 +222,9 @@ class Watcher:
         # The catch-up scan cannot start before this task first suspends, which happens
         # inside awatch after its watches exist: nothing dropped in between is missed.
         self._rescan_now.set()
+        # Runs once this task first suspends, which is after the watches exist; a watch
+        # that cannot start raises before that, and cancels it.
+        up = asyncio.get_running_loop().call_soon(self.watch_health.started)
         try:
             # Never an inbox the last scan refused: a watch would follow a symlink, and a
             # folder it cannot read would fail the watch of every other inbox.
@@ -228,15 +232,16 @@ class Watcher:
                                  if type_ not in self._unusable], self._settings, stopper,
                                 self._on_changes)
         except (OSError, RuntimeError) as exc:
-            if not self._watch_failing:
-                log.warning("watch_failed", error=str(exc), error_type=type(exc).__name__)
-            self._watch_failing = True
+            up.cancel()
+            self.watch_health.failed(exc)
+            self._rescan_now.set()  # the rescans take over at their faster pace now
             return False
         return True
 
     async def _rescan_loop(self) -> None:
         while True:
-            await wait_any(self._stop, self._rescan_now, within=self._settings.rescan_seconds)
+            await wait_any(self._stop, self._rescan_now,
+                           within=self.watch_health.rescan_seconds())
             if self._stop.is_set():
                 return
             self._rescan_now.clear()
@@ -354,7 +359,6 @@ class Watcher:
         self._wake.set()
 
     def _on_changes(self, only_deleted: dict[Path, bool]) -> None:
-        self._watch_failing = False
         for path, gone in only_deleted.items():
             self._on_path_event(path, gone)
         self._wake_up()
