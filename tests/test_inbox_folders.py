@@ -21,9 +21,14 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from daemon import ALL_TYPES
-from daemon.watcher.scan import scan
+from daemon.claims import Unreadable
+from daemon.spool import Spool
+from daemon.spool.fs import SymlinkedFolderError
+from daemon.watcher.events import WatchHealth
+from daemon.watcher.scan import observe, scan
 from tests.deployed import (
     AS_DEPLOYED,
     Deployed,
@@ -36,10 +41,13 @@ from tests.deployed import (
 from tests.support import (
     Sandbox,
     daemon_config,
+    drop,
     emails,
     records,
+    running,
     sha256,
     start_daemon,
+    wait_for,
     write_config_file,
 )
 
@@ -321,3 +329,101 @@ async def _ready_or_degraded(port: int) -> bool:
         return "reason" in (await _get(port, "/readyz"))[1]
     except aiohttp.ClientError:
         return False
+
+
+# -- the parts, without a deployed daemon ---------------------------------------------------
+
+
+def test_a_symlinked_inbox_is_refused_by_the_scan_and_not_recreated(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    email, url = root / "inbox" / "email", root / "inbox" / "url"
+    email.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "payroll.csv").write_bytes(b"a@example.com\n")
+    url.symlink_to(elsewhere)
+    (email / "list.csv").write_bytes(b"b@example.com\n")
+    result = scan([("email", email), ("url", url)], frozenset(), frozenset(), 10, 10)
+    assert [path for _, path, _ in result.found] == [email / "list.csv"]
+    assert list(result.unusable) == ["url"] and "symbolic link" in result.unusable["url"]
+    assert str(url) in result.unusable["url"] and result.recreated == {}
+    assert url.is_symlink()
+    # A file noticed before the swap is not looked at through the link either.
+    assert observe([url / "payroll.csv"], None).seen == {url / "payroll.csv": None}
+
+
+def test_a_claim_never_renames_through_a_symlinked_folder(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", ("email", "url"))
+    spool.prepare()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    payroll = elsewhere / "payroll.csv"
+    payroll.write_bytes(b"a@example.com\n")
+    shutil.rmtree(spool.inbox("url"))
+    spool.inbox("url").symlink_to(elsewhere)
+    with pytest.raises(SymlinkedFolderError, match="symbolic link"):
+        spool.claim("url", spool.inbox("url") / "payroll.csv", "multipart")
+    assert payroll.exists()
+    listed = drop(spool.root, "email", "list.csv", b"b@example.com\n")
+    processing = spool.processing
+    processing.rename(tmp_path / "moved")
+    processing.symlink_to(tmp_path / "moved")
+    with pytest.raises(SymlinkedFolderError):
+        spool.claim("email", listed, "multipart")
+    assert listed.exists() and [p.name for p in (tmp_path / "moved").iterdir()] == [".owners"]
+
+
+async def test_a_symlinked_done_folder_holds_its_jobs_aside(tmp_path: Path,
+                                                          sandbox: Sandbox) -> None:
+    root = tmp_path / "spool"
+    async with running(daemon_config(root, sandbox.api_base)) as service:
+        done = root / "done" / "email"
+        done.rmdir()
+        done.symlink_to(tmp_path)
+        drop(root, "email", "a.csv", emails(2))
+        await wait_for(lambda: service.pipe.finishing.count() == 1, what="held aside")
+        assert "symbolic link" in str(service.pipe.finishing.reason())
+        done.unlink()
+        await wait_for(lambda: "a.csv" in records(root, "done"), what="delivered")
+    assert done.is_dir() and not done.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".csv") == []
+
+
+async def test_unreadable_files_are_said_once_rechecked_and_forgotten_when_gone(
+        tmp_path: Path) -> None:
+    states: dict[Path, bool | None] = {tmp_path / "a.csv": False, tmp_path / "b.csv": False}
+    rescans: list[int] = []
+    stop = asyncio.Event()
+    unreadable = Unreadable(states.__getitem__, initial_seconds=0.01, max_seconds=0.02)
+    task = asyncio.create_task(unreadable.run(stop, lambda: rescans.append(1)))
+    with capture_logs() as logs:
+        for path in states:
+            unreadable.held(path, 0o600, 1234)
+            unreadable.held(path, 0o600, 1234)
+        assert unreadable.count() == 2
+        states[tmp_path / "a.csv"] = True  # chmod g+r
+        states[tmp_path / "b.csv"] = None  # deleted
+        await wait_for(lambda: bool(rescans) and unreadable.count() == 1, what="re-checked")
+        unreadable.claimed(tmp_path / "a.csv")
+        stop.set()
+        await task
+    said = [e for e in logs if e["event"] == "file_unreadable"]
+    assert [e["path"] for e in said] == [str(p) for p in states]
+    assert said[0]["mode"] == "0600" and "chmod g+r" in said[0]["fix"]
+    assert unreadable.count() == 0
+
+
+def test_watch_health_reports_polls_faster_and_says_when_back() -> None:
+    health = WatchHealth(rescan_seconds=60.0)
+    with capture_logs() as logs:
+        health.failed(FileNotFoundError(2, "gone"))  # an inbox vanished: not degraded
+        assert health.reason() is None and health.rescan_seconds() == 60.0
+        for _ in range(3):
+            health.failed(RuntimeError("Too many open files (os error 24)"))
+        assert "Too many open files" in str(health.reason())
+        assert health.rescan_seconds() == 2.0
+        health.started()
+        health.started()
+    assert health.reason() is None and health.rescan_seconds() == 60.0
+    events = [e["event"] for e in logs]
+    assert events == ["watch_restarting", "watch_failed", "watch_restored"]
