@@ -222,15 +222,12 @@ class Watcher:
         # The catch-up scan cannot start before this task first suspends, which happens
         # inside awatch after its watches exist: nothing dropped in between is missed.
         self._rescan_now.set()
-        # Runs once this task first suspends, which is after the watches exist; a watch
-        # that cannot start raises before that, and cancels it.
+        # Runs at the first suspension, after the watches exist; a failing start cancels it.
         up = asyncio.get_running_loop().call_soon(self.watch_health.started)
         try:
-            # Never an inbox the last scan refused: a watch would follow a symlink, and a
-            # folder it cannot read would fail the watch of every other inbox.
-            await watch_session([path for type_, path in self._inboxes
-                                 if type_ not in self._unusable], self._settings, stopper,
-                                self._on_changes)
+            # Not a refused inbox: a watch follows a symlink, and an unreadable one fails all.
+            usable = [path for type_, path in self._inboxes if type_ not in self._unusable]
+            await watch_session(usable, self._settings, stopper, self._on_changes)
         except (OSError, RuntimeError) as exc:
             up.cancel()
             self.watch_health.failed(exc)
