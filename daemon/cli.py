@@ -35,6 +35,7 @@ from daemon.config import (
 )
 from daemon.logs import add_secret, configure
 from daemon.notify import Notifier
+from daemon.shown import shown, terminal_safe
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 SANDBOX_SPOOL = Path("ipqs-spool")
@@ -144,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return people.run(ns, config)
         return _run(config, once=ns.once, sandbox=ns.sandbox)
     except ConfigError as exc:
-        print(f"ipqs-bulkd: {exc}", file=sys.stderr)
+        print(terminal_safe(f"ipqs-bulkd: {exc}"), file=sys.stderr)
         return EXIT_USAGE
 
 
@@ -160,7 +161,7 @@ def _check_config(config: Config) -> int:
               f"systemd it comes from LoadCredential=, check it with: {UNIT_CHECK}",
               file=sys.stderr)
     else:
-        print(f"# API key: from {source}")
+        print(f"# API key: from {shown(source)}")
     for section, values in config.as_dict().items():
         print(f"[{section}]")
         for key, value in values.items():
@@ -235,8 +236,9 @@ async def _start_sandbox(config: Config) -> tuple[web.AppRunner, Config, str]:
     config = dataclasses.replace(config, api=api)
     inbox = config.spool.root / "inbox"
     banner = (f"ipqs-bulkd: sandbox IPQS at http://127.0.0.1:{port}; put CSV files into "
-              f"{inbox}/<type>/ (types: {', '.join(config.spool.types)}) by writing them "
-              f"elsewhere and renaming them in; results appear in {config.spool.root}/done/.")
+              f"{shown(inbox)}/<type>/ (types: {', '.join(config.spool.types)}) by writing "
+              f"them elsewhere and renaming them in; results appear in "
+              f"{shown(config.spool.root)}/done/.")
     return runner, config, banner
 
 

@@ -17,6 +17,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from daemon.shown import shown, terminal_safe
+
 MASK = "***"
 
 # IPQS puts the key into URL paths (/csv/<key>/...) and parameters; download links carry a
@@ -67,6 +69,23 @@ def redact(
     return event_dict
 
 
+# Composed text whose line breaks are meant (a traceback, a foreign library's message).
+_COMPOSED = frozenset({"event", "exception", "stack"})
+
+
+def shown_values(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor for console logs: names and IPQS strings as :func:`shown`.
+
+    Only for the console renderer: JSON logs keep exact names (JSON escapes them).
+    """
+    for name, value in event_dict.items():
+        if isinstance(value, str):
+            event_dict[name] = terminal_safe(value) if name in _COMPOSED else shown(value)
+    return event_dict
+
+
 def _shared_processors() -> list[Any]:
     return [
         structlog.contextvars.merge_contextvars,
@@ -103,6 +122,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 redact,
+                *(() if use_json else (shown_values,)),
                 renderer,
             ],
         )

@@ -20,6 +20,7 @@ from daemon.commands.common import (
     Console,
 )
 from daemon.config import Config
+from daemon.shown import shown
 
 _RUN: dict[str, Callable[[argparse.Namespace, Config, Console], int]] = {
     "submit": submit.run,
@@ -51,7 +52,7 @@ def run(ns: argparse.Namespace, config: Config) -> int:
     except OSError as exc:
         # Local disk trouble (permissions, a full disk): one line, not a traceback.
         detail = exc.strerror or str(exc)
-        console.error(f"{detail}: {exc.filename}" if exc.filename else detail)
+        console.error(f"{detail}: {shown(exc.filename)}" if exc.filename else detail)
         return EXIT_FAILED
     except KeyboardInterrupt:
         console.error("interrupted")

@@ -17,6 +17,7 @@ from daemon import retry
 from daemon.config import Config, ConfigError
 from daemon.errors import AccountError, IpqsError, TransientError
 from daemon.logs import scrub
+from daemon.shown import shown, terminal_safe
 
 T = TypeVar("T")
 
@@ -105,7 +106,9 @@ class Console:
         self.note(f"ipqs-bulkd: {text}")
 
     def scrub(self, text: str) -> str:
-        return scrub(text, self.secrets)
+        """``text`` as it may be shown: secrets masked, no raw control characters (names
+        in it should already have gone through :func:`~daemon.shown.shown`)."""
+        return terminal_safe(scrub(text, self.secrets))
 
 
 def _silence(stream: TextIO) -> None:
@@ -145,20 +148,21 @@ def positive_int(text: str) -> int:
 
 def failure(exc: IpqsError, doing: str, timeout: float) -> CommandError:
     """The exit status and line for an IPQS error that ended a command."""
+    message = shown(exc.message)
     if isinstance(exc, AccountError):
-        return CommandError(EXIT_ACCOUNT, f"{doing}: IPQS refused the account: {exc.message} "
+        return CommandError(EXIT_ACCOUNT, f"{doing}: IPQS refused the account: {message} "
                                           "(check api.key, api.key_file or IPQS_API_KEY, "
                                           "and the account's credits)")
     if isinstance(exc, TransientError):
         return CommandError(EXIT_UNREACHABLE, f"{doing}: IPQS unreachable, gave up after "
                                               f"retrying for {timeout:g} s (--timeout): "
-                                              f"{exc.message}")
-    return CommandError(EXIT_FAILED, f"{doing}: IPQS refused it: {exc.message}")
+                                              f"{message}")
+    return CommandError(EXIT_FAILED, f"{doing}: IPQS refused it: {message}")
 
 
 def retry_note(what: str, exc: BaseException) -> str:
     """``what: error``, without saying ``what`` twice (the client names most operations)."""
-    text = str(exc)
+    text = shown(exc)
     return text if text.startswith(f"{what}:") else f"{what}: {text}"
 
 
@@ -216,7 +220,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def _cell(value: object) -> str:
-    return "-" if value is None else str(value)
+    # Cells hold names, statuses and messages from producers and IPQS: shown, never raw.
+    return "-" if value is None else shown(value)
 
 
 def human_bytes(n: int) -> str:

@@ -10,6 +10,7 @@ import threading
 from typing import Any, Protocol, TextIO
 
 from daemon.commands.common import Console, human_bytes
+from daemon.shown import shown
 
 
 class Reporter(Protocol):
@@ -39,7 +40,7 @@ class PlainReporter:
         self._last: str | None = None
 
     def upload_started(self, name: str, size: int) -> None:
-        self.console.note(f"uploading {name} ({human_bytes(size)})")
+        self.console.note(f"uploading {shown(name)} ({human_bytes(size)})")
 
     def upload_progress(self, n_bytes: int) -> None:
         pass
@@ -50,7 +51,7 @@ class PlainReporter:
     def status(self, job_id: int | None, status: str | None) -> None:
         if status != self._last:
             self._last = status
-            self.console.note(f"job {job_id}: {status or 'status unknown'}")
+            self.console.note(f"job {job_id}: {shown(status or 'status unknown')}")
 
     def note(self, text: str) -> None:
         self.console.note(text)
@@ -79,8 +80,9 @@ class BarReporter:
 
     def upload_started(self, name: str, size: int) -> None:
         self.upload_ended()
-        self._bar = self._tqdm(total=size, desc=f"uploading {name}", unit="B", unit_scale=True,
-                         unit_divisor=1024, file=self.stream, leave=True, **self._width())
+        self._bar = self._tqdm(total=size, desc=f"uploading {shown(name)}", unit="B",
+                               unit_scale=True, unit_divisor=1024, file=self.stream,
+                               leave=True, **self._width())
 
     def upload_progress(self, n_bytes: int) -> None:
         with self._lock:
@@ -102,7 +104,7 @@ class BarReporter:
         return {"dynamic_ncols": True} if columns > 0 else {"ncols": 80, "nrows": 24}
 
     def status(self, job_id: int | None, status: str | None) -> None:
-        text = f"job {job_id}: {status or 'status unknown'}"
+        text = f"job {job_id}: {shown(status or 'status unknown')}"
         if self._status is None:
             self._status = self._tqdm(total=None, desc=text, file=self.stream, leave=True,
                                 bar_format="{desc} [{elapsed}]", **self._width())

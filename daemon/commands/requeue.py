@@ -35,6 +35,7 @@ from daemon.commands.common import (
     Console,
 )
 from daemon.config import Config
+from daemon.shown import shown
 from daemon.spool import Layout, place_no_clobber
 from daemon.spool.refetch import refetch, refetchable
 
@@ -153,8 +154,8 @@ def _resolve_all(layout: Layout, types: tuple[str, ...], args: list[str],
     for arg in args:
         target = _resolve(layout, types, arg)
         if target is None:
-            console.error(f"{arg}: not found in failed/<type>/ "
-                          f"({', '.join(str(layout.failed(t)) for t in types)})")
+            console.error(f"{shown(arg)}: not found in failed/<type>/ "
+                          f"({', '.join(shown(layout.failed(t)) for t in types)})")
             missing += 1
         elif target not in found:
             found.append(target)
@@ -174,7 +175,7 @@ def _resolve(layout: Layout, types: tuple[str, ...], arg: str) -> Failed | None:
         candidates = [Failed(t, layout.failed(t), path.name) for t in types]
     found = [c for f in candidates if (c := _input_of(f)) is not None]
     if len(found) > 1:
-        raise CommandError(EXIT_USAGE, f"{arg}: in more than one failed/ folder "
+        raise CommandError(EXIT_USAGE, f"{shown(arg)}: in more than one failed/ folder "
                                        f"({', '.join(f.type for f in found)}); give --type")
     return found[0] if found else None
 
@@ -211,9 +212,9 @@ class Requeue:
         wanted = Path(source).name if isinstance(source, str) and source else failed.name
         placed = place_no_clobber(failed.path, inbox, wanted)
         where = placed.relative_to(self.root)
-        self.console.line(f"{failed.type}/{failed.name}: back in {where}"
-                          + (f"; old record kept as {kept.relative_to(self.root)}" if kept
-                             else "; it had no record"))
+        self.console.line(f"{failed.type}/{shown(failed.name)}: back in {shown(where)}"
+                          + (f"; old record kept as {shown(kept.relative_to(self.root))}"
+                             if kept else "; it had no record"))
         if marker:
             self.console.line(f"  {marker}")
 
@@ -261,13 +262,13 @@ class Requeue:
             return None
         if self.force:
             path.unlink(missing_ok=True)
-            return (f"duplicate marker for job {marker.get('job')} removed (--force): the "
+            return (f"duplicate marker for job {shown(marker.get('job'))} removed (--force): the "
                     "content will be sent, and paid for, again")
         age = time.time() - float(marker.get("created", 0) or 0)
         if self.window <= 0 or age >= self.window:
             return None
-        return (f"note: IPQS already took this content as job {marker.get('job')} (IPQS id "
-                f"{marker.get('id')}) {age / 3600:.1f} h ago, so within "
+        return (f"note: IPQS already took this content as job {shown(marker.get('job'))} "
+                f"(IPQS id {shown(marker.get('id'))}) {age / 3600:.1f} h ago, so within "
                 "upload.duplicate_window_hours the daemon fails it again as a duplicate; "
                 "to send (and pay for) it again, retry it with --force")
 

@@ -37,6 +37,7 @@ from daemon.commands.common import (
 )
 from daemon.config import Config, HealthConfig
 from daemon.health import DEGRADED_PREFIX
+from daemon.shown import shown
 from daemon.spool import OUTCOMES, Layout, Spool, is_ignored
 from daemon.spool.ledger import Ledger, Limits, utc_day
 from daemon.spool.mounts import misplaced
@@ -93,8 +94,8 @@ def collect(config: Config, *, recent: int) -> dict[str, Any]:
     """Everything but the daemon's state, as JSON-ready data."""
     root = config.spool.root
     if not root.is_dir():
-        raise CommandError(EXIT_USAGE, f"config key spool.root: {root} is not a folder (the "
-                                       "daemon creates it when it starts)")
+        raise CommandError(EXIT_USAGE, f"config key spool.root: {shown(root)} is not a folder "
+                                       "(the daemon creates it when it starts)")
     spool = Spool(root, config.spool.types)
     types = config.spool.types
     counts = {t: {"inbox": _count_inbox(spool.inbox(t)), "processing": 0, "done": 0,
@@ -274,15 +275,15 @@ def budget(config: Config, now: float | None = None) -> dict[str, Any]:
 
 
 def render(report: dict[str, Any], console: Console) -> None:
-    console.line(f"spool {report['root']}")
+    console.line(f"spool {shown(report['root'])}")
     rows = [[t, c["inbox"], c["processing"], c["done"], c["failed"]]
             for t, c in report["types"].items()]
     console.line(table(["TYPE", "INBOX", "PROCESSING", "DONE", "FAILED"], rows))
     console.line()
     stray = report["misplaced"]
     if stray:
-        shown = ", ".join(stray[:5]) + (", ..." if len(stray) > 5 else "")
-        console.line(f"misplaced: {len(stray)} (never taken; move into inbox/<type>/): {shown}")
+        names = ", ".join(shown(p) for p in stray[:5]) + (", ..." if len(stray) > 5 else "")
+        console.line(f"misplaced: {len(stray)} (never taken; move into inbox/<type>/): {names}")
         console.line()
     console.line(f"uploads: {_uploads(report['daemon'])}")
     _render_money(report, console)
@@ -304,7 +305,7 @@ def render(report: dict[str, Any], console: Console) -> None:
                      "file_unreadable log lines)")
         console.line()
     if report["finishing"]:
-        waiting = ", ".join(f"{folder} {n}" for folder, n in report["finishing"].items())
+        waiting = ", ".join(f"{shown(folder)} {n}" for folder, n in report["finishing"].items())
         console.line(f"waiting to be moved (finishing): {waiting}")
         console.line()
     jobs = report["processing"]
@@ -342,17 +343,18 @@ def _render_money(report: dict[str, Any], console: Console) -> None:
 
 
 def _uploads(daemon: dict[str, Any]) -> str:
+    reason = shown(daemon["reason"])  # may quote IPQS's own words
     if not daemon["reachable"]:
-        return str(daemon["reason"])
+        return reason
     if daemon["paused"] and str(daemon["reason"]).startswith(MONEY_PREFIXES):
-        return str(daemon["reason"])
+        return reason
     if daemon["paused"]:
-        return f"PAUSED: {daemon['reason']}"
+        return f"PAUSED: {reason}"
     if daemon["degraded"]:
-        return f"running, DEGRADED: {daemon['reason']}"
+        return f"running, DEGRADED: {reason}"
     if daemon["ready"]:
         return "running"
-    return f"not running yet: {daemon['reason']}"
+    return f"not running yet: {reason}"
 
 
 def _outcome(record: dict[str, Any]) -> str:

@@ -50,6 +50,7 @@ from daemon.errors import (
 from daemon.inputs import URL_SUFFIX, json_rows, url_of, url_problem
 from daemon.job.conversation import Conversation, Hooks, Verdict
 from daemon.job.money import Purse
+from daemon.shown import shown
 from daemon.spool import Job, Spool, inspect_file, new_job_id, place_no_clobber, upload_name
 
 # After this many uploads whose answers were lost (and which a lookup then did not find),
@@ -160,7 +161,7 @@ def _payload(ns: argparse.Namespace) -> Payload:
     path: Path = ns.file
     if not path.is_file():
         what = "is not a regular file" if path.exists() else "does not exist"
-        raise CommandError(EXIT_NOT_FOUND, f"{path} {what}")
+        raise CommandError(EXIT_NOT_FOUND, f"{shown(path)} {what}")
     if path.name.lower().endswith(URL_SUFFIX):
         # Named and hashed as the daemon names and hashes a .url file in its inbox.
         data = path.read_bytes()
@@ -168,7 +169,7 @@ def _payload(ns: argparse.Namespace) -> Payload:
     facts = inspect_file(path)
     rows, problem = json_rows(path) if ns.json and not facts.problem else (facts.rows, None)
     if (problem := facts.problem or problem) is not None:
-        raise CommandError(EXIT_FAILED, f"{path}: not sent: {problem}")
+        raise CommandError(EXIT_FAILED, f"{shown(path)}: not sent: {problem}")
     return Payload("json" if ns.json else "multipart", path.name, facts.sha256, facts.bytes,
                    path=path, rows=rows)
 
@@ -178,7 +179,8 @@ def _url_payload(url: str, where: str, *, source: str | None = None,
     url = url.strip()
     parts = urlsplit(url)
     if url_problem(url) is not None:
-        raise CommandError(EXIT_USAGE, f"{where}: needs one http, https or ftp URL, got {url!r}")
+        raise CommandError(EXIT_USAGE, f"{shown(where)}: needs one http, https or ftp URL, "
+                                       f"got {url!r}")
     # A bare --url hashes like a dropped `<name>.url` holding the URL and a newline.
     data = (url + "\n").encode() if data is None else data
     source = source or parts.path.rstrip("/").rsplit("/", 1)[-1] or parts.hostname or "url"
@@ -188,7 +190,7 @@ def _url_payload(url: str, where: str, *, source: str | None = None,
 def _url_in(path: Path, data: bytes) -> str:
     url, problem = url_of(data)
     if url is None:
-        raise CommandError(EXIT_USAGE, f"{path}: {problem}")
+        raise CommandError(EXIT_USAGE, f"{shown(path)}: {problem}")
     return url
 
 
@@ -197,9 +199,9 @@ def _check_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise CommandError(EXIT_USAGE, f"--out {out}: {exc.strerror}") from None
+        raise CommandError(EXIT_USAGE, f"--out {shown(out)}: {exc.strerror}") from None
     if not os.access(out, os.W_OK | os.X_OK):
-        raise CommandError(EXIT_USAGE, f"--out {out}: not writable")
+        raise CommandError(EXIT_USAGE, f"--out {shown(out)}: not writable")
 
 
 class DuplicateGuard:
@@ -232,8 +234,9 @@ class DuplicateGuard:
             raise _unusable(self.spool, exc) from None
         if earlier is not None:
             raise CommandError(EXIT_DUPLICATE, (
-                f"not sent: the same content was already taken as job {earlier.get('job')} "
-                f"({earlier.get('type')}/{earlier.get('source')}, IPQS id {earlier.get('id')}) "
+                f"not sent: the same content was already taken as job "
+                f"{shown(earlier.get('job'))} ({shown(earlier.get('type'))}/"
+                f"{shown(earlier.get('source'))}, IPQS id {shown(earlier.get('id'))}) "
                 f"within upload.duplicate_window_hours; --no-duplicate-check sends it anyway"))
         self.claimed = True
 
@@ -250,7 +253,7 @@ class DuplicateGuard:
 
 def _unusable(spool: Spool, exc: OSError) -> CommandError:
     return CommandError(EXIT_USAGE, (
-        f"cannot record duplicates under {spool.markers} ({exc.strerror}): make spool.root "
+        f"cannot record duplicates under {shown(spool.markers)} ({exc.strerror}): make spool.root "
         "writable, or pass --no-duplicate-check to send without the guard"))
 
 
@@ -306,15 +309,16 @@ class Submission(Hooks):
         except RejectedError as exc:
             if not exc.maybe_sent:  # IPQS surely has no job: the refusal answered our POST
                 await self._not_sent(purse)
-            raise failure(exc, f"{payload.source} not accepted", self.timeout) from None
+            raise failure(exc, f"{shown(payload.source)} not accepted", self.timeout) from None
         except CommandError:  # the file changed: nothing went
             await self._not_sent(purse)
             raise
         except IpqsError as exc:
             if not (self.maybe_sent or exc.maybe_sent):
                 await self._not_sent(purse)
-                raise failure(exc, f"{payload.source} not sent", self.timeout) from None
-            line = failure(exc, f"{payload.source}: the upload's answer was lost", self.timeout)
+                raise failure(exc, f"{shown(payload.source)} not sent", self.timeout) from None
+            line = failure(exc, f"{shown(payload.source)}: the upload's answer was lost",
+                           self.timeout)
             line.message += (f"; IPQS may have it as file_name {self.job.file_name}: check "
                              "`ipqs-bulkd jobs`; the duplicate guard keeps the content marked, "
                              "so if IPQS does not have it, send it with --no-duplicate-check")
@@ -332,14 +336,15 @@ class Submission(Hooks):
                 and payload.path.stat().st_size != payload.size:
             # Checked before every attempt: a write aborts an upload under way, and the
             # file sent must be the file hashed for the duplicate guard.
-            raise CommandError(EXIT_FAILED, f"{payload.path}: not sent: the file changed "
+            raise CommandError(EXIT_FAILED, f"{shown(payload.path)}: not sent: the file changed "
                                             "after it was read")
 
     def _accepted(self, answer: CsvJob) -> None:
         self.maybe_sent = False
         self.guard.accepted(self.job)
-        self.console.line(f"submitted {self.payload.source} ({self.job.type}) as IPQS job "
-                          f"{answer.id}, file_name {self.job.file_name}, status {answer.status}")
+        self.console.line(f"submitted {shown(self.payload.source)} ({self.job.type}) as IPQS "
+                          f"job {answer.id}, file_name {shown(self.job.file_name)}, status "
+                          f"{shown(answer.status)}")
 
     async def _follow(self, talk: Conversation) -> CsvJob:
         """Poll the status until FINISHED (the daemon's intervals and deadline)."""
@@ -350,7 +355,8 @@ class Submission(Hooks):
             raise failure(exc, f"job {job_id} (submitted) status", self.timeout) from None
         if verdict in (Verdict.ABORTED, Verdict.UNKNOWN):
             raise CommandError(EXIT_FAILED, f"job {job_id}: IPQS reported status "
-                                            f"{answer.status!r} (aborted={answer.aborted})")
+                                            f"'{shown(answer.status)}' "
+                                            f"(aborted={answer.aborted})")
         if verdict is Verdict.OVERDUE:
             raise CommandError(EXIT_FAILED, f"job {job_id}: not finished within "
                                             f"{self.config.poll.deadline_hours:g} h "
@@ -369,7 +375,7 @@ class Submission(Hooks):
 
         async def placed(name: str, tmp: Path, size: int) -> None:
             path = await asyncio.to_thread(place_no_clobber, tmp, out, f"{source}.{name}.csv")
-            self.reporter.note(f"result set {name}: {human_bytes(size)} -> {path}")
+            self.reporter.note(f"result set {name}: {human_bytes(size)} -> {shown(path)}")
             saved[name] = path
 
         try:
@@ -383,9 +389,10 @@ class Submission(Hooks):
 
     def _report_results(self, answer: CsvJob, saved: dict[str, Path]) -> None:
         invalid = "-" if answer.invalid_records is None else answer.invalid_records
-        self.console.line(f"job {self.job.id} {answer.status}: invalid records {invalid}")
+        self.console.line(f"job {self.job.id} {shown(answer.status)}: invalid records "
+                          f"{invalid}")
         for name, path in saved.items():
-            self.console.line(f"  {name}: {path}")
+            self.console.line(f"  {name}: {shown(path)}")
         if not saved:
             self.console.line("  no result rows in the sets named in results.sets")
 

@@ -1,0 +1,224 @@
+"""Names are data (issue 21): a producer's file name never reaches a terminal raw.
+
+Everything here is real: the sandbox and the daemon run as subprocesses, the commands too,
+and their output is checked byte for byte for control characters. The unit tests of
+:func:`daemon.shown.shown` pin its form; the end-to-end test walks names with terminal
+escapes, CR, LF, C1 controls and invalid UTF-8 through the daemon, ``status``, ``jobs``,
+``retry``, ``submit`` and both log formats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import unicodedata
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from daemon.api import IpqsClient
+from daemon.shown import shown, terminal_safe
+from tests.support import FAKE_KEY
+from tests.test_first_run import answers, clean_env, free_port, wait_until
+
+# Raw control bytes in output: C0 but tab and newline, DEL, C1 (as UTF-8), and any byte
+# that is not UTF-8 is caught by the strict decode in assert_clean.
+CONTROL = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]|\xc2[\x80-\x9f]")
+
+NAMES = {
+    "osc-csi": "evil\x1b]0;pwned\x07\x1b[2J\x1b[31mred.csv",
+    "cr": "over\rwritten.csv",
+    "lf": "two\nlines.csv",
+    "c1": "c1-\x9b31m.csv",
+    "not-utf8": os.fsdecode(b"bad\xff\xfe-utf8.csv"),
+}
+
+
+def assert_clean(out: bytes) -> str:
+    """No raw control character, valid UTF-8; the text."""
+    found = CONTROL.search(out)
+    assert found is None, f"raw control {found.group()!r} in {out[:3000]!r}"
+    return out.decode("utf-8")
+
+
+# -- the one function -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    (NAMES["osc-csi"], "evil\\x1b]0;pwned\\x07\\x1b[2J\\x1b[31mred.csv"),
+    (NAMES["cr"], "over\\rwritten.csv"),
+    (NAMES["lf"], "two\\nlines.csv"),
+    (NAMES["c1"], "c1-\\u009b31m.csv"),
+    (NAMES["not-utf8"], "bad\\xff\\xfe-utf8.csv"),
+    (b"bad\xff.csv", "bad\\xff.csv"),
+    (Path("a\x7f/b"), "a\\x7f/b"),
+    ("back\\slash\\x1b.csv", "back\\\\slash\\\\x1b.csv"),
+    ("right\u202eto-left.csv", "right\\u202eto-left.csv"),
+    ("plain naïve 名前.csv", "plain naïve 名前.csv"),
+])
+def test_shown_escapes_controls_visibly(name: object, expected: str) -> None:
+    assert shown(name) == expected
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from(
+    ["\\", "\x1b", "\x07", "\r", "\n", "\x9b", "\x7f", "\udcff", "\udc80", "\u202e"])))
+def test_shown_is_printable_and_unambiguous(text: str) -> None:
+    out = shown(text)
+    assert not CONTROL.search(out.encode("utf-8"))  # encodable: no lone surrogate either
+    assert not {unicodedata.category(c) for c in out} & {"Cc", "Cs", "Zl", "Zp"}
+    # Unambiguous: the escapes decode back to the very same string.
+    assert _unshown(out) == text
+
+
+def _unshown(text: str) -> str:
+    """The inverse of :func:`shown`, to prove it loses nothing."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] != "\\":
+            out.append(text[i])
+            i += 1
+            continue
+        kind = text[i + 1]
+        if kind in "\\trn":
+            out.append({"\\": "\\", "t": "\t", "r": "\r", "n": "\n"}[kind])
+            i += 2
+        elif kind == "x":
+            code = int(text[i + 2:i + 4], 16)
+            out.append(chr(code) if code < 0x80 else chr(0xDC00 + code))
+            i += 4
+        else:
+            out.append(chr(int(text[i + 2:i + 6], 16)))
+            i += 6
+    return "".join(out)
+
+
+def test_terminal_safe_keeps_line_breaks_and_escapes_the_rest() -> None:
+    assert terminal_safe("a\nb\x1b[2Jc\rd\\x") == "a\nb\\x1b[2Jc\\rd\\x"
+    assert terminal_safe(shown("n\x1bame")) == shown("n\x1bame")
+
+
+# -- through the real daemon ------------------------------------------------------------------
+
+
+@pytest.fixture
+def sandbox_url(tmp_path: Path) -> Iterator[str]:
+    """The sandbox as a subprocess on a free loopback port; jobs finish at once."""
+    port = free_port()
+    with subprocess.Popen(
+            [sys.executable, "-m", "daemon", "sandbox", "--port", str(port),
+             "--new-seconds", "0", "--processing-seconds", "0", "--per-row-seconds", "0",
+             "--spool-dir", str(tmp_path / "sandbox")],
+            env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_until(lambda: answers(f"{base}/api/json/csv/{FAKE_KEY}/list")
+                       or proc.poll() is not None, "the sandbox")
+            yield base + "/api"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def run_cli(*args: str | bytes, cwd: Path) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=cwd,
+                          env=clean_env(IPQS_API_KEY=FAKE_KEY), capture_output=True,
+                          timeout=120, check=False)
+
+
+def write_config(tmp_path: Path, api_base: str, log_format: str) -> Path:
+    path = tmp_path / f"config-{log_format}.toml"
+    path.write_text(
+        f'[api]\nbase_url = "{api_base}"\n'
+        f'[spool]\nroot = "{tmp_path / "spool"}"\ntypes = ["email"]\n'
+        '[watch]\nsettle_seconds = 0.05\nwriter_check = "proc"\n'
+        "[poll]\ninitial_seconds = 0.05\nmax_seconds = 0.2\n"
+        "[budget]\ncheck_credits = false\n"
+        f'[health]\nenabled = false\n[log]\nformat = "{log_format}"\n')
+    return path
+
+
+def drop(inbox: Path, name: str, data: bytes) -> None:
+    inbox.mkdir(parents=True, exist_ok=True)
+    staging = inbox.parent / ".staging"
+    staging.write_bytes(data)
+    os.rename(staging, os.path.join(os.fsencode(inbox), os.fsencode(name)))
+
+
+def make_jobs_with_odd_names(api_base: str) -> None:
+    """Another client of the same account names its jobs as it likes."""
+    async def upload() -> None:
+        async with IpqsClient(api_base, FAKE_KEY) as client:
+            await client.upload_rows("email", [["x@example.com"]], NAMES["osc-csi"])
+
+    asyncio.run(upload())
+
+
+@pytest.mark.slow
+def test_odd_names_reach_no_terminal_raw_and_json_keeps_them_exact(
+        tmp_path: Path, sandbox_url: str) -> None:
+    console = write_config(tmp_path, sandbox_url, "console")
+    inbox = tmp_path / "spool" / "inbox" / "email"
+    for i, name in enumerate(NAMES.values()):
+        drop(inbox, name, f"user{i}@example.com\n".encode())
+    empty = "empty\x1b[5m.csv"  # fails as invalid-input, unsent
+    drop(inbox, empty, b"")
+
+    daemon = run_cli("run", "--once", "--config", str(console), cwd=tmp_path)
+    logs = assert_clean(daemon.stderr)
+    assert daemon.returncode == 1, logs[-3000:]
+    assert shown(NAMES["osc-csi"]) in logs and shown(NAMES["not-utf8"]) in logs
+    done = tmp_path / "spool" / "done" / "email"
+    sources = {json.loads((done / f"{name}.json").read_bytes())["source"]
+               for name in NAMES.values()}
+    assert sources == set(NAMES.values())  # records keep the exact name
+
+    status = run_cli("status", "--config", str(console), cwd=tmp_path)
+    text = assert_clean(status.stdout + status.stderr)
+    assert status.returncode == 0, text
+    for name in (*NAMES.values(), empty):
+        assert shown(name) in text
+    report = json.loads(run_cli("status", "--json", "--config", str(console),
+                                cwd=tmp_path).stdout)
+    assert {r["name"] for r in report["recent"]} == {*NAMES.values(), empty}
+
+    make_jobs_with_odd_names(sandbox_url)
+    jobs = run_cli("jobs", "--config", str(console), cwd=tmp_path)
+    assert shown(NAMES["osc-csi"]) in assert_clean(jobs.stdout + jobs.stderr)
+    listed = json.loads(run_cli("jobs", "--json", "--config", str(console),
+                                cwd=tmp_path).stdout)
+    assert NAMES["osc-csi"] in {j["file_name"] for j in listed["csvs"]}
+
+    retry = run_cli("retry", "--all-failed", "--force", "--config", str(console), cwd=tmp_path)
+    assert shown(empty) in assert_clean(retry.stdout + retry.stderr)
+    assert retry.returncode == 0
+    assert (inbox / empty).exists()
+    missing = run_cli("retry", os.fsencode(NAMES["not-utf8"]), "--config", str(console),
+                      cwd=tmp_path)
+    assert shown(NAMES["not-utf8"]) in assert_clean(missing.stderr)
+
+    odd = tmp_path / "to-submit"
+    odd.mkdir()
+    drop(odd, NAMES["osc-csi"], b"late@example.com\n")
+    submit = run_cli("submit", os.path.join(os.fsencode(odd), os.fsencode(NAMES["osc-csi"])),
+                     "--type", "email", "--wait", "--out", str(odd / "out"), "--config",
+                     str(console), cwd=tmp_path)
+    text = assert_clean(submit.stdout + submit.stderr)
+    assert submit.returncode == 0, text
+    assert shown(NAMES["osc-csi"]) in text
+    assert (odd / "out" / f"{NAMES['osc-csi']}.all.csv").exists()
+
+    # JSON logs keep the exact name, JSON-escaped.
+    as_json = write_config(tmp_path, sandbox_url, "json")
+    (inbox / empty).unlink()
+    drop(inbox, NAMES["cr"], b"again@example.com\n")
+    second = run_cli("run", "--once", "--config", str(as_json), cwd=tmp_path)
+    assert_clean(second.stderr)
+    events = [json.loads(line) for line in second.stderr.splitlines()]
+    assert NAMES["cr"] in {e.get("source") for e in events}
