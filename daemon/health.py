@@ -109,6 +109,13 @@ class HealthServer:
         await self._runner.cleanup()
 
 
+def reach_url(host: str, port: int) -> str:
+    """Where a client on this host reaches a listener bound to ``host:port``
+    (``http://HOST:PORT``): a wildcard address is reached on loopback."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
 def bind_error(exc: OSError, host: str, port: int) -> ConfigError:
     """Why the listener cannot start, as one line naming the setting to change."""
     where = f"{host}:{port}"

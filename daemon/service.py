@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -21,7 +22,7 @@ from daemon.aio import Wakeup, wait_any
 from daemon.api import IpqsClient, make_client
 from daemon.config import Config, spool_root_error
 from daemon.errors import AccountError, IpqsError
-from daemon.health import HealthServer, HealthState, create_app
+from daemon.health import HealthServer, HealthState, create_app, reach_url
 from daemon.housekeeping import Housekeeper
 from daemon.job.breaker import Breaker
 from daemon.job.money import Purse
@@ -29,7 +30,7 @@ from daemon.notify import Notifier
 from daemon.pipeline import Pipeline
 from daemon.poller import Poller
 from daemon.recovery import Recovery
-from daemon.spool import Job, Spool
+from daemon.spool import Job, Spool, daemons
 from daemon.spool.mounts import MisplacedFiles, advise_on_network, refuse_foreign_inboxes
 from daemon.uploader import Uploader
 from daemon.watcher import Watcher
@@ -77,6 +78,7 @@ class Service:
             waiting=lambda: {"unreadable": self.uploader.unreadable.count()})
         self.misplaced = MisplacedFiles(self.spool, config.spool.types)
         self.health_server: HealthServer | None = None
+        self.published: Path | None = None  # our health address in the spool's .daemon/
         self.notifier = notifier or Notifier()
         self._tasks: set[asyncio.Task[None]] = set()
         self._job_tasks: set[asyncio.Task[None]] = set()
@@ -210,6 +212,8 @@ class Service:
         await asyncio.to_thread(self.spool.release)
         await self.pipe.client.close()
         self.pipe.close()
+        if self.published is not None:
+            await asyncio.to_thread(daemons.withdraw, self.published)
         if self.health_server is not None:
             await self.health_server.close()
         log.info("daemon_stopped")
@@ -408,6 +412,18 @@ class Service:
         server = HealthServer(app, cfg.host, cfg.port)
         await server.start()  # raises ConfigError naming health.host or health.port
         self.health_server = server
+        url = reach_url(cfg.host, server.port if server.port is not None else cfg.port)
+        try:
+            self.published = await asyncio.to_thread(self._publish, url)
+        except OSError as exc:  # status falls back to health.port; the daemon runs on
+            log.warning("health_address_unpublished", folder=str(self.spool.daemons),
+                        error=exc.strerror or str(exc))
+
+    def _publish(self, url: str) -> Path:
+        """Tell ``status`` where our health listener is (health.port = 0 picks any port)."""
+        owner = self.spool.owner
+        daemons.prune(self.spool, host_id=owner.host, own_pid=owner.pid)
+        return daemons.publish(self.spool, owner, url, self.config.spool.file_mode)
 
     def _prepare_spool(self) -> None:
         try:

@@ -567,11 +567,12 @@ def test_status_json_on_a_spool_with_files_in_each_state(
     report = json.loads(result.out)
     assert result.code == 0
     assert set(report) == {"root", "types", "processing", "finishing", "misplaced", "recent",
-                           "hooks", "disk", "daemon", "budget"}
+                           "hooks", "disk", "daemon", "daemons", "budget"}
     assert report["hooks"] == {"pending": 0, "failing": 0, "last_error": None}
     assert report["disk"]["min_free_bytes"] == 1024 * 1024**2  # spool.min_free_mb
     assert report["misplaced"] == [] and report["finishing"] == {}
     assert report["budget"]["used"] == {} and report["budget"]["left"] == {}
+    assert report["daemons"] == []  # none published its address in this spool
     assert report["types"] == {"email": {"inbox": 1, "processing": 0, "done": 1, "failed": 1},
                                "phone": {"inbox": 0, "processing": 1, "done": 1, "failed": 0}}
     [job] = report["processing"]

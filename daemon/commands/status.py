@@ -36,9 +36,9 @@ from daemon.commands.common import (
     table,
 )
 from daemon.config import Config, HealthConfig
-from daemon.health import DEGRADED_PREFIX
+from daemon.health import DEGRADED_PREFIX, reach_url
 from daemon.shown import shown
-from daemon.spool import OUTCOMES, Layout, Spool, is_ignored
+from daemon.spool import OUTCOMES, Layout, Owner, Spool, daemons, is_ignored
 from daemon.spool.ledger import Ledger, Limits, utc_day
 from daemon.spool.mounts import misplaced
 
@@ -54,7 +54,9 @@ processing, done or failed; the jobs in processing with their age and last IPQS 
 the most recently finished files with their outcome; whether the daemon has paused
 uploads and the account's balance (read from its health endpoint,
 health.host:health.port /readyz); and today's rows (UTC day) per type against the
-[budget] limits. Read-only: safe to run while the daemon runs.
+[budget] limits. Every daemon on the spool publishes its health address in
+<spool.root>/.daemon/, so daemons with health.port = 0 (or another port) are found too,
+and each is listed with its readiness. Read-only: safe to run while the daemon runs.
 """
 
 EPILOG = f"""\
@@ -81,7 +83,7 @@ def add_parser(commands: Any, add_config: Callable[[argparse.ArgumentParser], No
 
 def run(ns: argparse.Namespace, config: Config, console: Console) -> int:
     report = collect(config, recent=ns.recent)
-    report["daemon"] = asyncio.run(probe(config.health))
+    report["daemon"], report["daemons"] = asyncio.run(probe_all(config))
     report["budget"] = budget(config)
     if ns.json:
         console.line(json.dumps(report, indent=2))
@@ -230,13 +232,59 @@ def _read_json(path: Path) -> dict[str, Any]:
 # -- the daemon's health endpoint -----------------------------------------------------------
 
 
+async def probe_all(config: Config) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The daemon's readiness (the configured one, else one found in the spool), and every
+    daemon that published its address in the spool's ``.daemon/``, each with its own."""
+    health = config.health
+    found = daemons.published(Layout(config.spool.root), host_id=Owner.current().host)
+    configured = reach_url(health.host, health.port) if health.enabled and health.port \
+        else None
+    probes = await asyncio.gather(*(_probe_published(p) for p in found))
+    listed = [{"host": p.host, "pid": p.pid, "health_url": p.health_url,
+               "started_at": p.started_at, "local": p.local, **state}
+              for p, state in zip(found, probes, strict=True)]
+    reachable = {d["health_url"]: d for d in listed if d["reachable"]}
+    if configured in reachable:
+        return _state(reachable[configured]), listed
+    if configured is not None or not health.enabled:
+        main = await probe(health)
+        if main["reachable"] or not listed:
+            return main, listed
+    if listed:  # the configured port is 0, or nobody answers there: the spool says where
+        return _state(next(iter(reachable.values()), listed[0])), listed
+    return _unknown("unknown (health.port = 0 and no running daemon has published its "
+                    f"address in {config.spool.root / '.daemon'})"), listed
+
+
+def _state(daemon: dict[str, Any]) -> dict[str, Any]:
+    """What ``/readyz`` said, without where the daemon is."""
+    return {k: v for k, v in daemon.items()
+            if k not in ("host", "pid", "health_url", "started_at", "local")}
+
+
+def _unknown(reason: str) -> dict[str, Any]:
+    """A daemon's state when its health endpoint gave no answer: ``reason`` says why."""
+    return {"reachable": False, "ready": None, "paused": None, "degraded": None,
+            "reason": reason}
+
+
+async def _probe_published(daemon: daemons.Published) -> dict[str, Any]:
+    loopback = daemon.health_url.startswith(("http://127.", "http://[::1]", "http://localhost"))
+    if not daemon.local and loopback:
+        return _unknown(f"on host {daemon.host}: not checked from here (its health "
+                        "endpoint listens on its own loopback)")
+    return await _readyz(daemon.health_url)
+
+
 async def probe(health: HealthConfig) -> dict[str, Any]:
     """The daemon's readiness from ``/readyz``: reachable, ready, paused and why."""
     if not health.enabled:
-        return {"reachable": False, "ready": None, "paused": None, "degraded": None,
-                "reason": "unknown (health endpoint off: health.enabled = false)"}
-    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(health.host, health.host)
-    url = f"http://{f'[{host}]' if ':' in host else host}:{health.port}/readyz"
+        return _unknown("unknown (health endpoint off: health.enabled = false)")
+    return await _readyz(reach_url(health.host, health.port))
+
+
+async def _readyz(base: str) -> dict[str, Any]:
+    url = f"{base}/readyz"
     timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT)
     try:
         async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session, \
@@ -245,8 +293,7 @@ async def probe(health: HealthConfig) -> dict[str, Any]:
     except (aiohttp.ClientError, TimeoutError, ValueError):
         data = None
     if not isinstance(data, dict) or not isinstance(data.get("ready"), bool):
-        return {"reachable": False, "ready": None, "paused": None, "degraded": None,
-                "reason": f"unknown (daemon not reachable at {url})"}
+        return _unknown(f"unknown (daemon not reachable at {url})")
     reason = str(data.get("reason") or "")
     paused = reason.startswith((PAUSED_PREFIX, *MONEY_PREFIXES))
     degraded = reason.startswith(DEGRADED_PREFIX)
@@ -285,7 +332,8 @@ def render(report: dict[str, Any], console: Console) -> None:
         names = ", ".join(shown(p) for p in stray[:5]) + (", ..." if len(stray) > 5 else "")
         console.line(f"misplaced: {len(stray)} (never taken; move into inbox/<type>/): {names}")
         console.line()
-    console.line(f"uploads: {_uploads(report['daemon'])}")
+    console.line(f"uploads: {shown(_uploads(report['daemon']))}")
+    _render_daemons(report["daemons"], console)
     _render_money(report, console)
     console.line()
     disk = report["disk"]
@@ -343,7 +391,8 @@ def _render_money(report: dict[str, Any], console: Console) -> None:
 
 
 def _uploads(daemon: dict[str, Any]) -> str:
-    reason = shown(daemon["reason"])  # may quote IPQS's own words
+    """Raw text (it may quote IPQS's own words): show it with :func:`shown`."""
+    reason = str(daemon["reason"])
     if not daemon["reachable"]:
         return reason
     if daemon["paused"] and str(daemon["reason"]).startswith(MONEY_PREFIXES):
@@ -355,6 +404,16 @@ def _uploads(daemon: dict[str, Any]) -> str:
     if daemon["ready"]:
         return "running"
     return f"not running yet: {reason}"
+
+
+def _render_daemons(found: list[dict[str, Any]], console: Console) -> None:
+    if not found:
+        return
+    console.line(f"daemons on this spool: {len(found)}")
+    console.line(table(
+        ["PID", "HOST", "HEALTH", "STARTED", "UPLOADS"],
+        [[d["pid"], d["host"], d["health_url"], d["started_at"], _uploads(d)]
+         for d in found]))
 
 
 def _outcome(record: dict[str, Any]) -> str:

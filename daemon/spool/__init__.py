@@ -7,6 +7,7 @@
 - :mod:`~daemon.spool.markers`: duplicate markers;
 - :mod:`~daemon.spool.ledger`: rows used per UTC day, for the daily budgets;
 - :mod:`~daemon.spool.leases`: owners, heartbeats and adoption between daemons;
+- :mod:`~daemon.spool.daemons`: where each daemon on the spool listens (health address);
 - :mod:`~daemon.spool.store`: the :class:`Spool` (claim, unclaim, finish, save and load).
 """
 

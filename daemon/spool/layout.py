@@ -7,6 +7,7 @@ Layout under the spool root::
     processing/<job>/<name>          the input, renamed in at claim time
     processing/<job>/results/<set>   downloaded result sets
     processing/.owners/<owner>       one heartbeat file per running daemon (leases)
+    .daemon/<host>-<pid>.json        where each running daemon's health listener is
     markers/<sha256>                 duplicate markers, made by exclusive create
     budget/<YYYY-MM-DD>/<n>          rows reserved per UTC day (:mod:`~daemon.spool.ledger`)
     done/<type>/<name>, <name>.json, <name>.<set>.csv
@@ -26,6 +27,7 @@ from daemon.spool.record import Job
 
 RESULTS_DIR = "results"
 OWNERS_DIR = ".owners"
+DAEMONS_DIR = ".daemon"
 OUTCOMES = ("done", "failed")
 
 _IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~")
@@ -52,6 +54,7 @@ class Layout:
         self.budget = root / "budget"
         self.owners = self.processing / OWNERS_DIR
         self.hooks = root / "hooks"
+        self.daemons = root / DAEMONS_DIR
 
     def inbox(self, file_type: str) -> Path:
         return self.root / "inbox" / file_type

@@ -66,7 +66,7 @@ class Leases:
             host, _, rest = beat.name.partition(":")
             pid = rest.partition(":")[0]
             if host == self.owner.host and pid.isdigit() and int(pid) != self.owner.pid \
-                    and not _pid_alive(int(pid)):
+                    and not pid_alive(int(pid)):
                 beat.unlink(missing_ok=True)
 
     def release(self) -> None:
@@ -88,7 +88,7 @@ class Leases:
         host, _, rest = owner.partition(":")
         pid = rest.partition(":")[0]
         if host == self.owner.host and pid.isdigit() and int(pid) != self.owner.pid:
-            return not _pid_alive(int(pid))
+            return not pid_alive(int(pid))
         # Another host, or our own pid under another token (an earlier life of this
         # process, or a second daemon inside it): its heartbeat decides.
         beat = self.layout.owners / owner
@@ -145,7 +145,8 @@ class Leases:
         return current is not None and current.owner == self.owner.name
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is process ``pid`` (of this pid namespace) alive? Another user's process is."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
