@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -39,6 +39,8 @@ from daemon.shown import shown, terminal_safe
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 SANDBOX_SPOOL = Path("ipqs-spool")
+#: Written into the spool by ``run --sandbox`` while it runs: the config of the other commands.
+SANDBOX_CONFIG = "sandbox.toml"
 #: The one rule for the sandbox's spool, as --help, README.md and _load() apply it.
 SANDBOX_RULE = ("spool: spool.root from the config you name (--config or "
                 "$IPQS_BULKD_CONFIG) or IPQS_BULKD_SPOOL_ROOT, else ./ipqs-spool; "
@@ -162,13 +164,21 @@ def _check_config(config: Config) -> int:
               file=sys.stderr)
     else:
         print(f"# API key: from {shown(source)}")
-    for section, values in config.as_dict().items():
-        print(f"[{section}]")
-        for key, value in values.items():
-            text = oct(value) if key == "file_mode" else _toml_value(value)
-            print(f"{key} = {text}")
-        print()
+    print("\n".join(_toml_lines(config.as_dict())))
     return EXIT_OK
+
+
+def _toml_lines(sections: dict[str, dict[str, object]]) -> list[str]:
+    """The config as TOML, one line per key and an empty line after each section."""
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            text = oct(value) if key == "file_mode" and isinstance(value, int) \
+                else _toml_value(value)
+            lines.append(f"{key} = {text}")
+        lines.append("")
+    return lines
 
 
 def _toml_value(value: object) -> str:
@@ -191,34 +201,92 @@ async def _serve(config: Config, *, once: bool, sandbox: bool) -> int:
     from daemon.service import Service
 
     runner: web.AppRunner | None = None
-    banner = ""
+    handoff: _SandboxHandoff | None = None
     if sandbox:
         runner, config, banner = await _start_sandbox(config)
-    service = Service(config, notifier=_ReadyBanner(banner))
+        handoff = _SandboxHandoff(config, banner)
+    service = Service(config, notifier=_ReadyBanner(handoff.ready if handoff else None))
     service.install_signal_handlers()
     try:
         return await service.run(once=once)
     finally:
         service.remove_signal_handlers()
+        if handoff is not None:
+            handoff.remove()
         if runner is not None:
             await runner.cleanup()
 
 
 class _ReadyBanner(Notifier):
-    """systemd's notifier; prints ``banner`` once the daemon is ready, not before.
+    """systemd's notifier; once the daemon is ready, not before, calls ``on_ready`` and
+    prints what it returns.
 
     So a daemon that cannot start (a taken health port...) says only why.
     """
 
-    def __init__(self, banner: str) -> None:
+    def __init__(self, on_ready: Callable[[], str] | None) -> None:
         super().__init__()
-        self._banner = banner
+        self._on_ready = on_ready
 
     def send(self, **fields: str) -> bool:
-        if "READY" in fields and self._banner:
-            print(self._banner, file=sys.stderr, flush=True)
-            self._banner = ""
+        if "READY" in fields and self._on_ready is not None:
+            print(self._on_ready(), file=sys.stderr, flush=True)
+            self._on_ready = None
         return super().send(**fields)
+
+
+class _SandboxHandoff:
+    """``<spool>/sandbox.toml`` while ``run --sandbox`` runs: the config with which the other
+    commands (status, jobs, submit, retry) reach this run's spool and its sandbox, whose
+    port is new each run. Written once the daemon is ready; removed at exit if unchanged.
+    """
+
+    def __init__(self, config: Config, banner: str) -> None:
+        self.path = config.spool.root / SANDBOX_CONFIG
+        self.text = _sandbox_toml(config)
+        self.banner = banner
+
+    def ready(self) -> str:
+        """Write the file; the banner, with the next command to run."""
+        try:
+            tmp = self.path.with_name(f".{SANDBOX_CONFIG}.tmp")
+            tmp.write_text(self.text)
+            tmp.replace(self.path)
+        except OSError as exc:
+            return (f"{self.banner}\nipqs-bulkd: could not write {shown(self.path)} "
+                    f"({exc.strerror}): the other commands need --config with "
+                    "api.base_url set to the sandbox above")
+        shown_path = shown(_relative(self.path))
+        return f"{self.banner}\nin another terminal: ipqs-bulkd status --config {shown_path}"
+
+    def remove(self) -> None:
+        try:
+            if self.path.read_text() == self.text:  # not another sandbox run's since
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass  # gone already, or not ours to remove
+
+
+def _relative(path: Path) -> Path:
+    """``path`` from the working directory when it is under it (shorter to type)."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
+def _sandbox_toml(config: Config) -> str:
+    from daemon.sandbox import TEST_KEY
+
+    sections = config.as_dict(redact=False)
+    lines = ["# Written by `ipqs-bulkd run --sandbox` for the other commands while it runs;",
+             "# the sandbox's port is new each run. Removed when it stops."]
+    if sections["api"]["key"] != TEST_KEY:
+        # A real key is never written to a file: the commands find it where the daemon did.
+        sections["api"]["key"] = ""
+        lines.append("# api.key is left out: give the commands the key this run was given "
+                     f"(from {key_source(config.api, os.environ) or 'api.key'}).")
+    return "\n".join([*lines, *_toml_lines(sections)])
 
 
 async def _start_sandbox(config: Config) -> tuple[web.AppRunner, Config, str]:

@@ -15,7 +15,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import tomllib
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +26,8 @@ import pytest
 
 from daemon import cli as cli_module
 from daemon.cli import SANDBOX_RULE
+from daemon.config import load_config
+from daemon.sandbox import TEST_KEY
 from tests.support import FAKE_KEY, emails
 
 REPO = Path(__file__).resolve().parent.parent
@@ -358,3 +362,60 @@ def test_check_config_help_describes_it(capsys: pytest.CaptureFixture[str]) -> N
     assert "print the effective values as TOML" in out and "where the API key comes from" in out
     assert "systemd-run -P -p LoadCredential=api-key:/etc/ipqs-bulkd/api-key" in out
     assert "exit status: 0 valid 2 a configuration error" in out
+
+
+# -- the quick start leads on (issue 14 item 3) ----------------------------------------------
+
+
+@pytest.mark.slow
+def test_run_sandbox_hands_its_config_to_the_other_commands(tmp_path: Path) -> None:
+    env = clean_env(IPQS_BULKD_HEALTH_PORT="0")
+    del env["IPQS_BULKD_CONFIG"]
+    hint = "in another terminal: ipqs-bulkd status --config ipqs-spool/sandbox.toml"
+    lines: list[str] = []
+    with subprocess.Popen([sys.executable, "-m", "daemon", "run", "--sandbox"], cwd=tmp_path,
+                          env=env, text=True, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE) as daemon:
+        assert daemon.stderr is not None
+        reader = threading.Thread(target=lambda: lines.extend(daemon.stderr or ()), daemon=True)
+        reader.start()
+        try:
+            wait_until(lambda: hint + "\n" in lines or daemon.poll() is not None, "the hint")
+            assert daemon.poll() is None, "".join(lines)[-2000:]
+            handed = tmp_path / "ipqs-spool" / "sandbox.toml"
+            assert tomllib.loads(handed.read_text())["api"]["key"] == TEST_KEY
+            inbox = tmp_path / "ipqs-spool" / "inbox" / "email"
+            (tmp_path / "list.csv").write_bytes(emails(2))
+            (tmp_path / "list.csv").rename(inbox / "list.csv")
+            done = tmp_path / "ipqs-spool" / "done" / "email" / "list.csv.json"
+            wait_until(done.exists, "the file done")
+            # As the hint says: from the same folder, with no other setting.
+            others = clean_env()
+            status = cli("status", "--config", "ipqs-spool/sandbox.toml", cwd=tmp_path,
+                         env=others)
+            assert status.returncode == 0, status.stderr
+            assert "email      0           0     1       0" in status.stdout
+            assert "uploads: running" in status.stdout.splitlines()
+            jobs = cli("jobs", "--json", "--config", "ipqs-spool/sandbox.toml", cwd=tmp_path,
+                       env=others)
+            assert jobs.returncode == 0, jobs.stderr
+            record = json.loads(done.read_text())
+            assert [(j["id"], j["file_name"]) for j in json.loads(jobs.stdout)["csvs"]] == [
+                (record["id"], record["file_name"])]
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=30)
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+            reader.join(timeout=30)
+    assert daemon.returncode == 0, "".join(lines)[-2000:]
+    assert not handed.exists()  # it named a port that is gone now
+
+
+def test_the_handed_config_never_holds_a_real_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IPQS_API_KEY", FAKE_KEY)
+    config = load_config(None, {"IPQS_API_KEY": FAKE_KEY})
+    text = cli_module._sandbox_toml(config)
+    assert FAKE_KEY not in text
+    assert tomllib.loads(text)["api"]["key"] == ""
+    assert "(from IPQS_API_KEY)" in text
