@@ -30,6 +30,7 @@ from daemon.cli import main
 from daemon.commands.common import table
 from daemon.health import HealthState
 from daemon.health import create_app as health_app
+from daemon.inputs import billed_rows
 from daemon.metrics import Metrics
 from daemon.sandbox import SANDBOX, SandboxState, create_app
 from daemon.spool import SUBMITTED, Spool
@@ -826,3 +827,73 @@ def test_interrupt_is_one_line_with_status_130(
     monkeypatch.setattr("daemon.commands.status.collect", interrupted)
     result = cli(capsys, "status", "--config", config)
     assert (result.code, result.err) == (130, "ipqs-bulkd: interrupted\n")
+
+
+# -- small surprises (issue 14 item 10) ----------------------------------------------------
+
+
+def test_submit_out_without_wait_is_a_usage_error(tmp_path: Path, config: Path,
+                                                 sandbox: Sandbox,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    result = cli(capsys, "submit", csv_file(tmp_path), "--type", "email", "--out",
+                 tmp_path / "out", "--config", config)
+    assert result.code == 2
+    assert result.last_err == ("ipqs-bulkd: --out needs --wait: without it nothing is "
+                               "downloaded")
+    assert sandbox.uploads() == [] and markers(tmp_path) == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_submit_a_folder_says_it_is_a_folder(tmp_path: Path, config: Path, sandbox: Sandbox,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    result = cli(capsys, "submit", tmp_path, "--type", "email", "--config", config)
+    assert result.code == 6
+    assert result.last_err == f"ipqs-bulkd: {tmp_path} is a folder: name a file in it"
+    assert sandbox.uploads() == []
+
+
+def test_submit_says_the_rows_ipqs_bills(tmp_path: Path, config: Path, sandbox: Sandbox,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # A header is a row IPQS bills; a blank line and a line inside a quoted cell are not.
+    data = b'email,note\n"a@example.com","two\nlines"\n\nb@example.com,\n'
+    path = csv_file(tmp_path, data=data)
+    result = cli(capsys, "submit", path, "--type", "email", "--json", "--config", config)
+    assert result.code == 0, result.err
+    assert billed_rows(path, "json") == 3  # the count the record is made of
+    assert "sending 3 rows of list.csv as JSON" in result.err.splitlines()
+    assert len(sandbox.uploads()) == 1
+
+
+def test_a_timeout_run_does_not_promise_a_retry_it_will_not_make(
+        tmp_path: Path, sandbox: Sandbox, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, sandbox.api_base, extra="")
+    text = config.read_text().replace("retry_max_seconds = 0.05", "retry_max_seconds = 30")
+    config.write_text(text.replace("retry_initial_seconds = 0.01",
+                                   "retry_initial_seconds = 0.2"))
+    sandbox.state.faults.outage = True
+    result = cli(capsys, "jobs", "--timeout", "0.5", "--config", config)
+    assert result.code == 4
+    notes = result.err.splitlines()[:-1]
+    assert notes, result.err
+    waits = [float(n.split("retrying in ")[1].split()[0]) for n in notes if "retrying in" in n]
+    assert all(wait < 0.5 for wait in waits)
+    assert "; one last try in " in notes[-1]
+    assert notes[-1].endswith(", then giving up (--timeout 0.5)")
+
+
+def test_retry_all_failed_skips_invalid_input_unless_forced(
+        tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spool, _ = _failed(tmp_path, "empty.csv", reason="invalid-input", marker=False)
+    _failed(tmp_path, "b.csv", reason="rejected", marker=False)
+    result = cli(capsys, "retry", "--all-failed", "--config", config)
+    assert result.code == 0
+    assert result.out.splitlines() == [
+        "skipped 1 invalid-input file(s): unchanged they fail again; fix and drop them again, "
+        "name them, or give --force",
+        "email/b.csv: back in inbox/email/b.csv; old record kept as "
+        + next(f"history/email/{p.name}" for p in (spool.root / "history" / "email").iterdir()),
+        "1 file(s) put back into their inbox"]
+    assert (spool.root / "failed" / "email" / "empty.csv").exists()
+    forced = cli(capsys, "retry", "--all-failed", "--force", "--config", config)
+    assert forced.code == 0 and "skipped" not in forced.out
+    assert (spool.root / "inbox" / "email" / "empty.csv").exists()

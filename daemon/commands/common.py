@@ -171,10 +171,11 @@ class Patience:
     most ``seconds`` from the first failure (``--timeout``); then the last error is raised.
 
     Only :class:`~daemon.errors.TransientError` is retried (see :mod:`daemon.retry`).
+    ``on_retry`` gets the line for people: what failed and when the next try is.
     """
 
     def __init__(self, config: Config, seconds: float,
-                 on_retry: Callable[[str, BaseException, float], None]) -> None:
+                 on_retry: Callable[[str], None]) -> None:
         self.config = config
         self.seconds = seconds
         self.on_retry = on_retry
@@ -189,7 +190,7 @@ class Patience:
             nonlocal timer
             if timer is None:
                 timer = loop.call_later(self.seconds, stop.set)
-            self.on_retry(what, exc, wait)
+            self.on_retry(self._line(what, exc, wait, left=timer.when() - loop.time()))
 
         cfg = self.config.upload
         try:
@@ -202,6 +203,13 @@ class Patience:
             if timer is not None:
                 timer.cancel()
         raise AssertionError("unreachable: the retry loop returns or raises")
+
+    def _line(self, what: str, exc: BaseException, wait: float, *, left: float) -> str:
+        if wait < left:
+            return f"{retry_note(what, exc)}; retrying in {wait:.1f} s"
+        # The wait is cut short when --timeout ends: one last try then, not a retry later.
+        return (f"{retry_note(what, exc)}; one last try in {max(left, 0):.1f} s, then giving "
+                f"up (--timeout {self.seconds:g})")
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -25,7 +25,6 @@ from daemon.commands.common import (
     positive_float,
     positive_int,
     require_key,
-    retry_note,
     table,
 )
 from daemon.config import Config
@@ -76,10 +75,7 @@ def run(ns: argparse.Namespace, config: Config, console: Console) -> int:
 
 
 async def _fetch(config: Config, console: Console, ns: argparse.Namespace) -> CsvPage:
-    def retrying(what: str, exc: BaseException, wait: float) -> None:
-        console.note(f"{retry_note(what, exc)}; retrying in {wait:.1f} s")
-
-    patience = Patience(config, ns.timeout, retrying)
+    patience = Patience(config, ns.timeout, console.note)
     async with make_client(config) as client:
         try:
             return await patience.call("list", functools.partial(client.list, ns.type,

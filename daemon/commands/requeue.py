@@ -39,6 +39,8 @@ from daemon.shown import shown
 from daemon.spool import Layout, place_no_clobber
 from daemon.spool.refetch import refetch, refetchable
 
+INVALID_INPUT = "invalid-input"
+
 DESCRIPTION = """\
 Move failed files from failed/<type>/ back into inbox/<type>/, so the daemon tries them
 again. Their record (<name>.json) and any result files are kept, with a time stamp, in
@@ -77,11 +79,13 @@ def add_parser(commands: Any, add_config: Callable[[argparse.ArgumentParser], No
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="*", metavar="FILE", help="failed files to put back")
     p.add_argument("--all-failed", action="store_true",
-                   help="put back every failed file (of --type, if given)")
+                   help="put back every failed file (of --type, if given), but not those "
+                        "refused as invalid-input (they would fail again) unless --force")
     p.add_argument("--type", metavar="TYPE", help="only look in failed/TYPE/")
     p.add_argument("--force", action="store_true",
                    help="also remove the duplicate markers, so content IPQS already took is "
-                        "sent (and paid for) again")
+                        "sent (and paid for) again; with --all-failed, put back invalid-input "
+                        "files too")
     p.add_argument("--results-only", action="store_true",
                    help="fetch the results of jobs IPQS already has (a record with an IPQS "
                         "id) again, without uploading")
@@ -122,6 +126,7 @@ def run(ns: argparse.Namespace, config: Config, console: Console) -> int:
         targets = [f for t in wanted for f in _all_failed(requeue.layout, t)]
         if not targets:
             console.line("nothing to retry: no failed files")
+        targets = _unless_invalid(targets, console, force=ns.force)
         missing = 0
     else:
         targets, missing = _resolve_all(requeue.layout, wanted, ns.files, console)
@@ -145,6 +150,19 @@ def _all_failed(layout: Layout, file_type: str) -> list[Failed]:
     present = set(names)
     return [Failed(file_type, folder, n[:-5]) for n in names
             if n.endswith(".json") and not n.startswith(".") and n[:-5] in present]
+
+
+def _unless_invalid(targets: list[Failed], console: Console, *, force: bool) -> list[Failed]:
+    """``--all-failed`` leaves out files refused as invalid input (they would fail again,
+    unchanged) unless ``--force``; says how many."""
+    if force:
+        return targets
+    kept = [f for f in targets if _read_json(f.record_path).get("reason") != INVALID_INPUT]
+    skipped = len(targets) - len(kept)
+    if skipped:
+        console.line(f"skipped {skipped} {INVALID_INPUT} file(s): unchanged they fail again; "
+                     "fix and drop them again, name them, or give --force")
+    return kept
 
 
 def _resolve_all(layout: Layout, types: tuple[str, ...], args: list[str],

@@ -98,9 +98,10 @@ def add_parser(commands: Any, add_config: Callable[[argparse.ArgumentParser], No
     p.add_argument("--wait", action="store_true",
                    help="wait until IPQS has finished the job, then download the result sets "
                         "named in results.sets")
-    p.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
-                   help="with --wait: where to put the results, as FILE.<set>.csv "
-                        "(default: the current folder; existing files are never replaced)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="with --wait (required): where to put the results, as "
+                        "FILE.<set>.csv (default: the current folder; existing files are "
+                        "never replaced)")
     p.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT,
                    metavar="SECONDS",
                    help="keep retrying while IPQS is unreachable or answers with temporary "
@@ -134,10 +135,13 @@ def run(ns: argparse.Namespace, config: Config, console: Console) -> int:
     if len(ns.files) > 1:
         raise CommandError(EXIT_USAGE, "give one FILE (any number with --dry-run)")
     ns.file = ns.files[0] if ns.files else None
+    if ns.out is not None and not ns.wait:
+        raise CommandError(EXIT_USAGE, "--out needs --wait: without it nothing is downloaded")
+    out: Path = ns.out if ns.out is not None else Path(".")
     require_key(config)
     payload = _payload(ns)
     if ns.wait:
-        _check_out(ns.out)
+        _check_out(out)
     guard = DuplicateGuard.open(config, console, enabled=not ns.no_duplicate_check)
     job_id = new_job_id()
     job = Job(job=job_id, type=ns.type, source=payload.source,
@@ -145,7 +149,7 @@ def run(ns: argparse.Namespace, config: Config, console: Console) -> int:
               sha256=payload.sha256, bytes=payload.size, rows=payload.rows)
     guard.claim(job)
     submission = Submission(config, console, job, payload, guard, timeout=ns.timeout)
-    return asyncio.run(submission.run(wait=ns.wait, out=ns.out))
+    return asyncio.run(submission.run(wait=ns.wait, out=out))
 
 
 # -- before anything is sent ----------------------------------------------------------------
@@ -160,7 +164,8 @@ def _payload(ns: argparse.Namespace) -> Payload:
         raise CommandError(EXIT_USAGE, "name the FILE to send (or give --url URL)")
     path: Path = ns.file
     if not path.is_file():
-        what = "is not a regular file" if path.exists() else "does not exist"
+        what = ("is a folder: name a file in it" if path.is_dir() else
+                "is not a regular file" if path.exists() else "does not exist")
         raise CommandError(EXIT_NOT_FOUND, f"{shown(path)} {what}")
     if path.name.lower().endswith(URL_SUFFIX):
         # Named and hashed as the daemon names and hashes a .url file in its inbox.
@@ -278,8 +283,8 @@ class Submission(Hooks):
         # True while an upload may have reached IPQS without our knowing its id.
         self.maybe_sent = False
 
-    def _retrying(self, what: str, exc: BaseException, wait: float) -> None:
-        self.reporter.note(f"{retry_note(what, exc)}; retrying in {wait:.1f} s")
+    def _retrying(self, line: str) -> None:
+        self.reporter.note(line)
 
     async def run(self, *, wait: bool, out: Path) -> int:
         try:
