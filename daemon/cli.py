@@ -35,7 +35,7 @@ from daemon.config import (
 )
 from daemon.logs import add_secret, configure
 from daemon.notify import Notifier
-from daemon.shown import shown, terminal_safe
+from daemon.shown import shown
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 SANDBOX_SPOOL = Path("ipqs-spool")
@@ -147,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return people.run(ns, config)
         return _run(config, once=ns.once, sandbox=ns.sandbox)
     except ConfigError as exc:
-        print(terminal_safe(f"ipqs-bulkd: {exc}"), file=sys.stderr)
+        # One line, whatever the paths in it hold (config messages name paths raw).
+        print(f"ipqs-bulkd: {shown(exc)}", file=sys.stderr)
         return EXIT_USAGE
 
 

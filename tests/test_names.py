@@ -126,10 +126,11 @@ def sandbox_url(tmp_path: Path) -> Iterator[str]:
             proc.wait(timeout=30)
 
 
-def run_cli(*args: str | bytes, cwd: Path) -> subprocess.CompletedProcess[bytes]:
+def run_cli(*args: str | bytes, cwd: Path,
+            env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=cwd,
-                          env=clean_env(IPQS_API_KEY=FAKE_KEY), capture_output=True,
-                          timeout=120, check=False)
+                          env=clean_env(IPQS_API_KEY=FAKE_KEY, **(env_extra or {})),
+                          capture_output=True, timeout=120, check=False)
 
 
 def write_config(tmp_path: Path, api_base: str, log_format: str) -> Path:
@@ -222,3 +223,18 @@ def test_odd_names_reach_no_terminal_raw_and_json_keeps_them_exact(
     assert_clean(second.stderr)
     events = [json.loads(line) for line in second.stderr.splitlines()]
     assert NAMES["cr"] in {e.get("source") for e in events}
+
+
+def test_check_config_and_config_errors_show_paths_escaped(tmp_path: Path) -> None:
+    root = tmp_path / NAMES["osc-csi"]
+    shown_config = run_cli("check-config", cwd=tmp_path,
+                           env_extra={"IPQS_BULKD_SPOOL_ROOT": str(root)})
+    text = assert_clean(shown_config.stdout + shown_config.stderr)
+    assert shown_config.returncode == 0, text
+    # TOML's (JSON's) own escapes: the value reads back as the exact path.
+    line = next(x for x in text.splitlines() if x.startswith("root = "))
+    assert json.loads(line.removeprefix("root = ")) == str(root)
+    missing = run_cli("check-config", "--config", str(tmp_path / NAMES["lf"]), cwd=tmp_path)
+    error = assert_clean(missing.stderr)
+    assert missing.returncode == 2
+    assert error.count("\n") == 1 and "two\\nlines.csv" in error
