@@ -422,7 +422,7 @@ class Service:
     def _publish(self, url: str) -> Path:
         """Tell ``status`` where our health listener is (health.port = 0 picks any port)."""
         owner = self.spool.owner
-        daemons.prune(self.spool, host_id=owner.host, own_pid=owner.pid)
+        daemons.prune(self.spool, owner)
         return daemons.publish(self.spool, owner, url, self.config.spool.file_mode)
 
     def _prepare_spool(self) -> None:

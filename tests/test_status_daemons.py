@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_first_run import clean_env, cli, daemon_config, wait_until
+from daemon.spool import Layout, Owner, daemons
+from tests.test_first_run import clean_env, cli, daemon_config, free_port, wait_until
 
 
 @contextmanager
@@ -68,6 +69,10 @@ def test_two_daemons_with_health_port_0_are_both_shown_ready(tmp_path: Path) -> 
         rows = [line for line in text.splitlines() if line.split()[:1] in
                 ([str(first.pid)], [str(second.pid)])]
         assert len(rows) == 2 and all(row.endswith("running") for row in rows)
+        # A config naming another port (nobody listens there) finds them the same way.
+        elsewhere = daemon_config(tmp_path / "other", free_port(), root=str(root))
+        other = json.loads(status(elsewhere, tmp_path, "--json").stdout)
+        assert len(other["daemons"]) == 2 and other["daemon"]["ready"] is True
 
         # A clean exit withdraws the address; a killed daemon's is left, and ignored.
         first.send_signal(signal.SIGTERM)
@@ -81,3 +86,32 @@ def test_two_daemons_with_health_port_0_are_both_shown_ready(tmp_path: Path) -> 
         assert after["daemons"] == []
         assert after["daemon"]["reachable"] is False
         assert ".daemon" in after["daemon"]["reason"]
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(timeout=30)
+    return proc.pid
+
+
+def test_published_addresses_skip_the_gone_and_prune_removes_them(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    me = Owner.current()
+    mine = daemons.publish(layout, me, "http://127.0.0.1:1234", 0o640)
+    gone = daemons.publish(layout, Owner(me.host, dead_pid(), "aaaa"), "http://127.0.0.1:1",
+                           0o640)
+    earlier_me = daemons.publish(layout, Owner(me.host, me.pid, "bbbb"),
+                                 "http://127.0.0.1:2", 0o640)
+    elsewhere = daemons.publish(layout, Owner("other-host-1", 1, "cccc"),
+                                "http://10.0.0.9:9187", 0o640)
+    (layout.daemons / "junk.json").write_text("{not json")
+    found = {p.path: p for p in daemons.published(layout, host_id=me.host)}
+    assert set(found) == {mine, earlier_me, elsewhere}  # the gone pid is skipped
+    assert found[mine].local and not found[elsewhere].local
+    assert found[mine].health_url == "http://127.0.0.1:1234"
+
+    daemons.prune(layout, me)
+    assert not gone.exists() and not earlier_me.exists()
+    assert mine.exists() and elsewhere.exists()  # another host's is not ours to judge
+    daemons.withdraw(mine)
+    assert [p.path for p in daemons.published(layout, host_id=me.host)] == [elsewhere]

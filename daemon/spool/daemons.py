@@ -1,4 +1,4 @@
-"""Where the daemons on a spool listen: ``.daemon/<host>-<pid>.json``.
+"""Where the daemons on a spool listen: ``.daemon/<host>-<pid>-<token>.json``.
 
 A daemon with a health listener publishes its address here once the listener is up
 (``health.port = 0`` picks a free port that nobody else could know), and removes the file
@@ -41,7 +41,7 @@ class Published:
 def publish(layout: Layout, owner: Owner, health_url: str, file_mode: int) -> Path:
     """Write our address; returns the file, for :func:`withdraw`."""
     layout.daemons.mkdir(parents=True, exist_ok=True)
-    path = layout.daemons / f"{owner.host}-{owner.pid}{SUFFIX}"
+    path = layout.daemons / f"{owner.host}-{owner.pid}-{owner.token}{SUFFIX}"
     data = {"owner": owner.name, "host": socket.gethostname(), "host_id": owner.host,
             "pid": owner.pid, "health_url": health_url, "started_at": utcnow()}
     atomic_write(path, (json.dumps(data, indent=2) + "\n").encode(), file_mode)
@@ -61,12 +61,15 @@ def published(layout: Layout, *, host_id: str) -> list[Published]:
     return sorted(found, key=lambda p: (p.started_at, p.pid))
 
 
-def prune(layout: Layout, *, host_id: str, own_pid: int) -> None:
-    """Remove the files of daemons on this host that are gone (left by a crash)."""
+def prune(layout: Layout, owner: Owner) -> None:
+    """Remove the files of daemons on this host that are gone (left by a crash), among
+    them an earlier life of our own pid (a container's daemon is always pid 1)."""
     for path in _files(layout.daemons):
         data = _load(path)
-        if data is not None and data.get("host_id") == host_id and data["pid"] != own_pid \
-                and not pid_alive(data["pid"]):
+        if data is None or data.get("host_id") != owner.host:
+            continue
+        if not pid_alive(data["pid"]) or (data["pid"] == owner.pid
+                                          and data.get("owner") != owner.name):
             path.unlink(missing_ok=True)
 
 
