@@ -30,6 +30,7 @@ from daemon.notify import Notifier
 from daemon.pipeline import Pipeline
 from daemon.poller import Poller
 from daemon.recovery import Recovery
+from daemon.shown import shown
 from daemon.spool import Job, Spool, daemons
 from daemon.spool.mounts import MisplacedFiles, advise_on_network, refuse_foreign_inboxes
 from daemon.uploader import Uploader
@@ -380,15 +381,17 @@ class Service:
         if unreadable:
             status += f", unreadable {unreadable} (chmod g+r)"
         if self.pipe.breaker.paused:
-            status += f"; PAUSED: {self.pipe.breaker.reason}"
+            # IPQS's words and file names, shown by `systemctl status`; a newline would also
+            # end the STATUS= assignment of the sd_notify message.
+            status += f"; PAUSED: {shown(self.pipe.breaker.reason)}"
         elif (waiting := self.paused_reason()) is not None:
-            status += f"; {waiting}"
+            status += f"; {shown(waiting)}"
         if (cannot_claim := self.uploader.trouble.reason()) is not None:
-            status += f"; STUCK: {cannot_claim}"
+            status += f"; STUCK: {shown(cannot_claim)}"
         if finishing.count():
-            status += f"; STUCK: {finishing.reason()}"
+            status += f"; STUCK: {shown(finishing.reason())}"
         if (low := self.housekeeper.low_disk()) is not None:
-            status += f"; {low}"
+            status += f"; {shown(low)}"
         hooks = self.pipe.hooks
         m.hooks_pending.set(hooks.pending())
         m.hooks_failing.set(hooks.failing())

@@ -24,8 +24,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from daemon.api import IpqsClient
+from daemon.service import Service
 from daemon.shown import shown, terminal_safe
-from tests.support import FAKE_KEY
+from tests.support import FAKE_KEY, daemon_config
 from tests.test_first_run import answers, clean_env, free_port, wait_until
 
 # Raw control bytes in output: C0 but tab and newline, DEL, C1 (as UTF-8), and any byte
@@ -238,3 +239,13 @@ def test_check_config_and_config_errors_show_paths_escaped(tmp_path: Path) -> No
     error = assert_clean(missing.stderr)
     assert missing.returncode == 2
     assert error.count("\n") == 1 and "two\\nlines.csv" in error
+
+
+async def test_the_systemd_status_line_shows_ipqs_words_escaped(tmp_path: Path) -> None:
+    service = Service(daemon_config(tmp_path / "spool", "http://127.0.0.1:9/api"))
+    try:
+        service.pipe.breaker.failure("Invalid key.\nREADY=1\x1b[2J")
+        status = service.refresh_gauges()
+    finally:
+        await service.pipe.client.close()
+    assert status.endswith("; PAUSED: Invalid key.\\nREADY=1\\x1b[2J")
