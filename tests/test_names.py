@@ -16,7 +16,6 @@ import re
 import subprocess
 import sys
 import unicodedata
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,8 +25,8 @@ from hypothesis import strategies as st
 from daemon.api import IpqsClient
 from daemon.service import Service
 from daemon.shown import shown, terminal_safe
-from tests.support import FAKE_KEY, daemon_config
-from tests.test_first_run import answers, clean_env, free_port, wait_until
+from tests.support import FAKE_KEY, Sandbox, daemon_config, start_daemon
+from tests.test_first_run import clean_env
 
 # Raw control bytes in output: C0 but tab and newline, DEL, C1 (as UTF-8), and any byte
 # that is not UTF-8 is caught by the strict decode in assert_clean.
@@ -108,25 +107,6 @@ def test_terminal_safe_keeps_line_breaks_and_escapes_the_rest() -> None:
 # -- through the real daemon ------------------------------------------------------------------
 
 
-@pytest.fixture
-def sandbox_url(tmp_path: Path) -> Iterator[str]:
-    """The sandbox as a subprocess on a free loopback port; jobs finish at once."""
-    port = free_port()
-    with subprocess.Popen(
-            [sys.executable, "-m", "daemon", "sandbox", "--port", str(port),
-             "--new-seconds", "0", "--processing-seconds", "0", "--per-row-seconds", "0",
-             "--spool-dir", str(tmp_path / "sandbox")],
-            env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_until(lambda: answers(f"{base}/api/json/csv/{FAKE_KEY}/list")
-                       or proc.poll() is not None, "the sandbox")
-            yield base + "/api"
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-
-
 def run_cli(*args: str | bytes, cwd: Path,
             env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=cwd,
@@ -137,7 +117,7 @@ def run_cli(*args: str | bytes, cwd: Path,
 def write_config(tmp_path: Path, api_base: str, log_format: str) -> Path:
     path = tmp_path / f"config-{log_format}.toml"
     path.write_text(
-        f'[api]\nbase_url = "{api_base}"\n'
+        f'[api]\nbase_url = "{api_base}"\nkey = "{FAKE_KEY}"\n'
         f'[spool]\nroot = "{tmp_path / "spool"}"\ntypes = ["email"]\n'
         '[watch]\nsettle_seconds = 0.05\nwriter_check = "proc"\n'
         "[poll]\ninitial_seconds = 0.05\nmax_seconds = 0.2\n"
@@ -153,76 +133,83 @@ def drop(inbox: Path, name: str, data: bytes) -> None:
     os.rename(staging, os.path.join(os.fsencode(inbox), os.fsencode(name)))
 
 
-def make_jobs_with_odd_names(api_base: str) -> None:
-    """Another client of the same account names its jobs as it likes."""
-    async def upload() -> None:
-        async with IpqsClient(api_base, FAKE_KEY) as client:
-            await client.upload_rows("email", [["x@example.com"]], NAMES["osc-csi"])
+async def command(*args: str | bytes, cwd: Path) -> subprocess.CompletedProcess[bytes]:
+    """A command for people, as a process of its own (the sandbox runs in this loop)."""
+    return await asyncio.to_thread(run_cli, *args, cwd=cwd)
 
-    asyncio.run(upload())
+
+async def daemon_once(config: Path) -> tuple[int, bytes]:
+    """``run --once`` through the one daemon-process helper: exit status and its logs."""
+    proc = await start_daemon(config, "--once")
+    _, logs = await asyncio.wait_for(proc.communicate(), timeout=120)
+    assert proc.returncode is not None
+    return proc.returncode, logs
 
 
 @pytest.mark.slow
-def test_odd_names_reach_no_terminal_raw_and_json_keeps_them_exact(
-        tmp_path: Path, sandbox_url: str) -> None:
-    console = write_config(tmp_path, sandbox_url, "console")
+async def test_odd_names_reach_no_terminal_raw_and_json_keeps_them_exact(
+        tmp_path: Path, sandbox: Sandbox) -> None:
+    console = write_config(tmp_path, sandbox.api_base, "console")
     inbox = tmp_path / "spool" / "inbox" / "email"
     for i, name in enumerate(NAMES.values()):
         drop(inbox, name, f"user{i}@example.com\n".encode())
     empty = "empty\x1b[5m.csv"  # fails as invalid-input, unsent
     drop(inbox, empty, b"")
 
-    daemon = run_cli("run", "--once", "--config", str(console), cwd=tmp_path)
-    logs = assert_clean(daemon.stderr)
-    assert daemon.returncode == 1, logs[-3000:]
+    code, raw_logs = await daemon_once(console)
+    logs = assert_clean(raw_logs)
+    assert code == 1, logs[-3000:]
     assert shown(NAMES["osc-csi"]) in logs and shown(NAMES["not-utf8"]) in logs
     done = tmp_path / "spool" / "done" / "email"
     sources = {json.loads((done / f"{name}.json").read_bytes())["source"]
                for name in NAMES.values()}
     assert sources == set(NAMES.values())  # records keep the exact name
 
-    status = run_cli("status", "--config", str(console), cwd=tmp_path)
+    status = await command("status", "--config", str(console), cwd=tmp_path)
     text = assert_clean(status.stdout + status.stderr)
     assert status.returncode == 0, text
     for name in (*NAMES.values(), empty):
         assert shown(name) in text
-    report = json.loads(run_cli("status", "--json", "--config", str(console),
-                                cwd=tmp_path).stdout)
+    report = json.loads((await command("status", "--json", "--config", str(console),
+                                       cwd=tmp_path)).stdout)
     assert {r["name"] for r in report["recent"]} == {*NAMES.values(), empty}
 
-    make_jobs_with_odd_names(sandbox_url)
-    jobs = run_cli("jobs", "--config", str(console), cwd=tmp_path)
+    # Another client of the same account names its jobs as it likes.
+    async with IpqsClient(sandbox.api_base, FAKE_KEY) as client:
+        await client.upload_rows("email", [["x@example.com"]], NAMES["osc-csi"])
+    jobs = await command("jobs", "--config", str(console), cwd=tmp_path)
     assert shown(NAMES["osc-csi"]) in assert_clean(jobs.stdout + jobs.stderr)
-    listed = json.loads(run_cli("jobs", "--json", "--config", str(console),
-                                cwd=tmp_path).stdout)
+    listed = json.loads((await command("jobs", "--json", "--config", str(console),
+                                       cwd=tmp_path)).stdout)
     assert NAMES["osc-csi"] in {j["file_name"] for j in listed["csvs"]}
 
-    retry = run_cli("retry", "--all-failed", "--force", "--config", str(console), cwd=tmp_path)
+    retry = await command("retry", "--all-failed", "--force", "--config", str(console),
+                          cwd=tmp_path)
     assert shown(empty) in assert_clean(retry.stdout + retry.stderr)
     assert retry.returncode == 0
     assert (inbox / empty).exists()
-    missing = run_cli("retry", os.fsencode(NAMES["not-utf8"]), "--config", str(console),
-                      cwd=tmp_path)
+    missing = await command("retry", os.fsencode(NAMES["not-utf8"]), "--config",
+                            str(console), cwd=tmp_path)
     assert shown(NAMES["not-utf8"]) in assert_clean(missing.stderr)
 
     odd = tmp_path / "to-submit"
-    odd.mkdir()
     drop(odd, NAMES["osc-csi"], b"late@example.com\n")
-    submit = run_cli("submit", os.path.join(os.fsencode(odd), os.fsencode(NAMES["osc-csi"])),
-                     "--type", "email", "--wait", "--out", str(odd / "out"), "--config",
-                     str(console), cwd=tmp_path)
+    submit = await command("submit", os.path.join(os.fsencode(odd),
+                                                  os.fsencode(NAMES["osc-csi"])),
+                           "--type", "email", "--wait", "--out", str(odd / "out"), "--config",
+                           str(console), cwd=tmp_path)
     text = assert_clean(submit.stdout + submit.stderr)
     assert submit.returncode == 0, text
     assert shown(NAMES["osc-csi"]) in text
     assert (odd / "out" / f"{NAMES['osc-csi']}.all.csv").exists()
 
     # JSON logs keep the exact name, JSON-escaped.
-    as_json = write_config(tmp_path, sandbox_url, "json")
+    as_json = write_config(tmp_path, sandbox.api_base, "json")
     (inbox / empty).unlink()
     drop(inbox, NAMES["cr"], b"again@example.com\n")
-    second = run_cli("run", "--once", "--config", str(as_json), cwd=tmp_path)
-    assert_clean(second.stderr)
-    events = [json.loads(line) for line in second.stderr.splitlines()]
+    _, json_logs = await daemon_once(as_json)
+    assert_clean(json_logs)
+    events = [json.loads(line) for line in json_logs.splitlines()]
     assert NAMES["cr"] in {e.get("source") for e in events}
 
 

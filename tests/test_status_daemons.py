@@ -6,31 +6,26 @@ Real daemons in subprocesses, on one spool, each with its embedded sandbox.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from daemon.spool import Layout, Owner, daemons
-from tests.test_first_run import clean_env, cli, daemon_config, free_port, wait_until
+from tests.support import start_daemon, wait_for
+from tests.test_first_run import cli, daemon_config, free_port
 
 
-@contextmanager
-def daemon(config: Path, cwd: Path) -> Iterator[subprocess.Popen[str]]:
-    with subprocess.Popen([sys.executable, "-m", "daemon", "run", "--sandbox", "--config",
-                           str(config)], cwd=cwd, env=clean_env(), text=True,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate(timeout=30)
+async def stop(proc: asyncio.subprocess.Process, sig: signal.Signals) -> int:
+    if proc.returncode is None:
+        proc.send_signal(sig)
+    return await asyncio.wait_for(proc.wait(), timeout=30)
 
 
 def published(root: Path) -> list[Path]:
@@ -38,32 +33,35 @@ def published(root: Path) -> list[Path]:
     return sorted(folder.glob("*.json")) if folder.exists() else []
 
 
-def status(config: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    result = cli("status", "--config", str(config), *extra, cwd=cwd)
+async def status(config: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    result = await asyncio.to_thread(cli, "status", "--config", str(config), *extra, cwd=cwd)
     assert result.returncode == 0, result.stderr[-2000:]
     return result
 
 
 @pytest.mark.slow
-def test_two_daemons_with_health_port_0_are_both_shown_ready(tmp_path: Path) -> None:
+async def test_two_daemons_with_health_port_0_are_both_shown_ready(tmp_path: Path) -> None:
     config = daemon_config(tmp_path, 0)
     root = tmp_path / "spool"
-    with ExitStack() as stack:
-        first = stack.enter_context(daemon(config, tmp_path))
-        second = stack.enter_context(daemon(config, tmp_path))
-        wait_until(lambda: len(published(root)) == 2 or None not in (first.poll(),
-                                                                      second.poll()),
-                   "both daemons published")
+    first = await start_daemon(config, "--sandbox", stderr=asyncio.subprocess.DEVNULL)
+    second = await start_daemon(config, "--sandbox", stderr=asyncio.subprocess.DEVNULL)
+    try:
+        await wait_for(lambda: len(published(root)) == 2 or None not in (
+            first.returncode, second.returncode), what="both daemons published")
 
-        def both_ready() -> bool:
-            found = json.loads(status(config, tmp_path, "--json").stdout)["daemons"]
-            return len(found) == 2 and all(d["ready"] for d in found)
+        async def ready() -> list[dict[str, Any]]:
+            return list(json.loads((await status(config, tmp_path, "--json")).stdout)
+                        ["daemons"])
 
-        wait_until(both_ready, "both daemons ready")  # recovery takes a moment
-        report = json.loads(status(config, tmp_path, "--json").stdout)
+        deadline = time.monotonic() + 30
+        while not ((found := await ready()) and len(found) == 2
+                   and all(d["ready"] for d in found)):  # recovery takes a moment
+            assert time.monotonic() < deadline, found
+            await asyncio.sleep(0.1)
+        report = json.loads((await status(config, tmp_path, "--json")).stdout)
         assert sorted(d["pid"] for d in report["daemons"]) == sorted([first.pid, second.pid])
         assert report["daemon"]["ready"] is True
-        text = status(config, tmp_path).stdout
+        text = (await status(config, tmp_path)).stdout
         assert "uploads: running" in text.splitlines()
         assert "daemons on this spool: 2" in text
         rows = [line for line in text.splitlines() if line.split()[:1] in
@@ -71,21 +69,21 @@ def test_two_daemons_with_health_port_0_are_both_shown_ready(tmp_path: Path) -> 
         assert len(rows) == 2 and all(row.endswith("running") for row in rows)
         # A config naming another port (nobody listens there) finds them the same way.
         elsewhere = daemon_config(tmp_path / "other", free_port(), root=str(root))
-        other = json.loads(status(elsewhere, tmp_path, "--json").stdout)
+        other = json.loads((await status(elsewhere, tmp_path, "--json")).stdout)
         assert len(other["daemons"]) == 2 and other["daemon"]["ready"] is True
 
         # A clean exit withdraws the address; a killed daemon's is left, and ignored.
-        first.send_signal(signal.SIGTERM)
-        first.wait(timeout=30)
-        assert first.returncode == 0
+        assert await stop(first, signal.SIGTERM) == 0
         assert len(published(root)) == 1
-        second.kill()
-        second.wait(timeout=30)
+        await stop(second, signal.SIGKILL)
         assert len(published(root)) == 1
-        after = json.loads(status(config, tmp_path, "--json").stdout)
+        after = json.loads((await status(config, tmp_path, "--json")).stdout)
         assert after["daemons"] == []
         assert after["daemon"]["reachable"] is False
         assert ".daemon" in after["daemon"]["reason"]
+    finally:
+        for proc in (first, second):
+            await stop(proc, signal.SIGKILL)
 
 
 def dead_pid() -> int:
