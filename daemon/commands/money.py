@@ -24,6 +24,7 @@ from daemon.config import Config
 from daemon.errors import IpqsError
 from daemon.inputs import URL_SUFFIX, json_rows, url_of
 from daemon.job.money import Purse
+from daemon.shown import shown
 from daemon.spool import Job, inspect_file
 from daemon.spool.ledger import Ledger, Limits, utc_day
 
@@ -42,18 +43,18 @@ async def admit(purse: Purse, job: Job, *, refused: Callable[[], None]) -> None:
 async def _admit(purse: Purse, job: Job) -> None:
     too_large = purse.too_large(job.rows)
     if too_large is not None:
-        raise CommandError(EXIT_FAILED, f"{job.source}: not sent: {too_large}")
+        raise CommandError(EXIT_FAILED, f"{shown(job.source)}: not sent: {too_large}")
     try:
         admission = await purse.admit(job)
     except OSError as exc:
         where = purse.ledger.root if purse.ledger is not None else "the spool"
         raise CommandError(EXIT_USAGE, f"cannot count rows against the daily budget in "
-                                       f"{where} ({exc.strerror}): make spool.root "
+                                       f"{shown(where)} ({exc.strerror}): make spool.root "
                                        "writable") from None
     if not admission.allowed:
         reason = str(admission.reason).removeprefix("waiting until the next UTC day: ")
         raise CommandError(EXIT_ACCOUNT if reason.startswith("paused: credits") else
-                           EXIT_FAILED, f"{job.source}: not sent: {reason}")
+                           EXIT_FAILED, f"{shown(job.source)}: not sent: {reason}")
 
 
 # -- submit --dry-run ---------------------------------------------------------------------
@@ -70,14 +71,15 @@ def dry_run(ns: argparse.Namespace, config: Config, console: Console) -> int:
     for path in ns.files:
         rows, problem, status = _look(path, method)
         if problem is not None:
-            console.line(f"{path}: would not be sent: {problem}")
+            console.line(f"{shown(path)}: would not be sent: {problem}")
             code = max(code, status)
             continue
         total += rows or 0
-        shown = "rows unknown (IPQS fetches the URL)" if rows is None else f"{rows} rows"
+        counted = "rows unknown (IPQS fetches the URL)" if rows is None else f"{rows} rows"
         over = (f"; over budget.max_rows_per_file = {cap}: would fail as too-large"
                 if cap and rows is not None and rows > cap else "")
-        console.line(f"{path}: {shown} ({ns.type}, {'url' if rows is None else method}){over}")
+        console.line(f"{shown(path)}: {counted} ({ns.type}, "
+                     f"{'url' if rows is None else method}){over}")
     console.line(f"total: {total} rows")
     console.line(asyncio.run(_credits(config, total)))
     console.line(_budget(config, ns.type))

@@ -242,15 +242,15 @@ class Requeue:
         record = _read_json(failed.record_path)
         why = refetchable(record)
         if why is not None:
-            self.console.error(f"{failed.type}/{failed.name}: not fetched again: {why}")
+            self.console.error(f"{failed.type}/{shown(failed.name)}: not fetched again: {why}")
             return False
         job = refetch(self.layout, failed.path, record, self.file_mode)
         kept = self._keep_history(failed, record)
         failed.path.unlink(missing_ok=True)
-        self.console.line(f"{failed.type}/{failed.name}: IPQS job {job.id} back in "
+        self.console.line(f"{failed.type}/{shown(failed.name)}: IPQS job {job.id} back in "
                           f"processing/{job.job}, to fetch its results"
-                          + (f"; old record kept as {kept.relative_to(self.root)}" if kept
-                             else ""))
+                          + (f"; old record kept as {shown(kept.relative_to(self.root))}"
+                             if kept else ""))
         return True
 
     def _keep_history(self, failed: Failed, record: dict[str, Any]) -> Path | None:
