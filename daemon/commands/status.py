@@ -343,7 +343,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         console.line()
     hooks = report["hooks"]
     if hooks["pending"]:
-        failing = (f", {hooks['failing']} failing (last error: {hooks['last_error']})"
+        failing = (f", {hooks['failing']} failing (last error: {shown(hooks['last_error'])})"
                    if hooks["failing"] else "")
         console.line(f"on_finish hooks pending: {hooks['pending']}{failing}")
         console.line()
