@@ -7,7 +7,7 @@ Layout under the spool root::
     processing/<job>/<name>          the input, renamed in at claim time
     processing/<job>/results/<set>   downloaded result sets
     processing/.owners/<owner>       one heartbeat file per running daemon (leases)
-    .daemon/<host>-<pid>.json        where each running daemon's health listener is
+    .daemon/<host>-<pid>-<token>.json  where each running daemon's health listener is
     markers/<sha256>                 duplicate markers, made by exclusive create
     budget/<YYYY-MM-DD>/<n>          rows reserved per UTC day (:mod:`~daemon.spool.ledger`)
     done/<type>/<name>, <name>.json, <name>.<set>.csv
