@@ -23,6 +23,7 @@ from aiohttp import web
 
 from daemon import __version__
 from daemon import commands as people
+from daemon.commands.common import Console
 from daemon.config import (
     ENV_CONFIG,
     ENV_KEY,
@@ -158,14 +159,16 @@ def run_main() -> None:
 
 
 def _check_config(config: Config) -> int:
+    # Console drops the rest of the output when the reader goes (`check-config | head -2`).
+    console = Console.current(config)
     source = key_source(config.api, os.environ)
     if source is None:
-        print(f"# warning: no API key here (set api.key, api.key_file or {ENV_KEY}); under "
-              f"systemd it comes from LoadCredential=, check it with: {UNIT_CHECK}",
-              file=sys.stderr)
+        console.note(f"# warning: no API key here (set api.key, api.key_file or {ENV_KEY}); "
+                     f"under systemd it comes from LoadCredential=, check it with: "
+                     f"{UNIT_CHECK}")
     else:
-        print(f"# API key: from {shown(source)}")
-    print("\n".join(_toml_lines(config.as_dict())))
+        console.line(f"# API key: from {shown(source)}")
+    console.line("\n".join(_toml_lines(config.as_dict())))
     return EXIT_OK
 
 
