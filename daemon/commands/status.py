@@ -312,7 +312,10 @@ def budget(config: Config, now: float | None = None) -> dict[str, Any]:
     limits = Limits(cfg.max_rows_per_day, dict(cfg.max_rows_per_day_by_type))
     day = utc_day(time.time() if now is None else now)
     used = Ledger(config.spool.root, limits).used(day)
-    return {"day": day.isoformat(), "used": used, "max_rows_per_day": cfg.max_rows_per_day,
+    # The daemon reserves rows in the ledger only when a daily budget is set.
+    counted = bool(limits.per_day or any(limits.per_type.values()))
+    return {"day": day.isoformat(), "counted": counted, "used": used,
+            "max_rows_per_day": cfg.max_rows_per_day,
             "max_rows_per_day_by_type": dict(cfg.max_rows_per_day_by_type),
             "left": {t: n for t in config.spool.types
                      if (n := limits.left(used, t)) is not None}}
@@ -379,6 +382,10 @@ def _render_money(report: dict[str, Any], console: Console) -> None:
     console.line(f"credits: {credits if credits is not None else 'unknown'}"
                  + ("" if credits is not None or not daemon["reachable"]
                     else " (budget.check_credits off, or the account API unreadable)"))
+    if not day["counted"]:
+        console.line(f"rows today ({day['day']} UTC): not counted (no daily budget: "
+                     "budget.max_rows_per_day and ..._by_type are 0)")
+        return
     total = sum(day["used"].values())
     cap = day["max_rows_per_day"]
     parts = [f"all types {total}" + (f" of {cap}" if cap else "")]
