@@ -12,6 +12,8 @@ import asyncio
 import dataclasses
 import json
 import os
+import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -25,10 +27,12 @@ from daemon import __version__
 from daemon import commands as people
 from daemon.commands.common import Console
 from daemon.config import (
+    DEFAULT_PATH,
     ENV_CONFIG,
     ENV_KEY,
     Config,
     ConfigError,
+    HealthConfig,
     SpoolConfig,
     default_config_path,
     key_source,
@@ -126,8 +130,11 @@ def _load(ns: argparse.Namespace, *, sandbox: bool = False) -> Config:
         # The emulator's made-up results (and duplicate markers) must never land in the
         # production spool: the production config is not read, and the default root is
         # ./ipqs-spool. A root that is set (config named, environment) is used as set.
+        # Its health listener takes any free port unless one is set (status finds it through
+        # the spool's .daemon/), so a second quick start or a deployed daemon does not clash.
         sandbox_spool = SpoolConfig(root=Path.cwd() / SANDBOX_SPOOL)
-        return load_config(explicit, os.environ, defaults=Config(spool=sandbox_spool))
+        return load_config(explicit, os.environ,
+                           defaults=Config(spool=sandbox_spool, health=HealthConfig(port=0)))
     path = explicit or default_config_path(os.environ)
     return load_config(path if explicit or path.exists() else None, os.environ)
 
@@ -143,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "check-config":
             return _check_config(config)
         if ns.command in people.NAMES:
+            _refuse_production_beside_sandbox(ns, config)
             configure("warning", config.log.format)
             add_secret(config.api.key)
             return people.run(ns, config)
@@ -151,6 +159,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One line, whatever the paths in it hold (config messages name paths raw).
         print(f"ipqs-bulkd: {shown(exc)}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _refuse_production_beside_sandbox(ns: argparse.Namespace, config: Config) -> None:
+    """No config file at all, beside a quick start that is running: the sandbox is meant.
+
+    Say how to reach it, rather than show the production spool's default root or send a
+    file to the real IPQS with a key that happens to be in the environment.
+    """
+    if ns.config or os.environ.get(ENV_CONFIG) or default_config_path(os.environ).exists():
+        return
+    handed = SANDBOX_SPOOL / SANDBOX_CONFIG
+    if config.spool.root != SpoolConfig().root or not handed.is_file():
+        return
+    raise ConfigError(f"config file: none given and {DEFAULT_PATH} is absent, so this would "
+                      f"use spool.root {shown(config.spool.root)} and the real IPQS; for the "
+                      f"sandbox running from this folder, add --config {handed}")
 
 
 def run_main() -> None:
@@ -260,8 +284,9 @@ class _SandboxHandoff:
             return (f"{self.banner}\nipqs-bulkd: could not write {shown(self.path)} "
                     f"({exc.strerror}): the other commands need --config with "
                     "api.base_url set to the sandbox above")
-        shown_path = shown(_relative(self.path))
-        return f"{self.banner}\nin another terminal: ipqs-bulkd status --config {shown_path}"
+        shown_path = shlex.quote(shown(_relative(self.path)))
+        return (f"{self.banner}\nin another terminal: {invoked_as()} status "
+                f"--config {shown_path}")
 
     def remove(self) -> None:
         try:
@@ -269,6 +294,20 @@ class _SandboxHandoff:
                 self.path.unlink()
         except (OSError, ValueError):
             pass  # gone already, or not ours to remove
+
+
+def invoked_as() -> str:
+    """This command as it can be typed again from the working directory: ``ipqs-bulkd`` if
+    that is what PATH finds, else the path it was started by (``.venv/bin/ipqs-bulkd``),
+    or ``PYTHON -m daemon``."""
+    started = Path(sys.argv[0])
+    if started.name == "__main__.py":
+        return f"{shlex.quote(shown(_relative(Path(sys.executable))))} -m daemon"
+    found = shutil.which(started.name)
+    if found and Path(found).resolve() == started.resolve():
+        return started.name
+    path = str(_relative(started.absolute()))
+    return shlex.quote(shown(path if os.sep in path else f".{os.sep}{path}"))
 
 
 def _relative(path: Path) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -369,11 +370,16 @@ def test_check_config_help_describes_it(capsys: pytest.CaptureFixture[str]) -> N
 
 @pytest.mark.slow
 def test_run_sandbox_hands_its_config_to_the_other_commands(tmp_path: Path) -> None:
-    env = clean_env(IPQS_BULKD_HEALTH_PORT="0")
+    # As the README's quick start: .venv/bin/ipqs-bulkd, the venv not activated, no config.
+    script = Path(sys.executable).parent / "ipqs-bulkd"
+    if not script.exists():
+        pytest.skip("the console script is not installed beside this python")
+    (tmp_path / ".venv").symlink_to(script.parent.parent)
+    env = clean_env(PATH="/usr/bin:/bin")
     del env["IPQS_BULKD_CONFIG"]
-    hint = "in another terminal: ipqs-bulkd status --config ipqs-spool/sandbox.toml"
+    hint = "in another terminal: .venv/bin/ipqs-bulkd status --config ipqs-spool/sandbox.toml"
     lines: list[str] = []
-    with subprocess.Popen([sys.executable, "-m", "daemon", "run", "--sandbox"], cwd=tmp_path,
+    with subprocess.Popen([".venv/bin/ipqs-bulkd", "run", "--sandbox"], cwd=tmp_path,
                           env=env, text=True, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE) as daemon:
         assert daemon.stderr is not None
@@ -383,16 +389,19 @@ def test_run_sandbox_hands_its_config_to_the_other_commands(tmp_path: Path) -> N
             wait_until(lambda: hint + "\n" in lines or daemon.poll() is not None, "the hint")
             assert daemon.poll() is None, "".join(lines)[-2000:]
             handed = tmp_path / "ipqs-spool" / "sandbox.toml"
-            assert tomllib.loads(handed.read_text())["api"]["key"] == TEST_KEY
+            handed_config = tomllib.loads(handed.read_text())
+            assert handed_config["api"]["key"] == TEST_KEY
+            assert handed_config["health"]["port"] == 0  # any free port: no clash (item 4)
             inbox = tmp_path / "ipqs-spool" / "inbox" / "email"
             (tmp_path / "list.csv").write_bytes(emails(2))
             (tmp_path / "list.csv").rename(inbox / "list.csv")
             done = tmp_path / "ipqs-spool" / "done" / "email" / "list.csv.json"
             wait_until(done.exists, "the file done")
-            # As the hint says: from the same folder, with no other setting.
-            others = clean_env()
-            status = cli("status", "--config", "ipqs-spool/sandbox.toml", cwd=tmp_path,
-                         env=others)
+            # As the hint says, verbatim: from the same folder, with no other setting.
+            others = clean_env(PATH="/usr/bin:/bin")
+            status = subprocess.run(shlex.split(hint.split(": ", 1)[1]), cwd=tmp_path,
+                                    env=others, capture_output=True, text=True, timeout=60,
+                                    check=False)
             assert status.returncode == 0, status.stderr
             assert "email      0           0     1       0" in status.stdout
             assert "uploads: running" in status.stdout.splitlines()

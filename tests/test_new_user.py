@@ -9,7 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.test_first_run import clean_env
+import pytest
+
+from daemon.cli import invoked_as
+from daemon.config import DEFAULT_PATH
+from tests.support import FAKE_KEY
+from tests.test_first_run import assert_one_line, clean_env
 
 
 def run_into_closed_pipe(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -63,3 +68,47 @@ def test_status_counts_rows_with_a_daily_budget(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("rows today")]
     assert len(rows) == 1 and rows[0].endswith("UTC): all types 0, email 0 of 5"), rows
+
+
+# -- item 1: after the quick start, the commands reach the sandbox, not production ---------
+
+
+def test_invoked_as_is_what_can_be_typed_again(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    script = bin_dir / "ipqs-bulkd"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setattr(sys, "argv", [str(script)])
+    assert invoked_as() == ".venv/bin/ipqs-bulkd"  # the venv is not activated
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    assert invoked_as() == "ipqs-bulkd"  # it is: PATH finds this very script
+    monkeypatch.setattr(sys, "argv", ["/somewhere/daemon/__main__.py"])
+    assert invoked_as().endswith(" -m daemon")
+
+
+@pytest.mark.parametrize("command", [("status",), ("jobs",), ("retry", "--all-failed"),
+                                     ("submit", "list.csv", "--type", "email")])
+def test_without_a_config_beside_a_running_quick_start_the_commands_say_how_to_reach_it(
+        tmp_path: Path, command: tuple[str, ...]) -> None:
+    (tmp_path / "ipqs-spool").mkdir()
+    (tmp_path / "ipqs-spool" / "sandbox.toml").write_text("")
+    (tmp_path / "list.csv").write_text("alice@example.com\n")
+    env = clean_env(IPQS_API_KEY=FAKE_KEY)  # a newcomer with a real key in the environment
+    del env["IPQS_BULKD_CONFIG"]
+    result = subprocess.run([sys.executable, "-m", "daemon", *command], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60, check=False)
+    if DEFAULT_PATH.exists():
+        pytest.skip(f"{DEFAULT_PATH} exists on this machine")
+    assert_one_line(result, "config file: none given", "the real IPQS",
+                    "add --config ipqs-spool/sandbox.toml")
+    if command == ("status",):
+        # A config named (or found) is used as named: no guessing (status reaches no IPQS).
+        named = subprocess.run([sys.executable, "-m", "daemon", *command], cwd=tmp_path,
+                               env={**env, "IPQS_BULKD_CONFIG": "/dev/null"},
+                               capture_output=True, text=True, timeout=60, check=False)
+        assert "config file: none given" not in named.stderr
+        assert "config key spool.root" in named.stderr
