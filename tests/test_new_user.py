@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from daemon.cli import invoked_as
 from daemon.config import DEFAULT_PATH
 from tests.support import FAKE_KEY
-from tests.test_first_run import assert_one_line, clean_env
+from tests.test_first_run import REPO, assert_one_line, clean_env
 
 
 def run_into_closed_pipe(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -112,3 +113,21 @@ def test_without_a_config_beside_a_running_quick_start_the_commands_say_how_to_r
                                capture_output=True, text=True, timeout=60, check=False)
         assert "config file: none given" not in named.stderr
         assert "config key spool.root" in named.stderr
+
+
+# -- item 5: the README's contents line -----------------------------------------------------
+
+
+def github_anchor(heading: str) -> str:
+    text = heading.strip().lower()
+    return "".join(c for c in text if c.isalnum() or c in " -_").replace(" ", "-")
+
+
+def test_the_readme_has_a_contents_line_under_the_two_commands_whose_links_all_resolve() -> None:
+    text = (REPO / "README.md").read_text()
+    top = text.split("\n\n")[3]  # title, command, command, then the contents
+    assert top.startswith("Contents: ")
+    links = re.findall(r"\]\(#([^)]+)\)", top)
+    anchors = {github_anchor(line.lstrip("#")) for line in text.splitlines()
+               if re.match(r"#{2,3} ", line)}
+    assert len(links) >= 10 and set(links) <= anchors, set(links) - anchors
