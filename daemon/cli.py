@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import difflib
 import json
 import os
 import shlex
@@ -64,6 +65,20 @@ from. A problem is one line that names the key, exit status 2.
 The key of the systemd unit (LoadCredential=) exists only inside the unit; check it there:
   """ + " \\\n      ".join(_UNIT_CHECK_LINES) + "\n"
 
+RUN_EPILOG = """\
+examples:
+  ipqs-bulkd run --sandbox                    # try it: the built-in emulator, no key
+  ipqs-bulkd run --config /etc/ipqs-bulkd/config.toml
+  ipqs-bulkd run --once --config batch.toml   # what is there now, then exit
+
+exit status:
+  0    stopped by SIGTERM or SIGINT; with --once, every file ended in done/
+  1    with --once, a file ended in failed/; or a stage of the daemon crashed
+  2    usage or configuration error (the message names the option or config key), also
+       a spool root it cannot write or a health port that is taken
+  130  a second SIGINT (143: a second SIGTERM) during shutdown: stopped at once
+"""
+
 log = structlog.get_logger(__name__)
 
 
@@ -86,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser(
         "run", help="run the daemon in the foreground",
-        description="Watch the inboxes and process files until SIGTERM/SIGINT.")
+        description="Watch the inboxes and process files until SIGTERM/SIGINT.",
+        epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config(run)
     run.add_argument("--once", action="store_true",
                      help="process the files present now (and any left in processing/), then "
@@ -110,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     # Commands for people (submit, status, jobs, retry): daemon/commands/.
     people.add_parsers(commands, _add_config)
     return parser
+
+
+def _unrecognized(parser: argparse.ArgumentParser, command: str, extra: list[str]) -> NoReturn:
+    """Usage error from the subcommand's parser (``ipqs-bulkd run: ...``), with the option
+    it probably meant."""
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub: argparse.ArgumentParser = subparsers.choices[command]
+    options = [o for a in sub._actions for o in a.option_strings]
+    guess = difflib.get_close_matches(extra[0].split("=", 1)[0], options, n=1)
+    hint = f" (did you mean {guess[0]}?)" if guess else ""
+    sub.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -142,13 +169,15 @@ def _load(ns: argparse.Namespace, *, sandbox: bool = False) -> Config:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status."""
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        _unrecognized(parser, ns.command, extra)
     try:
         if ns.command == "sandbox":
             return _sandbox(ns)
         config = _load(ns, sandbox=getattr(ns, "sandbox", False))
         if ns.command == "check-config":
-            return _check_config(config)
+            return _check_config(config, from_file=_config_file(ns) is not None)
         if ns.command in people.NAMES:
             _refuse_production_beside_sandbox(ns, config)
             configure("warning", config.log.format)
@@ -167,7 +196,7 @@ def _refuse_production_beside_sandbox(ns: argparse.Namespace, config: Config) ->
     Say how to reach it, rather than show the production spool's default root or send a
     file to the real IPQS with a key that happens to be in the environment.
     """
-    if ns.config or os.environ.get(ENV_CONFIG) or default_config_path(os.environ).exists():
+    if _config_file(ns) is not None:
         return
     handed = SANDBOX_SPOOL / SANDBOX_CONFIG
     if config.spool.root != SpoolConfig().root or not handed.is_file():
@@ -177,19 +206,30 @@ def _refuse_production_beside_sandbox(ns: argparse.Namespace, config: Config) ->
                       f"sandbox running from this folder, add --config {handed}")
 
 
+def _config_file(ns: argparse.Namespace) -> Path | None:
+    """The config file that was read: named, or found at the default path."""
+    path: Path | None = ns.config or (Path(os.environ[ENV_CONFIG])
+                                      if os.environ.get(ENV_CONFIG) else None)
+    if path is None and DEFAULT_PATH.exists():
+        path = DEFAULT_PATH
+    return path
+
+
 def run_main() -> None:
     """Console-script entry point."""
     sys.exit(main())
 
 
-def _check_config(config: Config) -> int:
+def _check_config(config: Config, *, from_file: bool) -> int:
     # Console drops the rest of the output when the reader goes (`check-config | head -2`).
     console = Console.current(config)
     source = key_source(config.api, os.environ)
     if source is None:
+        # The unit's way to check is for a deployed config; someone trying it has none.
+        where = (f"under systemd it comes from LoadCredential=, check it with: {UNIT_CHECK}"
+                 if from_file else "`ipqs-bulkd run --sandbox` needs none")
         console.note(f"# warning: no API key here (set api.key, api.key_file or {ENV_KEY}); "
-                     f"under systemd it comes from LoadCredential=, check it with: "
-                     f"{UNIT_CHECK}")
+                     f"{where}")
     else:
         console.line(f"# API key: from {shown(source)}")
     console.line("\n".join(_toml_lines(config.as_dict())))

@@ -214,17 +214,22 @@ def test_every_command_has_help_with_examples_and_exit_codes(
     assert exited.value.code == 0
     assert f"ipqs-bulkd {command}" in out and "examples:" in out
     assert "exit status:" in out and "--config PATH" in out
-    # status talks to no IPQS: it lists only the codes it can return (see below).
-    assert ("3    account error" in out) is (command != "status")
+    # status and retry talk to no IPQS: they list only the codes they can return (below).
+    assert ("3    account error" in out) is (command in ("submit", "jobs"))
 
 
-def test_status_help_lists_only_the_exit_codes_it_returns(
-        capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(("command", "codes"), [
+    ("status", ["0", "1", "2", "130"]),
+    ("retry", ["0", "1", "2", "6", "130"]),
+    ("jobs", ["0", "1", "2", "3", "4", "130"]),
+    ("submit", ["0", "1", "2", "3", "4", "5", "6", "130"]),
+])
+def test_help_lists_only_the_exit_codes_the_command_returns(
+        command: str, codes: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        main(["status", "--help"])
+        main([command, "--help"])
     listed = capsys.readouterr().out.split("exit status:\n")[1].splitlines()
-    assert [line.split()[0] for line in listed if line[:3].strip().isdigit()] == \
-        ["0", "1", "2", "130"]
+    assert [line.split()[0] for line in listed if line[:3].strip().isdigit()] == codes
 
 
 def test_top_level_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
@@ -696,6 +701,15 @@ def test_jobs_pages_through_the_list_api(config: Path, sandbox: Sandbox,
     assert phones.out.splitlines()[-1] == "page 1 of 1 (3 jobs of type phone)"
     beyond = cli(capsys, "jobs", "--page", "9", "--config", config)
     assert beyond.out.splitlines() == ["no jobs on this page", "page 9 of 2 (55 jobs)"]
+
+
+def test_jobs_on_an_empty_account_says_so_without_page_1_of_0(
+        config: Path, sandbox: Sandbox, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = cli(capsys, "jobs", "--config", config)
+    assert (empty.code, empty.out) == (0, "no jobs at IPQS yet\n")
+    _make_jobs(sandbox, {"email": 1})
+    phones = cli(capsys, "jobs", "--type", "phone", "--config", config)
+    assert (phones.code, phones.out) == (0, "no jobs of type phone at IPQS yet\n")
 
 
 def test_table_right_aligns_numbers() -> None:

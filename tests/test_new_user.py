@@ -131,3 +131,67 @@ def test_the_readme_has_a_contents_line_under_the_two_commands_whose_links_all_r
     anchors = {github_anchor(line.lstrip("#")) for line in text.splitlines()
                if re.match(r"#{2,3} ", line)}
     assert len(links) >= 10 and set(links) <= anchors, set(links) - anchors
+
+
+# -- item 6: small CLI surprises ------------------------------------------------------------
+
+
+def ipqs_bulkd(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=cwd,
+                          env=clean_env(**env), capture_output=True, text=True, timeout=60,
+                          check=False)
+
+
+def one_line(result: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    assert result.returncode == code, result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1, result.stderr[-2000:]
+    return result.stderr.rstrip("\n")
+
+
+def test_submit_without_a_file_says_so_before_the_key(tmp_path: Path) -> None:
+    line = one_line(ipqs_bulkd("submit", "--type", "email", cwd=tmp_path))
+    assert line == "ipqs-bulkd: name the FILE to send (or give --url URL)"
+
+
+def test_submit_refuses_a_type_that_is_not_in_spool_types(tmp_path: Path) -> None:
+    (tmp_path / "list.csv").write_text("alice@example.com\n")
+    for extra in ((), ("--dry-run",)):
+        line = one_line(ipqs_bulkd("submit", "list.csv", "--type", "leaked_email", *extra,
+                                   cwd=tmp_path, IPQS_API_KEY=FAKE_KEY))
+        assert line == ("ipqs-bulkd: --type leaked_email: not in spool.types (proxy, email, "
+                        "phone, url); add it there to send files of this type")
+
+
+def test_a_misspelt_option_names_its_command_and_the_option_meant(tmp_path: Path) -> None:
+    line = one_line(ipqs_bulkd("run", "--snadbox", cwd=tmp_path))
+    assert line == ("ipqs-bulkd run: unrecognized arguments: --snadbox (did you mean "
+                    "--sandbox?) (see ipqs-bulkd run --help)")
+    line = one_line(ipqs_bulkd("status", "--verbose", cwd=tmp_path))
+    assert line == ("ipqs-bulkd status: unrecognized arguments: --verbose "
+                    "(see ipqs-bulkd status --help)")
+    assert not (tmp_path / "ipqs-spool").exists()
+
+
+def test_run_help_has_examples_and_its_exit_statuses(tmp_path: Path) -> None:
+    result = ipqs_bulkd("run", "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "examples:\n  ipqs-bulkd run --sandbox" in result.stdout
+    listed = result.stdout.split("exit status:\n")[1].splitlines()
+    assert [line.split()[0] for line in listed if line[:4].strip().isdigit()] == \
+        ["0", "1", "2", "130"]
+
+
+def test_check_config_without_a_config_file_does_not_send_a_newcomer_to_systemd(
+        tmp_path: Path) -> None:
+    env = clean_env()
+    del env["IPQS_BULKD_CONFIG"]
+    result = subprocess.run([sys.executable, "-m", "daemon", "check-config"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=60, check=False)
+    if DEFAULT_PATH.exists():
+        pytest.skip(f"{DEFAULT_PATH} exists on this machine")
+    assert one_line(result, 0) == ("# warning: no API key here (set api.key, api.key_file or "
+                                   "IPQS_API_KEY); `ipqs-bulkd run --sandbox` needs none")
+    # With a config file (a deployment), the way to check the unit's key is shown.
+    (tmp_path / "config.toml").write_text("")
+    deployed = ipqs_bulkd("check-config", "--config", "config.toml", cwd=tmp_path)
+    assert "systemd-run -P -p LoadCredential=" in one_line(deployed, 0)

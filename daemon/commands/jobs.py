@@ -17,10 +17,15 @@ from daemon import ALL_TYPES
 from daemon.api import LIST_PAGE_SIZE, CsvPage, make_client
 from daemon.commands.common import (
     DEFAULT_TIMEOUT,
-    EXIT_HELP,
+    EXIT_ACCOUNT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
     Console,
     Patience,
+    exit_help,
     failure,
     positive_float,
     positive_int,
@@ -43,7 +48,8 @@ examples:
   ipqs-bulkd jobs --type email --page 2
   ipqs-bulkd jobs --json
 
-{EXIT_HELP}"""
+{exit_help(EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ACCOUNT, EXIT_UNREACHABLE, EXIT_INTERRUPTED,
+           meanings={EXIT_OK: "shown", EXIT_FAILED: "IPQS refused the request"})}"""
 
 
 def add_parser(commands: Any, add_config: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -97,6 +103,9 @@ def render(page: CsvPage, file_type: str | None, console: Console) -> None:
             ["ID", "FILE_NAME", "TYPE", "STATUS", "INVALID"],
             [[j.id, j.file_name, j.type, "ABORTED" if j.aborted else j.status,
               j.invalid_records] for j in page.csvs]))
+    elif not page.total_csvs:
+        console.line(f"no jobs{f' of type {file_type}' if file_type else ''} at IPQS yet")
+        return
     else:
         console.line("no jobs on this page")
     console.line(f"page {page.page} of {page.total_pages} ({page.total_csvs} jobs"

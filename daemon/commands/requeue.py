@@ -27,12 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from daemon.commands.common import (
-    EXIT_HELP,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_USAGE,
     CommandError,
     Console,
+    exit_help,
 )
 from daemon.config import Config
 from daemon.shown import shown
@@ -69,7 +71,10 @@ examples:
   ipqs-bulkd retry list.csv --force
   ipqs-bulkd retry --results-only list.csv
 
-{EXIT_HELP}"""
+{exit_help(EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTERRUPTED,
+           meanings={EXIT_OK: "put back", EXIT_FAILED: "a file could not be moved (permissions,"
+                     " a full disk)", EXIT_NOT_FOUND: "not found: a named file is not in "
+                     "failed/"})}"""
 
 
 def add_parser(commands: Any, add_config: Callable[[argparse.ArgumentParser], None]) -> None:

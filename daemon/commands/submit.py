@@ -130,6 +130,11 @@ class Payload:
 
 
 def run(ns: argparse.Namespace, config: Config, console: Console) -> int:
+    if ns.type not in config.spool.types:
+        # As the daemon and retry: a type (and its price) is used only when configured.
+        raise CommandError(EXIT_USAGE, f"--type {ns.type}: not in spool.types "
+                                       f"({', '.join(config.spool.types)}); add it there "
+                                       "to send files of this type")
     if ns.dry_run:
         return money.dry_run(ns, config, console)
     if len(ns.files) > 1:
@@ -138,8 +143,8 @@ def run(ns: argparse.Namespace, config: Config, console: Console) -> int:
     if ns.out is not None and not ns.wait:
         raise CommandError(EXIT_USAGE, "--out needs --wait: without it nothing is downloaded")
     out: Path = ns.out if ns.out is not None else Path(".")
+    payload = _payload(ns)  # the arguments first: a missing FILE is said before the key
     require_key(config)
-    payload = _payload(ns)
     if ns.wait:
         _check_out(out)
     guard = DuplicateGuard.open(config, console, enabled=not ns.no_duplicate_check)
