@@ -14,7 +14,7 @@ import pytest
 
 from daemon.cli import invoked_as
 from daemon.config import DEFAULT_PATH
-from tests.support import FAKE_KEY
+from tests.support import FAKE_KEY, Sandbox, daemon_config, drop, emails, records, run_once
 from tests.test_first_run import REPO, assert_one_line, clean_env
 
 
@@ -195,3 +195,21 @@ def test_check_config_without_a_config_file_does_not_send_a_newcomer_to_systemd(
     (tmp_path / "config.toml").write_text("")
     deployed = ipqs_bulkd("check-config", "--config", "config.toml", cwd=tmp_path)
     assert "systemd-run -P -p LoadCredential=" in one_line(deployed, 0)
+
+
+# -- item 7: the extension is not checked, the content is -----------------------------------
+
+
+async def test_the_inbox_takes_any_extension_and_checks_the_content(tmp_path: Path,
+                                                                   sandbox: Sandbox) -> None:
+    root = tmp_path / "spool"
+    config = daemon_config(root, sandbox.api_base)
+    drop(root, "email", "list.txt", emails(2))            # text: sent and billed
+    drop(root, "email", "x.xlsx", emails(3, seed="x"))    # text under any name: the same
+    drop(root, "email", "real.xlsx", b"PK\x03\x04\x14\x00\x00\x00\x08\x00")  # a zip: refused
+    assert await run_once(config) == 1
+    done, failed = records(root, "done"), records(root, "failed")
+    assert sorted(done) == ["list.txt", "x.xlsx"]
+    assert (done["list.txt"]["rows"], done["x.xlsx"]["rows"]) == (2, 3)
+    assert list(failed) == ["real.xlsx"] and failed["real.xlsx"]["reason"] == "invalid-input"
+    assert len(sandbox.uploads()) == 2
