@@ -28,7 +28,6 @@ from daemon import __version__
 from daemon import commands as people
 from daemon.commands.common import Console
 from daemon.config import (
-    DEFAULT_PATH,
     ENV_CONFIG,
     ENV_KEY,
     Config,
@@ -162,8 +161,7 @@ def _load(ns: argparse.Namespace, *, sandbox: bool = False) -> Config:
         sandbox_spool = SpoolConfig(root=Path.cwd() / SANDBOX_SPOOL)
         return load_config(explicit, os.environ,
                            defaults=Config(spool=sandbox_spool, health=HealthConfig(port=0)))
-    path = explicit or default_config_path(os.environ)
-    return load_config(path if explicit or path.exists() else None, os.environ)
+    return load_config(_config_file(ns), os.environ)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -201,18 +199,19 @@ def _refuse_production_beside_sandbox(ns: argparse.Namespace, config: Config) ->
     handed = SANDBOX_SPOOL / SANDBOX_CONFIG
     if config.spool.root != SpoolConfig().root or not handed.is_file():
         return
-    raise ConfigError(f"config file: none given and {DEFAULT_PATH} is absent, so this would "
+    default = default_config_path(os.environ)
+    raise ConfigError(f"config file: none given and {default} is absent, so this would "
                       f"use spool.root {shown(config.spool.root)} and the real IPQS; for the "
                       f"sandbox running from this folder, add --config {handed}")
 
 
 def _config_file(ns: argparse.Namespace) -> Path | None:
-    """The config file that was read: named, or found at the default path."""
-    path: Path | None = ns.config or (Path(os.environ[ENV_CONFIG])
-                                      if os.environ.get(ENV_CONFIG) else None)
-    if path is None and DEFAULT_PATH.exists():
-        path = DEFAULT_PATH
-    return path
+    """The config file to read: named (--config, $IPQS_BULKD_CONFIG), or the default path
+    if it exists."""
+    if ns.config:
+        return Path(ns.config)
+    path = default_config_path(os.environ)
+    return path if os.environ.get(ENV_CONFIG) or path.exists() else None
 
 
 def run_main() -> None:

@@ -98,14 +98,14 @@ def as_json(page: CsvPage) -> dict[str, Any]:
 
 
 def render(page: CsvPage, file_type: str | None, console: Console) -> None:
+    if not page.csvs and not page.total_csvs:  # not "page 1 of 0"
+        console.line(f"no jobs{f' of type {file_type}' if file_type else ''} at IPQS yet")
+        return
     if page.csvs:
         console.line(table(
             ["ID", "FILE_NAME", "TYPE", "STATUS", "INVALID"],
             [[j.id, j.file_name, j.type, "ABORTED" if j.aborted else j.status,
               j.invalid_records] for j in page.csvs]))
-    elif not page.total_csvs:
-        console.line(f"no jobs{f' of type {file_type}' if file_type else ''} at IPQS yet")
-        return
     else:
         console.line("no jobs on this page")
     console.line(f"page {page.page} of {page.total_pages} ({page.total_csvs} jobs"
