@@ -21,6 +21,9 @@ class Metrics:
         self.adopted = Counter("ipqs_bulkd_adopted_uploads",
                                "Uploads whose answer was lost, found again by the list API",
                                registry=r)
+        self.orphaned = Counter("ipqs_bulkd_orphaned_uploads",
+                                "IPQS jobs paid for after the job was taken over (see "
+                                "orphans/)", registry=r)
         self.in_flight = Gauge("ipqs_bulkd_jobs_in_flight", "Jobs in processing, by stage",
                                ["stage"], registry=r)
         self.queue_depth = Gauge("ipqs_bulkd_inbox_pending",

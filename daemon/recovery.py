@@ -66,7 +66,12 @@ class Recovery:
             return None
         if job.owner == self.spool.owner.name:
             return job
-        return self.spool.adopt(job_dir)
+        adopted = self.spool.adopt(job_dir)
+        if adopted is not None and adopted.state == JobState.UPLOADING:
+            # Its owner may only be frozen, with a body still in flight: a lookup before
+            # that body could have been answered proves nothing (README: timing model).
+            self.pipe.talk.hold_lookups(adopted, self.config.api.read_timeout)
+        return adopted
 
     async def _resume(self, job: Job) -> None:
         log.info("job_resumed", job=job.job, state=job.state, id=job.id)

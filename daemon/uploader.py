@@ -26,6 +26,7 @@ from daemon.errors import (
 )
 from daemon.inputs import URL_SUFFIX, first_row_is_header, json_rows, url_file_problem
 from daemon.job.breaker import Permit
+from daemon.job.conversation import Orphaned
 from daemon.job.state import JobState
 from daemon.pipeline import Pipeline
 from daemon.spool import Job, new_job_id
@@ -316,7 +317,11 @@ class Uploader:
             await self._may_send(job, permit)
 
         try:
-            await pipe.talk.send(job, path=pipe.spool.input_path(job), check=check, slot=slot)
+            await pipe.talk.send(job, path=pipe.spool.input_path(job), check=check, slot=slot,
+                                 fence=self._fence)
+        except Orphaned as exc:
+            await self._orphaned(job, exc)
+            raise _Stop from None
         except _InputChanged:
             await pipe.finish(job, "failed", "invalid-input",
                               "the file changed or vanished after it was claimed")
@@ -381,6 +386,27 @@ class Uploader:
             if not admission.allowed:
                 self.waiting[(job.type, job.source)] = (job.bytes, job.mtime_ns, job.rows)
                 await self._return_to_inbox(job, admission.reason)
+
+    def _fence(self, job: Job) -> None:
+        """Before an upload body's last chunk (blocking, in a worker thread): is the job
+        still ours? A daemon frozen past its lease may have been replaced meanwhile."""
+        if not self.pipe.spool.still_ours(job):
+            log.warning("upload_fenced", reason="the job is no longer ours: lease expired "
+                        "or taken over; the body was stopped before its end")
+            raise _Stop
+
+    async def _orphaned(self, job: Job, exc: Orphaned) -> None:
+        """IPQS accepted an upload of a job we no longer own: a second payment. Record it
+        where an operator finds it (never over the new owner's record)."""
+        self.pipe.metrics.orphaned.inc()
+        try:
+            where = str(await asyncio.to_thread(self.pipe.spool.write_orphan, job,
+                                                exc.answer.id, str(exc)))
+        except OSError as error:
+            where = f"not written: {error}"
+        log.error("upload_orphaned", id=exc.answer.id, file_name=job.file_name, record=where,
+                  error="IPQS accepted an upload of a job another daemon had taken over: "
+                  "this content was paid twice; fetch or cancel that IPQS job")
 
     async def _return_to_inbox(self, job: Job, reason: str | None = None) -> None:
         """Nothing was sent (or IPQS refused the account, which creates nothing): the file

@@ -14,7 +14,7 @@ from tenacity import RetryCallState
 from daemon.api import CsvJob, IpqsClient, make_client
 from daemon.errors import AccountError, LostAnswerError, RejectedError, TransientError
 from daemon.retry import backoff, retrying
-from tests.support import FAKE_KEY, Sandbox, emails, sha256
+from tests.support import FAKE_KEY, Sandbox, emails, sha256, wait_for
 
 
 @pytest.fixture
@@ -601,3 +601,62 @@ async def test_a_bare_failure_keeps_an_excerpt_and_an_id_is_never_a_refusal(
     async with IpqsClient(f"{odd_ipqs}/false-with-id/api", FAKE_KEY) as client:
         assert (await client.upload_file("email", csv_file, "has-id")).id == 77
         assert (await client.status(77)).id == 77
+
+
+class _NotOurs(Exception):
+    """What a fence raises in these tests."""
+
+
+@pytest.mark.parametrize("method", ["multipart", "json"])
+async def test_a_body_stopped_before_its_last_chunk_creates_no_job(
+        client: IpqsClient, sandbox: Sandbox, tmp_path: Path, method: str) -> None:
+    # Several chunks, so the body is well under way when the fence says no.
+    big = tmp_path / "big.csv"
+    big.write_bytes(emails(200_000))  # ~5 MB
+    calls: list[int] = []
+
+    def fence() -> None:
+        calls.append(1)
+        raise _NotOurs("taken over")
+
+    with pytest.raises(_NotOurs):
+        if method == "multipart":
+            await client.upload_file("email", big, "fenced", before_last=fence)
+        else:
+            rows = [[line] for line in big.read_text().split()]
+            await client.upload_rows("email", rows, "fenced", before_last=fence)
+    assert calls == [1]
+    # The sandbox saw an incomplete body: no job, no upload logged, nothing left received.
+    await wait_for(lambda: not list(sandbox.state.incoming_path().glob("*")),
+                   what="the partial body removed")
+    assert sandbox.state.jobs == {} and sandbox.uploads() == []
+    assert list(sandbox.state.incoming_path().glob("*")) == []
+    assert (await client.list("email")).total_csvs == 0
+    # A fence that lets it through: the same body makes exactly one job.
+    job = await client.upload_file("email", big, "let-through", before_last=lambda: None)
+    assert job.id is not None and len(sandbox.uploads()) == 1
+
+
+async def test_the_sandbox_makes_no_job_of_a_body_cut_short(sandbox: Sandbox,
+                                                              client: IpqsClient,
+                                                              csv_file: Path) -> None:
+    # Raw HTTP: the headers promise more bytes than arrive, then the connection closes.
+    boundary = "b0undary"
+    part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"cut.csv\"\r\nContent-Type: text/csv\r\n\r\n").encode()
+    body = part + emails(1000)
+    whole = len(body) + len(f"\r\n--{boundary}--\r\n")
+    host, port = sandbox.server.host, sandbox.server.port
+    _, writer = await asyncio.open_connection(host, port)
+    writer.write((f"POST /api/json/csv/{FAKE_KEY}/email/upload?file_name=cut HTTP/1.1\r\n"
+                  f"Host: {host}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+                  f"Content-Length: {whole}\r\n\r\n").encode() + body[:-100])
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    # A whole upload after it: once that one is in, the cut one was long seen to its end.
+    await client.upload_file("email", csv_file, "whole")
+    await wait_for(lambda: not list(sandbox.state.incoming_path().glob("*")),
+                   what="received files cleared")
+    assert [job.file_name for job in sandbox.state.jobs.values()] == ["whole"]
+    assert [u["file_name"] for u in sandbox.uploads()] == ["whole"]

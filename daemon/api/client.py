@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import ssl
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ from daemon.api.answers import (
     judge,
     same_name,
 )
-from daemon.api.body import UploadFile
+from daemon.api.body import BeforeLast, FencedBytes, UploadFile
 from daemon.api.download import DownloadPolicy, ResultFile, fetch
 from daemon.errors import AccountError, IpqsError, LostAnswerError, TransientError
 from daemon.logs import scrub
@@ -160,34 +161,50 @@ class IpqsClient:
         file_name: str,
         *,
         progress: Callable[[int], None] | None = None,
+        before_last: BeforeLast | None = None,
     ) -> CsvJob:
         """Upload ``path`` as multipart/form-data, streamed, with Content-Length.
 
         A write to the file while it is sent aborts the upload (the body is then
-        incomplete, so IPQS creates nothing): the caller re-checks the file.
+        incomplete, so IPQS creates nothing): the caller re-checks the file. So does an
+        exception from ``before_last``, which is raised here again, unwrapped.
         """
         params = {"file_name": file_name}
         url = self._upload_target(file_type, params)
         # Opened on the loop (a quick syscall): a cancelled thread could leak the handle.
-        body = UploadFile(path, progress)
+        body = UploadFile(path, progress, before_last)
         try:
             form = aiohttp.FormData()
             form.add_field("file", body, filename=file_name + ".csv",
                            content_type="text/csv")
-            data = await self._request("upload", "POST", url, params=params, data=form,
-                                       body=body)
+            data = await self._stoppable(body, "upload", "POST", url, params=params,
+                                         data=form, body=body)
             return self._job(data, "upload")
         finally:
             body.close()
 
-    async def upload_rows(self, file_type: str, rows: list[list[str]],
-                          file_name: str) -> CsvJob:
-        """Upload rows as the JSON ``input`` array."""
+    async def upload_rows(self, file_type: str, rows: list[list[str]], file_name: str, *,
+                          before_last: BeforeLast | None = None) -> CsvJob:
+        """Upload rows as the JSON ``input`` array, sent in chunks (see ``upload_file``
+        for ``before_last``)."""
         params = {"file_name": file_name}
         url = self._upload_target(file_type, params)
-        data = await self._request("upload", "POST", url, params=params, json={"input": rows},
-                                   sent=lambda: True)
+        body = FencedBytes(json.dumps({"input": rows}).encode(), "application/json",
+                           before_last)
+        data = await self._stoppable(body, "upload", "POST", url, params=params, data=body,
+                                     sent=lambda: body.finished)
         return self._job(data, "upload")
+
+    async def _stoppable(self, fenced: UploadFile | FencedBytes, op: str, method: str,
+                         url: str, **kwargs: Any) -> dict[str, Any]:
+        """``_request``, raising the reason of a body stopped before its end instead of
+        the broken connection that followed."""
+        try:
+            return await self._request(op, method, url, **kwargs)
+        except IpqsError:
+            if fenced.stopped is not None:
+                raise fenced.stopped.reason from None
+            raise
 
     async def upload_url(self, file_type: str, source_url: str, file_name: str) -> CsvJob:
         """Ask IPQS to fetch the file from ``source_url``."""

@@ -106,6 +106,21 @@ async def _no_save(job: Job) -> None:
     return None
 
 
+#: Run in a worker thread before an upload's last chunk and again on its answer; raises
+#: when the job is no longer the caller's to send (see ``Conversation.send``).
+Fence = Callable[[Job], None]
+
+
+class Orphaned(Exception):
+    """IPQS accepted an upload of a job that was no longer ours: a second payment, which
+    the caller must record (``answer``) rather than save over the new owner's record."""
+
+    def __init__(self, answer: CsvJob, reason: Exception) -> None:
+        super().__init__(f"IPQS job {answer.id} answered a job that is no longer ours: "
+                         f"{reason}")
+        self.answer = answer
+
+
 class Conversation:
     """Talks to IPQS about jobs; the job's own state lives in :class:`Job`."""
 
@@ -120,6 +135,13 @@ class Conversation:
         self.save = save
         #: The newest IPQS job id seen: lookups for later uploads page back no further.
         self.newest_id: int | None = None
+        #: job -> monotonic time before which a lookup's "absent" is not believed.
+        self._absent_not_before: dict[str, float] = {}
+
+    def hold_lookups(self, job: Job, seconds: float) -> None:
+        """Believe no "absent" for ``job`` for ``seconds``: its previous owner's body may
+        still be in flight (an adopted ``uploading`` job)."""
+        self._absent_not_before[job.job] = time.monotonic() + seconds
 
     async def learn_newest_id(self) -> None:
         self.newest_id = await self.caller.call("lookup", self.client.newest_id)
@@ -129,12 +151,14 @@ class Conversation:
     async def send(self, job: Job, *, path: Path | None = None, url: str | None = None,
                    check: Callable[[Job], Awaitable[None]] | None = None,
                    slot: Callable[[], AbstractAsyncContextManager[object]] | None = None,
-                   max_sends: int | None = None) -> CsvJob:
+                   max_sends: int | None = None, fence: Fence | None = None) -> CsvJob:
         """Get the job to IPQS exactly once; returns IPQS's answer (saved as ``submitted``).
 
         ``check`` runs before ``uploading`` is saved and before each retried POST (and may
-        raise to stop); ``slot`` is held around the save and the POST. After ``max_sends``
-        uploads whose answers were lost and which no lookup found, it gives up.
+        raise to stop); ``slot`` is held around the save and the POST. ``fence`` runs before
+        the last chunk of a file or JSON body (raising stops the body: IPQS gets no whole
+        file) and on the answer (raising turns it into :class:`Orphaned`). After
+        ``max_sends`` uploads whose answers were lost and which no lookup found, it gives up.
         """
         sends = 0
         while True:
@@ -149,16 +173,22 @@ class Conversation:
                                          cause="dropped")
             sends += 1
             try:
-                answer = await self._upload(job, path, url, check, slot)
+                answer = await self._upload(job, path, url, check, slot, fence)
             except LostAnswerError as exc:
                 log.warning("upload_answer_lost", error=str(exc))
                 self.hooks.answer_lost(job, exc)
                 continue
+            if fence is not None:
+                try:
+                    await asyncio.to_thread(fence, job)
+                except Exception as exc:
+                    raise Orphaned(answer, exc) from exc
             return await self._accepted(job, answer)
 
     async def _upload(self, job: Job, path: Path | None, url: str | None,
                       check: Callable[[Job], Awaitable[None]] | None,
-                      slot: Callable[[], AbstractAsyncContextManager[object]] | None) -> CsvJob:
+                      slot: Callable[[], AbstractAsyncContextManager[object]] | None,
+                      fence: Fence | None = None) -> CsvJob:
         """Save ``uploading``, then POST (retrying only what surely never arrived)."""
         async with slot() if slot is not None else _nothing():
             if check is not None:
@@ -175,17 +205,21 @@ class Conversation:
                 attempts += 1
                 if attempts > 1 and check is not None:
                     await check(job)
-                return await self._post(job, path, url)
+                return await self._post(job, path, url, fence)
 
             return await self.caller.call("upload", attempt, retry_lost_answers=False)
 
-    async def _post(self, job: Job, path: Path | None, url: str | None) -> CsvJob:
+    async def _post(self, job: Job, path: Path | None, url: str | None,
+                    fence: Fence | None = None) -> CsvJob:
         client, hooks = self.client, self.hooks
+        before_last = None if fence is None else functools.partial(fence, job)
         if job.method == "url":
             if url is None:
                 assert path is not None
                 url = (await asyncio.to_thread(path.read_text, "utf-8")).strip()
             hooks.sending(job, f"asking IPQS to fetch {url}")
+            if before_last is not None:  # a tiny body: fenced just before it goes
+                await asyncio.to_thread(before_last)
             with hooks.timed("upload"):
                 return await client.upload_url(job.type, url, job.file_name)
         assert path is not None
@@ -193,14 +227,16 @@ class Conversation:
             rows = await asyncio.to_thread(read_rows, path)
             hooks.sending(job, f"sending {len(rows)} rows of {job.source} as JSON")
             with hooks.timed("upload"):
-                answer = await client.upload_rows(job.type, rows, job.file_name)
+                answer = await client.upload_rows(job.type, rows, job.file_name,
+                                                  before_last=before_last)
         else:
             hooks.sending(job, None)
             hooks.upload_started(job.source, job.bytes or 0)
             try:
                 with hooks.timed("upload"):
                     answer = await client.upload_file(job.type, path, job.file_name,
-                                                      progress=hooks.upload_progress)
+                                                      progress=hooks.upload_progress,
+                                                      before_last=before_last)
             finally:
                 hooks.upload_ended()
         hooks.sent(job)
@@ -222,7 +258,11 @@ class Conversation:
         delay = min(base * 2 ** max(job.uploads - 1, 0), max(base, LOOKUP_WAIT_CAP_SECONDS))
         find = functools.partial(self._find, job)
         for check in range(2):
-            await retry.stoppable_sleep(self.stop)(delay if check else min(delay, 1.0))
+            wait = delay if check else min(delay, 1.0)
+            if check:  # an adopted job's earlier owner may still be sending
+                held = self._absent_not_before.pop(job.job, 0.0) - time.monotonic()
+                wait = max(wait, held)
+            await retry.stoppable_sleep(self.stop)(wait)
             if self.stop.is_set():
                 raise TransientError("stopping before the lookup was confirmed", cause="stop")
             found = await self.caller.call("lookup", find)

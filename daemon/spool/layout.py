@@ -15,6 +15,7 @@ Layout under the spool root::
     history/<type>/<name>.<stamp>.json   records of retried files (``retry``)
     hooks/<job>.json                 a finished file whose ``on_finish`` hook has yet to
                                      succeed (:mod:`~daemon.spool.notices`)
+    orphans/<type>/<file_name>.<id>.json IPQS jobs this daemon paid for but no longer owned
 
 Commands and stages ask a :class:`Layout` for these paths instead of joining them by hand.
 """
@@ -75,6 +76,9 @@ class Layout:
     def notice(self, job_id: str) -> Path:
         """The pending hook notice of a finished job."""
         return self.hooks / f"{job_id}.json"
+
+    def orphans(self, file_type: str) -> Path:
+        return self.root / "orphans" / file_type
 
     def marker(self, sha256: str) -> Path:
         return self.markers / sha256

@@ -50,15 +50,25 @@ class Leases:
         self.owner = owner
         self.lease_seconds = lease_seconds
         self.file_mode = file_mode
+        #: ``time.monotonic()`` taken just before our last heartbeat was written.
+        self.beat_at: float | None = None
 
     def heartbeat(self) -> None:
         """Tell other daemons on this spool that our jobs are alive."""
         path = self.layout.owners / self.owner.name
+        started = time.monotonic()
         try:
             os.utime(path)
         except FileNotFoundError:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch()
+        self.beat_at = started
+
+    def fresh(self) -> bool:
+        """Is our own lease fresh by our own monotonic clock? A process frozen (SIGSTOP, a
+        paused container) past ``lease_seconds`` sees on waking that it may be replaced."""
+        return self.beat_at is not None and \
+            time.monotonic() - self.beat_at < self.lease_seconds
 
     def prune(self) -> None:
         """Forget the heartbeat files of daemons on this host that are gone."""

@@ -240,6 +240,28 @@ class Spool(Layout):
     def owns(self, job: Job) -> bool:
         return self.leases.owns(job)
 
+    def still_ours(self, job: Job) -> bool:
+        """The fence before an upload body completes: our lease is fresh by our own clock
+        and the record on disk still names us."""
+        return self.leases.fresh() and self.leases.owns(job)
+
+    def write_orphan(self, job: Job, csv_id: int | None, error: str) -> Path:
+        """Record an IPQS job we paid for after the job stopped being ours (a second
+        payment), under ``orphans/<type>/``; never overwrites. Returns the record's path."""
+        folder = self.orphans(job.type)
+        folder.mkdir(parents=True, exist_ok=True)
+        data = {"id": csv_id, "type": job.type, "source": job.source,
+                "file_name": job.file_name, "sha256": job.sha256, "bytes": job.bytes,
+                "method": job.method, "job": job.job, "owner": self.owner.name,
+                "found_at": utcnow(), "error": error}
+        body = json.dumps(data, indent=2).encode() + b"\n"
+        for n in range(1000):
+            path = folder / f"{job.file_name}.{csv_id}{f'-{n}' if n else ''}.json"
+            if exclusive_write(path, body, self.file_mode):
+                fsync_dir(folder)
+                return path
+        raise OSError(errno.EEXIST, f"no free orphan record name in {folder}")
+
     # -- finish ---------------------------------------------------------------------------
 
     def finish(self, job: Job) -> Path:
