@@ -627,10 +627,10 @@ async def test_a_body_stopped_before_its_last_chunk_creates_no_job(
             await client.upload_rows("email", rows, "fenced", before_last=fence)
     assert calls == [1]
     # The sandbox saw an incomplete body: no job, no upload logged, nothing left received.
-    await wait_for(lambda: not list(sandbox.state.incoming_path().glob("*")),
+    await wait_for(lambda: not list(sandbox.state.incoming_path().parent.glob("*")),
                    what="the partial body removed")
     assert sandbox.state.jobs == {} and sandbox.uploads() == []
-    assert list(sandbox.state.incoming_path().glob("*")) == []
+    assert list(sandbox.state.incoming_path().parent.glob("*")) == []
     assert (await client.list("email")).total_csvs == 0
     # A fence that lets it through: the same body makes exactly one job.
     job = await client.upload_file("email", big, "let-through", before_last=lambda: None)
@@ -656,7 +656,7 @@ async def test_the_sandbox_makes_no_job_of_a_body_cut_short(sandbox: Sandbox,
     await writer.wait_closed()
     # A whole upload after it: once that one is in, the cut one was long seen to its end.
     await client.upload_file("email", csv_file, "whole")
-    await wait_for(lambda: not list(sandbox.state.incoming_path().glob("*")),
+    await wait_for(lambda: not list(sandbox.state.incoming_path().parent.glob("*")),
                    what="received files cleared")
     assert [job.file_name for job in sandbox.state.jobs.values()] == ["whole"]
     assert [u["file_name"] for u in sandbox.uploads()] == ["whole"]

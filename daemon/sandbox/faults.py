@@ -228,6 +228,7 @@ def _seed(value: object) -> int | None:
 _KNOBS: dict[str, Callable[[object], Any]] = {
     **dict.fromkeys(RATE_KNOBS, _rate),
     "latency_ms": _non_negative,
+    "receive_kib_per_second": _non_negative,
     "retry_after_seconds": _non_negative,
     "credits": _count_or_none,
     "account_missing": _flag,

@@ -63,7 +63,8 @@ async def upload(request: web.Request) -> web.StreamResponse:
     state = request.config_dict[SANDBOX]
     incoming = Incoming()
     try:
-        await receive_upload(request, incoming, state.incoming_path())
+        await receive_upload(request, incoming, state.incoming_path(),
+                             kib_per_second=state.faults.receive_kib_per_second)
         return await _accept(request, state, incoming)
     finally:
         incoming.discard()

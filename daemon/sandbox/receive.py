@@ -14,6 +14,7 @@ otherwise a ``url`` or string ``input`` parameter is the link method.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -72,42 +73,47 @@ async def read_params(request: web.Request) -> dict[str, str]:
 _FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
 
 
-async def receive_upload(request: web.Request, incoming: Incoming, spool_path: Path) -> None:
-    """Read an upload request into ``incoming``, streaming any file to ``spool_path``.
+async def receive_upload(request: web.Request, incoming: Incoming, spool_path: Path, *,
+                         kib_per_second: float = 0) -> None:
+    """Read an upload request into ``incoming``, streaming any file to ``spool_path`` (no
+    faster than ``kib_per_second`` when it is above 0).
 
     The caller owns ``incoming`` so that it can discard a stored file whatever happens
     later, a client going away in the middle of a later form field included.
     """
     incoming.params.update(request.query)
     if request.content_type == "multipart/form-data":
-        await _receive_multipart(request, incoming, spool_path)
+        await _receive_multipart(request, incoming, spool_path, kib_per_second)
     elif request.content_type == "application/json":
         await _receive_json(request, incoming, spool_path)
     else:
         incoming.params.update(await read_params(request))
 
 
-async def _receive_multipart(request: web.Request, incoming: Incoming, spool_path: Path) -> None:
+async def _receive_multipart(request: web.Request, incoming: Incoming, spool_path: Path,
+                             kib_per_second: float = 0) -> None:
     if request.content_length is None:
         # IPQS warns that multipart uploads without a computed Content-Length fail.
         incoming.problem = answers.NO_CONTENT_LENGTH
         return
     try:
-        await _read_parts(await request.multipart(), incoming, spool_path)
+        await _read_parts(await request.multipart(), incoming, spool_path, kib_per_second)
     except ValueError:
         incoming.problem = answers.MALFORMED
     except Refused as refused:
         incoming.problem = str(refused)
 
 
-async def _read_parts(reader: aiohttp.MultipartReader, incoming: Incoming, path: Path) -> None:
+async def _read_parts(reader: aiohttp.MultipartReader, incoming: Incoming, path: Path,
+                      kib_per_second: float = 0) -> None:
     while (part := await reader.next()) is not None:
         if not isinstance(part, BodyPartReader):
             await part.release()  # a nested multipart: not something IPQS takes
         elif part.filename is None:
             incoming.params[part.name or ""] = await _read_field(part)
         elif incoming.file is None:
-            incoming.file, incoming.method = await _spool_part(part, path), "multipart"
+            incoming.file = await _spool_part(part, path, kib_per_second)
+            incoming.method = "multipart"
         else:
             # Read to the end anyway: answering before the client has sent everything
             # would make it see a broken connection instead of the answer.
@@ -124,10 +130,12 @@ async def _read_field(part: BodyPartReader) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-async def _spool_part(part: BodyPartReader, path: Path) -> SpooledFile:
+async def _spool_part(part: BodyPartReader, path: Path, kib_per_second: float = 0) -> SpooledFile:
     with SpoolWriter(path) as sink:
         while chunk := await part.read_chunk(CHUNK_SIZE):
             sink.write(chunk)
+            if kib_per_second > 0:  # a slow link: this chunk's share of a second
+                await asyncio.sleep(len(chunk) / 1024 / kib_per_second)
     return sink.result
 
 

@@ -46,6 +46,8 @@ class Faults:
     """
 
     latency_ms: float = 0
+    #: Upload bodies are read no faster than this (a slow link); 0: as fast as they come.
+    receive_kib_per_second: float = 0
     error_5xx_rate: float = 0
     rate_limit_403_rate: float = 0
     rate_limit_429_rate: float = 0
@@ -91,7 +93,8 @@ class Faults:
         if self.redirect_to and not self.redirect_to.startswith(("http://", "https://")):
             raise ValueError("redirect_to must be an http(s) URL or empty")
         for name in ("latency_ms", "retry_after_seconds", "trickle_ms", "links_dead_seconds",
-                     "status_soft_failures", "null_link_answers", "short_results"):
+                     "status_soft_failures", "null_link_answers", "short_results",
+                     "receive_kib_per_second"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if self.credits is not None and self.credits < 0:

@@ -1,0 +1,115 @@
+"""A daemon frozen mid-upload is replaced; on waking it must not complete its upload
+(issue 17.1). Real subprocesses, the real sandbox over loopback, SIGSTOP/SIGCONT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import (
+    daemon_config,
+    drop,
+    emails,
+    quick_settings,
+    sandbox_server,
+    sha256,
+    wait_for,
+    write_config_file,
+)
+
+pytestmark = pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
+                                reason="needs unshare --pid (root)")
+
+
+def _state(root: Path) -> str | None:
+    for record in (root / "processing").glob("*/job.json"):
+        return str(json.loads(record.read_text()).get("state"))
+    return None
+
+
+def _received(incoming: Path) -> int:
+    return max((p.stat().st_size for p in incoming.glob("*.part")), default=0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_a_daemon_frozen_mid_upload_is_replaced_and_ipqs_gets_one_job(
+        tmp_path: Path) -> None:
+    settings = quick_settings(tmp_path)
+    settings.faults.receive_kib_per_second = 20 * 1024  # a 60 MB body takes ~3 s
+    async with sandbox_server(settings) as sandbox, contextlib.AsyncExitStack() as stack:
+        root = tmp_path / "spool"
+        config = daemon_config(root, sandbox.api_base, spool={"types": ("email",)},
+                               api={"read_timeout": 5.0},
+                               upload={"lease_seconds": 3.0, "lookup_delay_seconds": 2.0},
+                               log={"level": "info", "format": "json"})
+        path = write_config_file(tmp_path / "config.toml", config)
+        env = {**os.environ, "IPQS_BULKD_CONFIG": str(path)}
+        env.pop("IPQS_API_KEY", None)
+        logs = {name: tmp_path / f"{name}.log" for name in "AB"}
+        # A stands for another host: its own pid namespace, so B judges it by its lease.
+        a = await asyncio.create_subprocess_exec(
+            "unshare", "--pid", "--fork", "--kill-child", sys.executable, "-m", "daemon", "run",
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=stack.enter_context(logs["A"].open("wb")),
+            start_new_session=True)
+        b = None
+        try:
+            data = emails(2_400_000)  # ~60 MB
+            assert len(data) > 55_000_000
+            drop(root, "email", "big.csv", data)
+            incoming = sandbox.state.incoming_path().parent
+            await wait_for(lambda: _state(root) == "uploading"
+                           and _received(incoming) > 8_000_000, timeout=60,
+                           what="A half-way through the body")
+            os.killpg(a.pid, signal.SIGSTOP)
+            frozen_at = _received(incoming)
+            b = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "daemon", "run", env=env,
+                stdout=asyncio.subprocess.DEVNULL, stderr=stack.enter_context(logs["B"].open("wb")),
+                start_new_session=True)
+            await wait_for(lambda: _told(logs["B"], "file_submitted") is not None, timeout=90,
+                           what="B adopts, looks up and uploads")
+            os.killpg(a.pid, signal.SIGCONT)
+            # A wakes up with its body half sent: it must stop it (or, had it completed,
+            # record the second payment as an orphan). Either way its log says so.
+            await wait_for(lambda: _told(logs["A"], *A_ENDS) or len(sandbox.uploads()) > 1,
+                           timeout=60, what="A's half-sent upload to end one way or another")
+            await wait_for(lambda: not list(incoming.glob("*.part")), timeout=30,
+                           what="the sandbox done with A's connection")
+        finally:
+            for proc in (a, b):  # each leads its own process group (A: unshare and child)
+                if proc is not None and proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGCONT)
+                        os.killpg(proc.pid, signal.SIGTERM)
+                    await asyncio.wait_for(proc.wait(), timeout=30)
+        paid = [u for u in sandbox.uploads() if u["sha256"] == sha256(data)]
+        a_said = _told(logs["A"], *A_ENDS)
+        print(f"\nfrozen mid-upload: A frozen after {frozen_at} bytes received; "
+              f"IPQS jobs for the file: {len(paid)}; A's log: {a_said}")
+        assert len(paid) == 1, f"IPQS has {len(paid)} jobs for one file"
+        assert _told(logs["B"], "file_submitted") is not None
+        assert a_said == "upload_fenced"
+        assert not (root / "orphans").exists()
+
+
+#: What A logs when it wakes with its body half sent: stopped, or paid and recorded.
+A_ENDS = ("upload_fenced", "upload_orphaned")
+
+
+def _told(log: Path, *events: str) -> str | None:
+    """The first of ``events`` that the JSON log at ``log`` names, if any yet."""
+    for line in log.read_text(errors="replace").splitlines():
+        for event in events:
+            if f'"event": "{event}"' in line:
+                return event
+    return None
