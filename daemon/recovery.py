@@ -70,7 +70,9 @@ class Recovery:
         if adopted is not None and adopted.state == JobState.UPLOADING:
             # Its owner may only be frozen, with a body still in flight: a lookup before
             # that body could have been answered proves nothing (README: timing model).
-            self.pipe.talk.hold_lookups(adopted, self.config.api.read_timeout)
+            api = self.config.api
+            self.pipe.talk.hold_lookups(adopted, max(api.read_timeout,
+                                                     api.total_timeout_seconds))
         return adopted
 
     async def _resume(self, job: Job) -> None:

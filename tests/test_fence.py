@@ -13,20 +13,23 @@ import sys
 from pathlib import Path
 
 import pytest
+import structlog
 
+from daemon.spool.record import load_record, write_record
 from tests.support import (
     daemon_config,
     drop,
     emails,
     quick_settings,
+    running,
     sandbox_server,
     sha256,
     wait_for,
     write_config_file,
 )
 
-pytestmark = pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
-                                reason="needs unshare --pid (root)")
+needs_unshare = pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
+                                   reason="needs unshare --pid (root)")
 
 
 def _state(root: Path) -> str | None:
@@ -39,6 +42,7 @@ def _received(incoming: Path) -> int:
     return max((p.stat().st_size for p in incoming.glob("*.part")), default=0)
 
 
+@needs_unshare
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_a_daemon_frozen_mid_upload_is_replaced_and_ipqs_gets_one_job(
@@ -48,7 +52,7 @@ async def test_a_daemon_frozen_mid_upload_is_replaced_and_ipqs_gets_one_job(
     async with sandbox_server(settings) as sandbox, contextlib.AsyncExitStack() as stack:
         root = tmp_path / "spool"
         config = daemon_config(root, sandbox.api_base, spool={"types": ("email",)},
-                               api={"read_timeout": 5.0},
+                               api={"read_timeout": 5.0, "total_timeout_seconds": 5.0},
                                upload={"lease_seconds": 3.0, "lookup_delay_seconds": 2.0},
                                log={"level": "info", "format": "json"})
         path = write_config_file(tmp_path / "config.toml", config)
@@ -113,3 +117,38 @@ def _told(log: Path, *events: str) -> str | None:
             if f'"event": "{event}"' in line:
                 return event
     return None
+
+
+async def test_an_answer_for_a_job_taken_over_meanwhile_is_recorded_as_an_orphan(
+        tmp_path: Path) -> None:
+    settings = quick_settings(tmp_path)
+    settings.faults.latency_ms = 1500  # the answer comes late: time to take the job over
+    settings.faults.operations = frozenset({"upload"})
+    async with sandbox_server(settings) as sandbox:
+        root = tmp_path / "spool"
+        config = daemon_config(root, sandbox.api_base, spool={"types": ("email",)})
+        with structlog.testing.capture_logs() as logs:
+            async with running(config) as service:
+                drop(root, "email", "late.csv", emails(20))
+                # The body has gone out (it is small) and IPQS holds the request.
+                await wait_for(lambda: sandbox.state.stats.requests["upload"] >= 1,
+                               what="the upload at the sandbox")
+                [record] = list((root / "processing").glob("*/job.json"))
+                job = load_record(record)
+                assert job is not None and job.state == "uploading"
+                job.owner = "another-host:1:cafe"  # as an adopter would write it
+                write_record(record, job, 0o640)
+                orphans = root / "orphans" / "email"
+                await wait_for(lambda: any(orphans.glob("*.json")), what="an orphan record")
+                metric = service.pipe.metrics.registry.get_sample_value(
+                    "ipqs_bulkd_orphaned_uploads_total")
+        [upload] = sandbox.uploads()
+        [orphan] = [json.loads(p.read_text()) for p in orphans.glob("*.json")]
+        assert (orphan["id"], orphan["file_name"]) == (upload["id"], job.file_name)
+        assert orphan["sha256"] == sha256(emails(20)) and orphan["source"] == "late.csv"
+        assert metric == 1.0
+        errors = [e for e in logs if e["event"] == "upload_orphaned"]
+        assert len(errors) == 1 and errors[0]["log_level"] == "error"
+        assert errors[0]["id"] == upload["id"]
+        # The new owner's record was not written over.
+        assert load_record(record) is not None and load_record(record).owner == job.owner
