@@ -68,5 +68,11 @@ class RejectedError(IpqsError):
     """IPQS refused this request (bad file, unknown type, unknown id, dead link...)."""
 
 
+class LookupIncompleteError(IpqsError):
+    """The list API could not say whether an upload arrived: paging stopped at its bound
+    (no known newest id to stop at, or more jobs than the bound since). Not retried at
+    once: the job waits, never re-sent meanwhile."""
+
+
 class AccountError(IpqsError):
     """The account cannot be used right now: invalid key or no credits left."""

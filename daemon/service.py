@@ -265,12 +265,13 @@ class Service:
         with the breaker's backoff until it works.
         """
         try:
-            self.pipe.talk.newest_id = await self.pipe.client.newest_id()
+            newest = await self.pipe.client.newest_id()
+            self.pipe.talk.newest_id = 0 if newest is None else newest  # 0: no jobs yet
         except AccountError as exc:
             reason = f"IPQS refused the account at start: {exc.message}"
             self.pipe.breaker.failure(reason)
             self._spawn(self._recheck_account(reason), "account-check")
-        except IpqsError as exc:  # an unknown floor only makes lookups page further
+        except IpqsError as exc:  # unknown: learnt again before the first POST
             log.warning("newest_id_unknown", error=str(exc))
 
     async def _recheck_account(self, reason: str) -> None:

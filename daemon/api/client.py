@@ -38,7 +38,13 @@ from daemon.api.answers import (
 )
 from daemon.api.body import BeforeLast, FencedBytes, UploadFile
 from daemon.api.download import DownloadPolicy, ResultFile, fetch
-from daemon.errors import AccountError, IpqsError, LostAnswerError, TransientError
+from daemon.errors import (
+    AccountError,
+    IpqsError,
+    LookupIncompleteError,
+    LostAnswerError,
+    TransientError,
+)
 from daemon.logs import scrub
 
 if TYPE_CHECKING:  # config imports RESULT_SETS from this package
@@ -266,8 +272,11 @@ class IpqsClient:
                 return None
             if not page.csvs or page_no >= page.total_pages:
                 return None
-        raise TransientError(f"job list longer than {max_pages} pages; lookup incomplete",
-                             cause="lookup")
+        raise LookupIncompleteError(
+            f"the {file_type or 'job'} list is longer than {max_pages} pages "
+            f"({max_pages * LIST_PAGE_SIZE} jobs)"
+            + (" and the newest id before the upload is unknown" if floor_id is None
+               else f" above id {floor_id}"))
 
     async def newest_id(self) -> int | None:
         """The id of the account's newest job, or None when it has none."""

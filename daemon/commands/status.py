@@ -175,7 +175,8 @@ def _processing(spool: Spool, counts: dict[str, dict[str, int]]) -> list[dict[st
             counts[job.type]["processing"] += 1
         jobs.append({"job": job.job, "type": job.type, "source": job.source,
                      "state": job.state, "id": job.id, "status": job.status,
-                     "outcome": job.outcome, "age_seconds": _age(job.claimed_at, now)})
+                     "outcome": job.outcome, "age_seconds": _age(job.claimed_at, now),
+                     "waiting": job.waiting})
     return jobs
 
 
@@ -366,6 +367,9 @@ def render(report: dict[str, Any], console: Console) -> None:
             ["JOB", "TYPE", "FILE", "STATE", "IPQS ID", "IPQS STATUS", "AGE"],
             [[j["job"], j["type"], j["source"], j["state"], j["id"], j["status"],
               human_age(j["age_seconds"])] for j in jobs]))
+        for j in jobs:
+            if j.get("waiting"):
+                console.line(f"waiting: {j['job']} ({j['source']}): {j['waiting']}")
     console.line()
     recent = report["recent"]
     console.line(f"recently finished: {len(recent)}")

@@ -34,7 +34,13 @@ import structlog
 from daemon import retry
 from daemon.api import CsvJob, IpqsClient
 from daemon.config import Config
-from daemon.errors import IpqsError, LostAnswerError, RejectedError, TransientError
+from daemon.errors import (
+    IpqsError,
+    LookupIncompleteError,
+    LostAnswerError,
+    RejectedError,
+    TransientError,
+)
 from daemon.inputs import read_rows
 from daemon.job.state import JobState, advance
 from daemon.job.verdicts import (
@@ -135,6 +141,8 @@ class Conversation:
         self.save = save
         #: The newest IPQS job id seen: lookups for later uploads page back no further.
         self.newest_id: int | None = None
+        #: How long a job waits after a lookup that could not finish (paging bound).
+        self.incomplete_wait_seconds = LOOKUP_WAIT_CAP_SECONDS
         #: job -> monotonic time before which a lookup's "absent" is not believed.
         self._absent_not_before: dict[str, float] = {}
 
@@ -144,7 +152,10 @@ class Conversation:
         self._absent_not_before[job.job] = time.monotonic() + seconds
 
     async def learn_newest_id(self) -> None:
-        self.newest_id = await self.caller.call("lookup", self.client.newest_id)
+        """Ask IPQS for its newest job id (0 for an account without jobs: every later id
+        is above it), the floor that later lookups page back to."""
+        newest = await self.caller.call("lookup", self.client.newest_id)
+        self.newest_id = 0 if newest is None else newest
 
     # -- send once ---------------------------------------------------------------------------
 
@@ -193,6 +204,8 @@ class Conversation:
         async with slot() if slot is not None else _nothing():
             if check is not None:
                 await check(job)
+            if self.newest_id is None:  # unknown (a start during an outage): learn it now,
+                await self.learn_newest_id()  # or a lost answer pages back without end
             advance(job, JobState.UPLOADING)
             job.upload_started_at = utcnow()
             job.floor_id = self.newest_id
@@ -257,19 +270,43 @@ class Conversation:
         # believed: a list that lags behind IPQS's jobs must not become repeated payments.
         delay = min(base * 2 ** max(job.uploads - 1, 0), max(base, LOOKUP_WAIT_CAP_SECONDS))
         find = functools.partial(self._find, job)
-        for check in range(2):
+        check = 0
+        while check < 2:
             wait = delay if check else min(delay, 1.0)
             if check:  # an adopted job's earlier owner may still be sending
-                held = self._absent_not_before.pop(job.job, 0.0) - time.monotonic()
-                wait = max(wait, held)
-            await retry.stoppable_sleep(self.stop)(wait)
-            if self.stop.is_set():
-                raise TransientError("stopping before the lookup was confirmed", cause="stop")
-            found = await self.caller.call("lookup", find)
+                wait = max(wait, self._absent_not_before.get(job.job, 0.0) - time.monotonic())
+            await self._pause(wait, "stopping before the lookup was confirmed")
+            try:
+                found = await self.caller.call("lookup", find)
+            except LookupIncompleteError as exc:
+                await self._lookup_waits(job, exc)
+                check = 0  # two complete lookups, as ever, before "absent" is believed
+                continue
+            job.waiting = None
             if found is not None:
                 return found
+            check += 1
+        self._absent_not_before.pop(job.job, None)
         log.info("upload_not_found", file_name=job.file_name)
         return None
+
+    async def _lookup_waits(self, job: Job, exc: LookupIncompleteError) -> None:
+        """A lookup that could not finish: the job waits (saved, so ``status`` says why),
+        and the lookup is tried again after ``incomplete_wait_seconds``; never a resend."""
+        hours = self.incomplete_wait_seconds / 3600
+        job.waiting = (f"lookup incomplete: {exc.message}; IPQS is asked again every "
+                       f"{hours:g} h and the file is not sent again meanwhile; look for "
+                       f"file_name {job.file_name} at IPQS (README: Reliability)")
+        log.warning("lookup_incomplete", file_name=job.file_name, error=exc.message,
+                    wait=self.incomplete_wait_seconds)
+        self.hooks.note(job.waiting)
+        await self.save(job)
+        await self._pause(self.incomplete_wait_seconds, "stopping while a lookup waits")
+
+    async def _pause(self, seconds: float, why: str) -> None:
+        await retry.stoppable_sleep(self.stop)(seconds)
+        if self.stop.is_set():
+            raise TransientError(why, cause="stop")
 
     async def _find(self, job: Job) -> CsvJob | None:
         with self.hooks.timed("lookup"):

@@ -203,6 +203,15 @@ class SandboxState:
         self.uploads.append(_log_entry(job, spooled, method, url))
         return job
 
+    def seed_jobs(self, key: str, file_type: str, count: int) -> None:
+        """Add ``count`` jobs of ``file_type`` at once, without files, as if uploaded long
+        ago (for tests of long job lists; they are not in the upload log)."""
+        seeded = self._spool_root() / "seeded"
+        for _ in range(count):
+            job_id, self._next_id = self._next_id, self._next_id + 1
+            self.jobs[job_id] = Job(job_id, key, file_type, f"seeded-{job_id}", 1,
+                                    self.now(), seeded)
+
     def find_job(self, key: str, job_id: int | None) -> Job | None:
         """The caller's job with this id; None for a missing, unknown or foreign id."""
         job = self.jobs.get(job_id) if job_id is not None else None

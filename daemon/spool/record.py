@@ -83,6 +83,7 @@ class Job:
     header_row: bool | None = None
     #: When set (by ``retry --results-only``), the deadline counts from here.
     followed_since: str | None = None
+    waiting: str | None = None  # why the job waits (shown by ``status``), while it does
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Job:
