@@ -67,9 +67,11 @@ class Recovery:
         if job.owner == self.spool.owner.name:
             return job
         adopted = self.spool.adopt(job_dir)
-        if adopted is not None and adopted.state == JobState.UPLOADING:
-            # Its owner may only be frozen, with a body still in flight: a lookup before
-            # that body could have been answered proves nothing (README: timing model).
+        if adopted is not None and adopted.state == JobState.UPLOADING \
+                and (job.owner or "").partition(":")[0] != self.spool.owner.host:
+            # Another host's daemon may only be frozen, with a body still in flight: a
+            # lookup before that body could have been answered proves nothing (README:
+            # the timing model). On this host its pid was checked: it is gone.
             api = self.config.api
             self.pipe.talk.hold_lookups(adopted, max(api.read_timeout,
                                                      api.total_timeout_seconds))
