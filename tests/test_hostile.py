@@ -156,6 +156,7 @@ async def test_a_file_changed_after_its_claim_is_not_sent(tmp_path: Path) -> Non
         service = Service(daemon_config(root, sandbox.api_base))
         spool = service.spool
         spool.prepare()
+        spool.heartbeat()  # as the daemon does before it touches a job: its lease is fresh
         job = spool.claim("email", drop(root, "email", "moving.csv", emails(5)), "multipart")
         assert job is not None
         assert spool.inspect(job) is None

@@ -35,6 +35,7 @@ from daemon import retry
 from daemon.api import CsvJob, IpqsClient
 from daemon.config import Config
 from daemon.errors import (
+    AccountError,
     IpqsError,
     LookupIncompleteError,
     LostAnswerError,
@@ -205,7 +206,10 @@ class Conversation:
             if check is not None:
                 await check(job)
             if self.newest_id is None:  # unknown (a start during an outage): learn it now,
-                await self.learn_newest_id()  # or a lost answer pages back without end
+                # or a lost answer pages back without end. A refusal (a bad key) is left
+                # for the POST to meet, which the caller already handles.
+                with contextlib.suppress(AccountError, RejectedError):
+                    await self.learn_newest_id()
             advance(job, JobState.UPLOADING)
             job.upload_started_at = utcnow()
             job.floor_id = self.newest_id
