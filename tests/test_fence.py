@@ -122,7 +122,8 @@ def _told(log: Path, *events: str) -> str | None:
 async def test_an_answer_for_a_job_taken_over_meanwhile_is_recorded_as_an_orphan(
         tmp_path: Path) -> None:
     settings = quick_settings(tmp_path)
-    settings.faults.latency_ms = 1500  # the answer comes late: time to take the job over
+    # The job is made, then its answer comes out a byte every 10 ms: time to take it over.
+    settings.faults.trickle_ms = 10
     settings.faults.operations = frozenset({"upload"})
     async with sandbox_server(settings) as sandbox:
         root = tmp_path / "spool"
@@ -130,9 +131,9 @@ async def test_an_answer_for_a_job_taken_over_meanwhile_is_recorded_as_an_orphan
         with structlog.testing.capture_logs() as logs:
             async with running(config) as service:
                 drop(root, "email", "late.csv", emails(20))
-                # The body has gone out (it is small) and IPQS holds the request.
-                await wait_for(lambda: sandbox.state.stats.requests["upload"] >= 1,
-                               what="the upload at the sandbox")
+                # The whole body is in (so it was past its fence) and the job made at
+                # IPQS, whose answer is still on its way.
+                await wait_for(lambda: len(sandbox.uploads()) == 1, what="the job at IPQS")
                 [record] = list((root / "processing").glob("*/job.json"))
                 job = load_record(record)
                 assert job is not None and job.state == "uploading"
@@ -152,3 +153,4 @@ async def test_an_answer_for_a_job_taken_over_meanwhile_is_recorded_as_an_orphan
         assert errors[0]["id"] == upload["id"]
         # The new owner's record was not written over.
         assert load_record(record) is not None and load_record(record).owner == job.owner
+
