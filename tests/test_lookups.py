@@ -10,7 +10,7 @@ from pathlib import Path
 import structlog
 
 from daemon.commands.common import Console
-from daemon.commands.status import budget, collect, render
+from daemon.commands.status import budget, collect, probe_all, render
 from daemon.spool import Spool
 from daemon.spool.record import JOB_FILE, load_record
 from tests.support import (
@@ -49,10 +49,9 @@ async def test_a_lost_answer_lookup_over_a_long_list_is_bounded_and_the_job_wait
                                what="two bounded lookups, a wait apart")
                 lists = sandbox.state.stats.requests["list"]
                 waiting = load_record(record)
-                report = collect(config, recent=5)
-        report["daemon"] = {"reachable": False, "ready": None, "paused": None,
-                            "reason": "unknown (health endpoint off)"}
-        report["budget"] = budget(config)
+                report = collect(config, recent=5)  # as `ipqs-bulkd status` builds it
+                report["daemon"], report["daemons"] = await probe_all(config)
+                report["budget"] = budget(config)
         out = io.StringIO()
         render(report, Console(out, io.StringIO()))
     # 200 pages per lookup (plus the newest-id call at start), never the unbounded loop.
