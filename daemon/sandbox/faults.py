@@ -113,10 +113,7 @@ async def _inject(
         return None
     if faults.redirect_to:
         state.fired("redirect")
-        # Read (and drop) the whole body first, as a gateway that buffers requests does:
-        # the client then surely sent it, and the answer does not race the upload.
-        while await request.content.readany():
-            pass
+        await _swallow_body(request)
         location = faults.redirect_to.rstrip("/") + request.path_qs
         return web.Response(status=302, headers={"Location": location})
     if faults.latency_ms > 0:
@@ -128,6 +125,7 @@ async def _inject(
     fmt = request.match_info.get("fmt", "json")
     if state.chance(faults.error_5xx_rate):
         state.fired("error_5xx")
+        await _swallow_body(request)
         return _server_error(state.pick(tuple(_SERVER_ERRORS)))
     retry_after = {"Retry-After": f"{faults.retry_after_seconds:g}"}
     if state.chance(faults.rate_limit_403_rate):
@@ -137,6 +135,13 @@ async def _inject(
         state.fired("rate_limit_429")
         return answers.failure(fmt, answers.TOO_MANY_REQUESTS, status=429, headers=retry_after)
     return None
+
+
+async def _swallow_body(request: web.Request) -> None:
+    """Read (and drop) the whole request body, as a gateway that buffers requests does
+    before it answers: the client then surely sent it, and the answer never races it."""
+    while await request.content.readany():
+        pass
 
 
 def _server_error(status: int) -> web.Response:
