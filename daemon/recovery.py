@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -120,8 +119,9 @@ class Recovery:
     def _broken_job(self, job_dir: Path) -> None:
         """A job folder without a record: fail its input, never resend it blindly.
 
-        Only once the folder is older than a lease: a moment after another daemon's mkdir,
-        its record is simply not written yet.
+        Only once the folder has stayed unchanged for a lease (by our own clock, never the
+        folder's mtime against it): a moment after another daemon's mkdir, its record is
+        simply not written yet.
         """
         files = [p for p in job_dir.iterdir() if p.is_file() and not p.name.startswith(".")
                  and not p.name.startswith(JOB_FILE)]
@@ -131,7 +131,7 @@ class Recovery:
             if _remove_if_empty(job_dir):
                 log.info("empty_job_removed", job=job_dir.name)
             return
-        if time.time() - job_dir.stat().st_mtime < self.config.upload.lease_seconds:
+        if not self.spool.leases.quiet(job_dir):
             return
         # The type is unknown without the record: the first configured one holds it.
         job = Job(job=job_dir.name, type=self.config.spool.types[0], source=files[0].name,

@@ -27,6 +27,7 @@ from daemon.errors import (
 from daemon.inputs import URL_SUFFIX, first_row_is_header, json_rows, url_file_problem
 from daemon.job.breaker import Permit
 from daemon.job.conversation import Orphaned
+from daemon.job.duplicates import take_marker
 from daemon.job.state import JobState
 from daemon.pipeline import Pipeline
 from daemon.spool import Job, new_job_id
@@ -297,7 +298,8 @@ class Uploader:
         """Take the content's duplicate marker; False if the job ended here as a duplicate."""
         pipe = self.pipe
         window = pipe.config.upload.duplicate_window_hours * 3600
-        earlier = await asyncio.to_thread(pipe.spool.mark, job, window)
+        # A marker that a submit left unresolved is looked up at IPQS first.
+        earlier = await take_marker(pipe.spool, pipe.talk, job, window)
         if earlier is not None:
             job.id = None
             await pipe.finish(job, "failed", "duplicate",

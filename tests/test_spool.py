@@ -171,11 +171,11 @@ def test_duplicate_marker_is_exclusive_and_expires(tmp_path: Path) -> None:
     earlier = spool.mark(second, 3600)
     assert earlier is not None and earlier["job"] == "j1"
     assert spool.mark(first, 3600) is None  # our own marker is not a duplicate
-    # Expired: the window is shorter than the marker's age.
+    # Expired: the window is shorter than the marker's age (made during this boot, its
+    # age is told by the boot-time clock alone).
     marker = spool.markers / first.sha256  # type: ignore[operator]
-    os.utime(marker, (0, 0))
     data = json.loads(marker.read_text())
-    data["created"] = 0
+    data["boottime"] -= 3601
     marker.write_text(json.dumps(data))
     assert spool.mark(second, 3600) is None
     assert json.loads(marker.read_text())["job"] == "j2"
@@ -190,10 +190,17 @@ def test_orphaned_by_dead_pid_or_stale_heartbeat(tmp_path: Path) -> None:
     other = Spool(tmp_path, ("email",), owner=Owner("otherhost", 1, "tok"), lease_seconds=60)
     other.heartbeat()
     job.owner = other.owner.name
+    now = [1000.0]
+    me.leases.monotonic = lambda: now[0]  # our own clock; theirs is never read
     assert not me.orphaned(job)
-    beat = tmp_path / "processing" / ".owners" / other.owner.name
-    os.utime(beat, (0, 0))
-    me.lease_seconds = 60
+    now[0] += 59
+    other.heartbeat()  # a beat: the lease starts again, from when we saw it change
+    now[0] += 59
+    assert not me.orphaned(job)
+    now[0] += 59
+    assert not me.orphaned(job)
+    # Their heartbeat stayed unchanged for a whole lease, by our clock: gone.
+    now[0] += 2
     assert me.orphaned(job)
 
 

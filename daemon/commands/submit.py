@@ -5,6 +5,13 @@ It follows the daemon's rules: the same client and retry policy; the same duplic
 pay for the same content); and the daemon's own conversation with IPQS
 (:mod:`daemon.job.conversation`), so an upload whose answer was lost is looked up by its
 unique ``file_name`` with the daemon's lookup policy before it is ever sent again.
+
+It takes part in the spool's protocol like a daemon: it holds a lease (a heartbeat in
+``processing/.owners/``) while it runs, so nobody takes its marker for stale, and it says
+in the marker that its upload may go out before the POST. Interrupted or left without an
+answer, it leaves the marker *unresolved*: the daemon, or the next ``submit`` of the same
+content, looks the upload up at IPQS before anything is sent again
+(:mod:`daemon.job.duplicates`).
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ from daemon.api import CsvJob, make_client
 from daemon.commands import money
 from daemon.commands.common import (
     DEFAULT_TIMEOUT,
-    EXIT_DUPLICATE,
     EXIT_FAILED,
     EXIT_HELP,
     EXIT_NOT_FOUND,
@@ -40,6 +46,7 @@ from daemon.commands.common import (
     require_key,
     retry_note,
 )
+from daemon.commands.guard import DuplicateGuard
 from daemon.commands.progress import Reporter, reporter_for
 from daemon.config import Config
 from daemon.errors import (
@@ -50,8 +57,9 @@ from daemon.errors import (
 from daemon.inputs import URL_SUFFIX, json_rows, url_of, url_problem
 from daemon.job.conversation import Conversation, Hooks, Verdict
 from daemon.job.money import Purse
+from daemon.job.state import JobState
 from daemon.shown import shown
-from daemon.spool import Job, Spool, inspect_file, new_job_id, place_no_clobber, upload_name
+from daemon.spool import Job, inspect_file, new_job_id, place_no_clobber, upload_name
 
 # After this many uploads whose answers were lost (and which a lookup then did not find),
 # give up rather than keep sending.
@@ -152,7 +160,6 @@ def run(ns: argparse.Namespace, config: Config, console: Console) -> int:
     job = Job(job=job_id, type=ns.type, source=payload.source,
               file_name=upload_name(payload.source, job_id), method=payload.method,
               sha256=payload.sha256, bytes=payload.size, rows=payload.rows)
-    guard.claim(job)
     submission = Submission(config, console, job, payload, guard, timeout=ns.timeout)
     return asyncio.run(submission.run(wait=ns.wait, out=out))
 
@@ -214,59 +221,6 @@ def _check_out(out: Path) -> None:
         raise CommandError(EXIT_USAGE, f"--out {shown(out)}: not writable")
 
 
-class DuplicateGuard:
-    """The daemon's duplicate markers (``<spool.root>/markers/<sha256>``), or nothing."""
-
-    def __init__(self, spool: Spool | None, window_seconds: float) -> None:
-        self.spool = spool
-        self.window = window_seconds
-        self.claimed = False
-
-    @classmethod
-    def open(cls, config: Config, console: Console, *, enabled: bool) -> DuplicateGuard:
-        window = config.upload.duplicate_window_hours * 3600
-        if not enabled:
-            console.note("duplicate check off (--no-duplicate-check): nothing is recorded")
-            return cls(None, 0)
-        spool = Spool(config.spool.root, config.spool.types, file_mode=config.spool.file_mode)
-        try:
-            spool.markers.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise _unusable(spool, exc) from None
-        return cls(spool, window)
-
-    def claim(self, job: Job) -> None:
-        if self.spool is None:
-            return
-        try:
-            earlier = self.spool.mark(job, self.window)
-        except OSError as exc:
-            raise _unusable(self.spool, exc) from None
-        if earlier is not None:
-            raise CommandError(EXIT_DUPLICATE, (
-                f"not sent: the same content was already taken as job "
-                f"{shown(earlier.get('job'))} ({shown(earlier.get('type'))}/"
-                f"{shown(earlier.get('source'))}, IPQS id {shown(earlier.get('id'))}) "
-                f"within upload.duplicate_window_hours; --no-duplicate-check sends it anyway"))
-        self.claimed = True
-
-    def accepted(self, job: Job) -> None:
-        if self.spool is not None and self.claimed:
-            self.spool.update_mark(job)
-
-    def release(self, job: Job) -> None:
-        """Nothing was created at IPQS: a later attempt may send the content."""
-        if self.spool is not None and self.claimed:
-            self.spool.unmark(job)
-            self.claimed = False
-
-
-def _unusable(spool: Spool, exc: OSError) -> CommandError:
-    return CommandError(EXIT_USAGE, (
-        f"cannot record duplicates under {shown(spool.markers)} ({exc.strerror}): make spool.root "
-        "writable, or pass --no-duplicate-check to send without the guard"))
-
-
 # -- talking to IPQS ------------------------------------------------------------------------
 
 
@@ -293,8 +247,10 @@ class Submission(Hooks):
 
     async def run(self, *, wait: bool, out: Path) -> int:
         try:
-            async with make_client(self.config) as client:
-                talk = Conversation(client, self.config, self.patience, hooks=self)
+            async with make_client(self.config) as client, self.guard.lease():
+                talk = Conversation(client, self.config, self.patience, hooks=self,
+                                    save=self._save)
+                await self.guard.claim(self.job, talk)
                 purse = Purse.for_config(self.config, client)
                 # The daemon's money guards, before anything is sent.
                 await money.admit(purse, self.job, refused=lambda: self.guard.release(self.job))
@@ -329,9 +285,10 @@ class Submission(Hooks):
                 raise failure(exc, f"{shown(payload.source)} not sent", self.timeout) from None
             line = failure(exc, f"{shown(payload.source)}: the upload's answer was lost",
                            self.timeout)
-            line.message += (f"; IPQS may have it as file_name {self.job.file_name}: check "
-                             "`ipqs-bulkd jobs`; the duplicate guard keeps the content marked, "
-                             "so if IPQS does not have it, send it with --no-duplicate-check")
+            line.message += (f"; IPQS may have it as file_name {shown(self.job.file_name)}: "
+                             "`ipqs-bulkd jobs` lists it and `ipqs-bulkd fetch ID` downloads "
+                             "its results; submitting the file again (or dropping it into "
+                             "the inbox) looks it up first and never pays twice")
             raise line from None  # maybe sent: its rows stay counted in the budget
         purse.accepted(self.job)
         return answer
@@ -339,6 +296,11 @@ class Submission(Hooks):
     async def _not_sent(self, purse: Purse) -> None:
         self.guard.release(self.job)
         await purse.released(self.job)
+
+    async def _save(self, job: Job) -> None:
+        """What the conversation saves: before a POST, the marker says one may go out."""
+        if job.state == JobState.UPLOADING:
+            await asyncio.to_thread(self.guard.sending, job)
 
     async def _unchanged(self, job: Job) -> None:
         payload = self.payload

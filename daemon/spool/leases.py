@@ -1,5 +1,10 @@
 """Leases: which daemon owns a job, its heartbeat, and taking over the jobs of a daemon
-that is surely gone. Any number of daemons may share one spool."""
+that is surely gone. Any number of daemons (and ``submit`` runs) may share one spool.
+
+No two hosts' clocks are ever compared: another host's lease is stale only when its
+heartbeat file has not *changed* for ``lease_seconds`` as timed by this process's own
+monotonic clock, however far the writer's clock (and so the file's mtime) is off.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,23 +51,29 @@ class Leases:
     """One daemon's leases on a spool. All methods block: call in a thread."""
 
     def __init__(self, layout: Layout, owner: Owner, *, lease_seconds: float,
-                 file_mode: int) -> None:
+                 file_mode: int, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.layout = layout
         self.owner = owner
         self.lease_seconds = lease_seconds
         self.file_mode = file_mode
         #: ``time.monotonic()`` taken just before our last heartbeat was written.
         self.beat_at: float | None = None
+        self.monotonic = monotonic
+        self._beats = 0
+        # path -> (what it looked like, when we first saw it look like that)
+        self._seen: dict[Path, tuple[object, float]] = {}
 
     def heartbeat(self) -> None:
-        """Tell other daemons on this spool that our jobs are alive."""
+        """Tell other daemons on this spool that our jobs are alive: the file's content
+        (a counter) changes with every beat, whatever any clock says."""
         path = self.layout.owners / self.owner.name
         started = time.monotonic()
+        self._beats += 1
         try:
-            os.utime(path)
+            path.write_text(f"{self._beats}\n")
         except FileNotFoundError:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()
+            path.write_text(f"{self._beats}\n")
         self.beat_at = started
 
     def fresh(self) -> bool:
@@ -69,6 +81,28 @@ class Leases:
         paused container) past ``lease_seconds`` sees on waking that it may be replaced."""
         return self.beat_at is not None and \
             time.monotonic() - self.beat_at < self.lease_seconds
+
+    def quiet_for(self, path: Path) -> float | None:
+        """For how long (by our monotonic clock) ``path`` has not changed; None if it does
+        not exist. The first look counts as a change: we cannot know what came before."""
+        try:
+            info = path.stat()
+            content = path.read_bytes()[:64] if path.is_file() else b""
+        except FileNotFoundError:
+            self._seen.pop(path, None)
+            return None
+        looks = (info.st_ino, info.st_size, info.st_mtime_ns, content)
+        now = self.monotonic()
+        seen = self._seen.get(path)
+        if seen is None or seen[0] != looks:
+            self._seen[path] = (looks, now)
+            return 0.0
+        return now - seen[1]
+
+    def quiet(self, path: Path) -> bool:
+        """Has ``path`` stayed unchanged for a whole lease? (False if it is missing.)"""
+        quiet = self.quiet_for(path)
+        return quiet is not None and quiet > self.lease_seconds
 
     def prune(self) -> None:
         """Forget the heartbeat files of daemons on this host that are gone."""
@@ -92,23 +126,38 @@ class Leases:
         """Is the daemon named ``owner`` surely gone?
 
         On this host (and pid namespace) its pid says it; elsewhere its heartbeat file,
-        which must be older than the lease. A daemon that never heartbeated is judged by
-        the age of ``folder`` instead.
+        which must have stayed unchanged for a lease. A daemon that never heartbeated is
+        judged by ``folder`` staying unchanged instead.
         """
-        host, _, rest = owner.partition(":")
-        pid = rest.partition(":")[0]
-        if host == self.owner.host and pid.isdigit() and int(pid) != self.owner.pid:
-            return not pid_alive(int(pid))
+        local = self._local_pid(owner)
+        if local is not None:
+            return not pid_alive(local)
         # Another host, or our own pid under another token (an earlier life of this
         # process, or a second daemon inside it): its heartbeat decides.
         beat = self.layout.owners / owner
-        try:
-            return time.time() - beat.stat().st_mtime > self.lease_seconds
-        except FileNotFoundError:
-            try:
-                return time.time() - folder.stat().st_mtime > self.lease_seconds
-            except FileNotFoundError:
-                return False
+        if beat.exists():
+            return self.quiet(beat)
+        return self.quiet(folder)
+
+    def alive(self, owner: str) -> bool:
+        """Is ``owner`` surely still running? Unlike :meth:`gone`, a missing heartbeat
+        says no: a holder that judges by heartbeat always beats before it holds anything."""
+        local = self._local_pid(owner)
+        if local is not None:
+            return pid_alive(local)
+        if owner == self.owner.name:
+            return True
+        beat = self.layout.owners / owner
+        quiet = self.quiet_for(beat)
+        return quiet is not None and quiet <= self.lease_seconds
+
+    def _local_pid(self, owner: str) -> int | None:
+        """The pid of an owner in our host and pid namespace (not us); else None."""
+        host, _, rest = owner.partition(":")
+        pid = rest.partition(":")[0]
+        if host == self.owner.host and pid.isdigit() and int(pid) != self.owner.pid:
+            return int(pid)
+        return None
 
     def adopt(self, job_dir: Path) -> Job | None:
         """Take a job over; None if another daemon took it first.

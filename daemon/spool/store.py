@@ -69,7 +69,7 @@ class Spool(Layout):
         self.lease_seconds = lease_seconds
         self.leases = Leases(self, self.owner, lease_seconds=lease_seconds,
                              file_mode=file_mode)
-        self.marks = Markers(self, file_mode)
+        self.marks = Markers(self, file_mode, self.owner.name, self.leases.alive)
         self.notices = Notices(self, file_mode)
         self.hook_notices = hook_notices
 
@@ -213,8 +213,9 @@ class Spool(Layout):
 
     # -- duplicates (see markers.py) and leases (see leases.py) ---------------------------
 
-    def mark(self, job: Job, window_seconds: float) -> dict[str, Any] | None:
-        return self.marks.mark(job, window_seconds)
+    def mark(self, job: Job, window_seconds: float, *,
+             holder: str = "daemon") -> dict[str, Any] | None:
+        return self.marks.mark(job, window_seconds, holder=holder)
 
     def update_mark(self, job: Job) -> None:
         self.marks.update(job)

@@ -1,0 +1,100 @@
+"""What this host's clocks can be trusted with.
+
+Wall time (``time.time()``) can be wrong, and can jump when NTP or a person sets it; two
+hosts' wall clocks disagree. The boot-time clock (``CLOCK_BOOTTIME``: monotonic, and it
+counts suspend too) never jumps, but means something only on this host, during this boot.
+So:
+
+- an age measured here, within one boot, uses the boot-time clock (:func:`stamp` and
+  :func:`age`);
+- an age across boots or hosts falls back on wall time, read conservatively;
+- whether NTP has synchronised the wall clock is the kernel's to say (:func:`wall_clock_synced`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import time
+from pathlib import Path
+from typing import Any
+
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+# adjtimex(2): the clock state TIME_ERROR, and the status bit "not synchronised".
+TIME_ERROR = 5
+STA_UNSYNC = 0x0040
+
+
+def boot_id() -> str | None:
+    """This boot's random id; None where /proc hides it (systemd's ``ProcSubset=pid``)."""
+    try:
+        return BOOT_ID.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def boottime() -> float:
+    """Seconds since boot, suspend included; never steps with the wall clock."""
+    try:
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return time.monotonic()
+
+
+def stamp() -> dict[str, Any]:
+    """Now, as fields to store in a file that another process will judge the age of."""
+    return {"created": time.time(), "boot_id": boot_id(), "boottime": boottime()}
+
+
+def age(fields: dict[str, Any], *, mtime: float | None = None) -> float:
+    """How long ago :func:`stamp` made ``fields``.
+
+    Made during this boot (same boot id): the boot-time difference, whatever the wall
+    clock did meanwhile. Otherwise only wall clocks can say, and the writer's may have
+    been wrong: the younger of the two readings (the stamp's own wall time, and the
+    file's ``mtime``, which a file server may set from its own clock) is taken, so that
+    a clock error keeps a marker for longer rather than dropping it early. Never negative.
+    """
+    here = boot_id()
+    then = fields.get("boottime")
+    if here is not None and fields.get("boot_id") == here and isinstance(then, int | float):
+        return max(boottime() - float(then), 0.0)
+    now = time.time()
+    readings = [now - mtime] if mtime is not None else []
+    with contextlib.suppress(TypeError, ValueError):
+        readings.append(now - float(fields.get("created", 0)))
+    return max(min(readings), 0.0) if readings else float("inf")
+
+
+class _Timex(ctypes.Structure):
+    # struct timex from <sys/timex.h>: only the head is read; the tail is padding.
+    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long),
+                ("freq", ctypes.c_long), ("maxerror", ctypes.c_long),
+                ("esterror", ctypes.c_long), ("status", ctypes.c_int),
+                ("_rest", ctypes.c_byte * 256)]
+
+
+def wall_clock_synced() -> bool | None:
+    """Has NTP (or chrony, or timesyncd) synchronised the wall clock? None: cannot tell.
+
+    Asks the kernel with ``adjtimex`` in read-only mode (``modes = 0``, allowed unprivileged).
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        adjtimex = ctypes.CDLL(name, use_errno=True).adjtimex
+    except (OSError, AttributeError):
+        return None
+    buf = _Timex()
+    state = adjtimex(ctypes.byref(buf))
+    return synced_from(state, buf.status)
+
+
+def synced_from(state: int, status: int) -> bool | None:
+    """Read adjtimex's answer: -1 is an error; TIME_ERROR or STA_UNSYNC mean unsynchronised."""
+    if state < 0:
+        return None
+    return state != TIME_ERROR and not status & STA_UNSYNC
