@@ -1,0 +1,210 @@
+"""Pay once everywhere (issue 18, items 1-3): ``submit`` beside the daemon and other submits,
+interrupted or left without an answer; hosts whose clocks disagree.
+
+Each test is the issue's reproduction: real spool, real sandbox on loopback, ``submit`` and
+(where the issue says so) daemons as real subprocesses. The check is IPQS's own job count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from daemon.sandbox import SANDBOX, create_app
+from tests.support import (
+    Sandbox,
+    daemon_config,
+    drop,
+    emails,
+    quick_settings,
+    records,
+    running,
+    sha256,
+    wait_for,
+    write_config_file,
+)
+
+ROOT_DIR = Path(__file__).resolve().parent.parent
+#: How long IPQS takes to answer an upload in the reproductions (it has the job at once).
+ANSWER_SECONDS = 6.0
+
+pytestmark = pytest.mark.slow
+
+
+def slow_answers(seconds: float) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """IPQS creates the job at once but answers the upload only ``seconds`` later."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        if request.method == "POST" and request.path.endswith("/upload"):
+            await asyncio.sleep(seconds)
+        return response
+
+    return middleware
+
+
+@asynccontextmanager
+async def ipqs(tmp_path: Path, *, answer_seconds: float = 0.0) -> AsyncIterator[Sandbox]:
+    """The sandbox on loopback, its upload answers delayed by ``answer_seconds``."""
+    from aiohttp.test_utils import TestServer
+
+    app = create_app(quick_settings(tmp_path))
+    if answer_seconds:
+        app.middlewares.append(slow_answers(answer_seconds))
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        yield Sandbox(server, app[SANDBOX])
+    finally:
+        await server.close()
+
+
+def config_file(tmp_path: Path, api_base: str, **sections: dict[str, Any]) -> Path:
+    return write_config_file(tmp_path / "config.toml",
+                             daemon_config(tmp_path / "spool", api_base, **sections))
+
+
+async def submit(config: Path, file: Path, *extra: str,
+                 env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    """``ipqs-bulkd submit FILE --type email`` as a person runs it, in a process of its own."""
+    clean = {k: v for k, v in os.environ.items()
+             if k != "IPQS_API_KEY" and not k.startswith("IPQS_BULKD_")}
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "daemon", "submit", str(file), "--type", "email",
+        "--config", str(config), *extra, cwd=ROOT_DIR, env={**clean, **(env or {})},
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+
+
+async def finished(proc: asyncio.subprocess.Process) -> tuple[int, str]:
+    """Exit status and stderr of a submit (it must end within a minute)."""
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    assert "Traceback" not in err.decode()
+    return proc.returncode, err.decode()
+
+
+def marker(root: Path, data: bytes) -> dict[str, Any]:
+    path = root / "markers" / sha256(data)
+    try:
+        loaded = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def sending(root: Path, data: bytes) -> Callable[[], bool]:
+    """The submit's marker says its upload may be under way (written before the POST)."""
+    return lambda: bool(marker(root, data).get("sending"))
+
+
+def content_file(tmp_path: Path, name: str = "x1.csv") -> tuple[Path, bytes]:
+    data = emails(20, "pay-once")
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path, data
+
+
+async def test_submit_racing_the_daemon_pays_once(tmp_path: Path) -> None:
+    """18.1: answers take 6 s; a copy is renamed into the inbox while submit uploads."""
+    x1, data = content_file(tmp_path)
+    async with ipqs(tmp_path, answer_seconds=ANSWER_SECONDS) as sandbox:
+        root = tmp_path / "spool"
+        config = config_file(tmp_path, sandbox.api_base)
+        async with running(daemon_config(root, sandbox.api_base)):
+            proc = await submit(config, x1)
+            await wait_for(sending(root, data), what="submit uploading")
+            drop(root, "email", "x1-copy.csv", data)
+            await wait_for(lambda: "x1-copy.csv" in records(root, "failed"),
+                           what="the daemon's verdict on the copy")
+            code, err = await finished(proc)
+        assert len(sandbox.uploads()) == 1, "IPQS jobs for one content"
+        assert code == 0, err
+        assert records(root, "failed")["x1-copy.csv"]["reason"] == "duplicate"
+        assert marker(root, data)["id"] == sandbox.uploads()[0]["id"]
+
+
+async def test_two_submits_half_a_second_apart_pay_once(tmp_path: Path) -> None:
+    """18.1: the same content submitted twice while the first upload is under way."""
+    first_file, data = content_file(tmp_path, "a.csv")
+    second_file = tmp_path / "b.csv"
+    second_file.write_bytes(data)
+    async with ipqs(tmp_path, answer_seconds=ANSWER_SECONDS) as sandbox:
+        root = tmp_path / "spool"
+        config = config_file(tmp_path, sandbox.api_base)
+        first = await submit(config, first_file)
+        await wait_for(sending(root, data), what="the first submit uploading")
+        second_code, second_err = await finished(await submit(config, second_file))
+        first_code, first_err = await finished(first)
+        assert len(sandbox.uploads()) == 1, "IPQS jobs for one content"
+        assert first_code == 0, first_err
+        assert second_code == 5, second_err
+        assert "another submit is sending the same content right now" in second_err
+
+
+async def test_lost_answer_then_a_plain_rerun_pays_once(tmp_path: Path) -> None:
+    """18.1: the first run's answer is lost and it gives up (IPQS did create the job); a
+    plain re-run looks the upload up instead of sending it again."""
+    x1, data = content_file(tmp_path)
+    async with ipqs(tmp_path) as sandbox:
+        root = tmp_path / "spool"
+        config = config_file(tmp_path, sandbox.api_base, upload={"lookup_delay_seconds": 1.0})
+        faults = sandbox.state.faults
+        faults.lost_answer_rate, faults.operations = 1.0, frozenset({"upload"})
+        proc = await submit(config, x1, "--timeout", "2")
+        await wait_for(lambda: len(sandbox.uploads()) == 1, what="IPQS has the job")
+        faults.outage = True  # its lookups go unanswered until --timeout
+        code, err = await finished(proc)
+        assert code == 4, err
+        assert "--no-duplicate-check" not in err and "ipqs-bulkd fetch" in err
+        assert marker(root, data)["id"] is None
+        faults.outage, faults.lost_answer_rate = False, 0.0
+        code, err = await finished(await submit(config, x1))
+        ipqs_id = sandbox.uploads()[0]["id"]
+        assert len(sandbox.uploads()) == 1, "IPQS jobs for one content"
+        assert code == 5, err
+        assert f"IPQS id {ipqs_id}" in err and f"ipqs-bulkd fetch {ipqs_id}" in err
+        assert marker(root, data)["id"] == ipqs_id
+
+
+@pytest.mark.parametrize("when", ["ipqs-has-it", "before-ipqs-has-it"])
+async def test_ctrl_c_during_the_upload_then_a_rerun_pays_once(tmp_path: Path,
+                                                               when: str) -> None:
+    """18.1: SIGINT while the upload is under way; the re-run looks it up first, and sends
+    only when IPQS surely does not have it."""
+    x1, data = content_file(tmp_path)
+    async with ipqs(tmp_path, answer_seconds=ANSWER_SECONDS) as sandbox:
+        root = tmp_path / "spool"
+        config = config_file(tmp_path, sandbox.api_base)
+        if when == "before-ipqs-has-it":
+            faults = sandbox.state.faults
+            faults.latency_ms, faults.operations = 60_000, frozenset({"upload"})
+        proc = await submit(config, x1)
+        await wait_for(sending(root, data), what="submit uploading")
+        if when == "ipqs-has-it":
+            await wait_for(lambda: len(sandbox.uploads()) == 1, what="IPQS has the job")
+        proc.send_signal(signal.SIGINT)
+        code, err = await finished(proc)
+        assert code == 130, err
+        assert marker(root, data)["id"] is None and marker(root, data)["sending"]
+        sandbox.state.faults.latency_ms = 0
+        code, err = await finished(await submit(config, x1))
+        [upload] = sandbox.uploads()
+        assert len(sandbox.uploads()) == 1, "IPQS jobs for one content"
+        if when == "ipqs-has-it":
+            assert code == 5, err
+            assert f"ipqs-bulkd fetch {upload['id']}" in err
+        else:
+            assert code == 0, err
+        assert marker(root, data)["id"] == upload["id"]
