@@ -8,8 +8,10 @@ Each test is the issue's reproduction: real spool, real sandbox on loopback, ``s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -70,9 +72,33 @@ async def ipqs(tmp_path: Path, *, answer_seconds: float = 0.0) -> AsyncIterator[
         await server.close()
 
 
-def config_file(tmp_path: Path, api_base: str, **sections: dict[str, Any]) -> Path:
-    return write_config_file(tmp_path / "config.toml",
+def config_file(tmp_path: Path, api_base: str, name: str = "config.toml",
+                **sections: dict[str, Any]) -> Path:
+    """A config file for ``tmp_path / "spool"`` (every process of a test shares it)."""
+    return write_config_file(tmp_path / name,
                              daemon_config(tmp_path / "spool", api_base, **sections))
+
+
+@asynccontextmanager
+async def daemon(config: Path, log: Path, *wrap: str) -> AsyncIterator[None]:
+    """``ipqs-bulkd run`` as a process of its own (under ``wrap``: faketime, unshare), in
+    a session of its own; SIGTERM to the session at the end."""
+    env = {k: v for k, v in os.environ.items() if k != "IPQS_API_KEY"}
+    env["IPQS_BULKD_CONFIG"] = str(config)
+    with open(log, "ab") as out:
+        proc = await asyncio.create_subprocess_exec(
+            *wrap, sys.executable, "-m", "daemon", "run", cwd=ROOT_DIR, env=env,
+            stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
 
 
 async def submit(config: Path, file: Path, *extra: str,
@@ -208,3 +234,46 @@ async def test_ctrl_c_during_the_upload_then_a_rerun_pays_once(tmp_path: Path,
         else:
             assert code == 0, err
         assert marker(root, data)["id"] == upload["id"]
+
+
+def jobs_in_processing(root: Path) -> list[dict[str, Any]]:
+    found = []
+    for path in (root / "processing").glob("*/job.json"):
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            found.append(json.loads(path.read_text()))
+    return found
+
+
+@pytest.mark.skipif(shutil.which("faketime") is None or shutil.which("unshare") is None
+                    or os.geteuid() != 0, reason="needs faketime, and unshare (as root) to "
+                                                 "stand for another host")
+async def test_a_daemon_whose_clock_is_ahead_never_takes_a_live_job(tmp_path: Path) -> None:
+    """18.2: daemon A (its own pid namespace: "another host") uploads slowly; daemon B on
+    the same spool runs 180 s ahead (libfaketime). B must not take A's job over."""
+    _, data = content_file(tmp_path, "x.csv")
+    async with ipqs(tmp_path) as sandbox:
+        faults = sandbox.state.faults
+        # IPQS takes 10 s to accept the upload (over three leases): the job is not there
+        # to be found by a lookup meanwhile.
+        faults.latency_ms, faults.operations = 10_000, frozenset({"upload"})
+        root = tmp_path / "spool"
+        a = config_file(tmp_path, sandbox.api_base, "a.toml", upload={"lease_seconds": 3.0})
+        b = config_file(tmp_path, sandbox.api_base, "b.toml", upload={"lease_seconds": 3.0})
+        owners: set[str] = set()
+
+        def a_done() -> bool:
+            owners.update(str(job.get("owner")) for job in jobs_in_processing(root))
+            return "x.csv" in records(root, "done")
+
+        async with daemon(a, tmp_path / "a.log", "unshare", "--pid", "--fork"):
+            await wait_for(lambda: (root / "inbox" / "email").is_dir(), what="A started")
+            drop(root, "email", "x.csv", data)
+            await wait_for(lambda: any(job["state"] == "uploading"
+                                       for job in jobs_in_processing(root)),
+                           what="A uploading")
+            async with daemon(b, tmp_path / "b.log", "faketime", "-f", "+180s"):
+                await wait_for(a_done, timeout=40, what="A's upload accepted and done")
+        b_log = (tmp_path / "b.log").read_text()
+        assert len(sandbox.uploads()) == 1, "IPQS jobs for one content"
+        assert "daemon_ready" in b_log  # B was up, sweeping for orphans all along
+        assert len(owners) == 1, owners  # the job never changed hands
