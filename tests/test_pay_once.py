@@ -253,9 +253,9 @@ async def test_a_daemon_whose_clock_is_ahead_never_takes_a_live_job(tmp_path: Pa
     _, data = content_file(tmp_path, "x.csv")
     async with ipqs(tmp_path) as sandbox:
         faults = sandbox.state.faults
-        # IPQS takes 10 s to accept the upload (over three leases): the job is not there
+        # IPQS takes 8 s to accept the upload (over two leases): the job is not there
         # to be found by a lookup meanwhile.
-        faults.latency_ms, faults.operations = 10_000, frozenset({"upload"})
+        faults.latency_ms, faults.operations = 8_000, frozenset({"upload"})
         root = tmp_path / "spool"
         a = config_file(tmp_path, sandbox.api_base, "a.toml", upload={"lease_seconds": 3.0})
         b = config_file(tmp_path, sandbox.api_base, "b.toml", upload={"lease_seconds": 3.0})
