@@ -22,6 +22,10 @@ from typing import Any
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
+#: What ``status`` and readiness say about an unsynchronised wall clock.
+UNSYNCED = ("the wall clock is not synchronised (adjtimex: TIME_ERROR/STA_UNSYNC): record "
+            "times, poll deadlines and duplicate windows across reboots may be off")
+
 # adjtimex(2): the clock state TIME_ERROR, and the status bit "not synchronised".
 TIME_ERROR = 5
 STA_UNSYNC = 0x0040
@@ -63,8 +67,8 @@ def age(fields: dict[str, Any], *, mtime: float | None = None) -> float:
         return max(boottime() - float(then), 0.0)
     now = time.time()
     readings = [now - mtime] if mtime is not None else []
-    with contextlib.suppress(TypeError, ValueError):
-        readings.append(now - float(fields.get("created", 0)))
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        readings.append(now - float(fields["created"]))
     return max(min(readings), 0.0) if readings else float("inf")
 
 

@@ -14,6 +14,8 @@ from daemon.config import ConfigError
 from daemon.metrics import Metrics
 
 DEGRADED_PREFIX = "degraded: "
+#: Ready, but something is off that the operator should know (``caveats``).
+CAVEAT_PREFIX = "ready, but: "
 
 
 @dataclass
@@ -29,6 +31,8 @@ class HealthState:
     credits: Callable[[], int | None] = lambda: None
     #: Files waiting in the inboxes for a reason people should hear of (e.g. "unreadable").
     waiting: Callable[[], dict[str, int]] = dict
+    #: What is off without making the daemon unready (e.g. an unsynchronised wall clock).
+    caveats: list[str] = field(default_factory=list)
 
     def ready(self) -> tuple[bool, str]:
         if not self.recovered:
@@ -44,6 +48,8 @@ class HealthState:
         troubles = [why for check in self.troubles if (why := check()) is not None]
         if troubles:
             return False, DEGRADED_PREFIX + "; ".join(troubles)
+        if self.caveats:
+            return True, CAVEAT_PREFIX + "; ".join(self.caveats)
         return True, "ready"
 
 
@@ -62,7 +68,7 @@ def create_app(state: HealthState, metrics: Metrics,
     async def readyz(_request: web.Request) -> web.Response:
         ok, why = state.ready()
         return web.json_response({"ready": ok, "reason": why, "credits": state.credits(),
-                                  "waiting": state.waiting()},
+                                  "waiting": state.waiting(), "caveats": state.caveats},
                                  status=200 if ok else 503)
 
     async def metrics_view(_request: web.Request) -> web.Response:

@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from daemon import clocks
 from daemon.aio import Wakeup, wait_any
 from daemon.api import IpqsClient, make_client
 from daemon.config import Config, spool_root_error
@@ -104,6 +105,7 @@ class Service:
         await asyncio.to_thread(refuse_foreign_inboxes, self.spool, self.config.spool.types)
         await asyncio.to_thread(advise_on_network, self.config.spool.root, self.config.watch)
         await self._start_health()
+        await self._check_clock()
         # Our lease exists before we touch any job, so no other daemon takes ours for
         # abandoned while we recover.
         await asyncio.to_thread(self.spool.heartbeat)
@@ -407,6 +409,13 @@ class Service:
         if status != self._status:  # systemd needs no repeats; the journal stays quiet
             self._status = status
             self.notifier.send(STATUS=status)
+
+    async def _check_clock(self) -> None:
+        """Say so when NTP has not synchronised the wall clock: a caveat, not unready.
+        (Leases and duplicate windows do not depend on it; record times and deadlines do.)"""
+        if await asyncio.to_thread(clocks.wall_clock_synced) is False:
+            log.warning("wall_clock_unsynchronised", detail=clocks.UNSYNCED)
+            self.health.caveats.append(clocks.UNSYNCED)
 
     async def _start_health(self) -> None:
         cfg = self.config.health

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon import clocks
 from daemon.commands.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -287,13 +288,21 @@ class Requeue:
             path.unlink(missing_ok=True)
             return (f"duplicate marker for job {shown(marker.get('job'))} removed (--force): the "
                     "content will be sent, and paid for, again")
-        age = time.time() - float(marker.get("created", 0) or 0)
+        # Judged as the daemon judges it: by the boot-time clock within one boot.
+        age = clocks.age(marker, mtime=_mtime(path))
         if self.window <= 0 or age >= self.window:
             return None
         return (f"note: IPQS already took this content as job {shown(marker.get('job'))} "
                 f"(IPQS id {shown(marker.get('id'))}) {age / 3600:.1f} h ago, so within "
                 "upload.duplicate_window_hours the daemon fails it again as a duplicate; "
                 "to send (and pay for) it again, retry it with --force")
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

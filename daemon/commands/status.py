@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 
+from daemon import clocks
 from daemon.commands.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -36,7 +37,7 @@ from daemon.commands.common import (
     table,
 )
 from daemon.config import Config, HealthConfig
-from daemon.health import DEGRADED_PREFIX, reach_url
+from daemon.health import CAVEAT_PREFIX, DEGRADED_PREFIX, reach_url
 from daemon.shown import shown
 from daemon.spool import OUTCOMES, Layout, Owner, Spool, daemons, is_ignored
 from daemon.spool.ledger import Ledger, Limits, utc_day
@@ -85,6 +86,7 @@ def run(ns: argparse.Namespace, config: Config, console: Console) -> int:
     report = collect(config, recent=ns.recent)
     report["daemon"], report["daemons"] = asyncio.run(probe_all(config))
     report["budget"] = budget(config)
+    report["clock_synchronised"] = clocks.wall_clock_synced()
     if ns.json:
         console.line(json.dumps(report, indent=2))
     else:
@@ -339,6 +341,8 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.line(f"uploads: {shown(_uploads(report['daemon']))}")
     _render_daemons(report["daemons"], console)
     _render_money(report, console)
+    if report.get("clock_synchronised") is False:
+        console.line(f"clock: {clocks.UNSYNCED}")
     console.line()
     disk = report["disk"]
     if disk["low"]:
@@ -413,7 +417,8 @@ def _uploads(daemon: dict[str, Any]) -> str:
     if daemon["degraded"]:
         return f"running, DEGRADED: {reason}"
     if daemon["ready"]:
-        return "running"
+        caveat = reason.partition(CAVEAT_PREFIX)[2]
+        return f"running, but: {caveat}" if caveat else "running"
     return f"not running yet: {reason}"
 
 
