@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                "the key)")
     _add_config(check)
 
-    # Commands for people (submit, status, jobs, retry): daemon/commands/.
+    # Commands for people (submit, fetch, status, jobs, retry): daemon/commands/.
     people.add_parsers(commands, _add_config)
     return parser
 

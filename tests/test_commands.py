@@ -911,3 +911,29 @@ def test_retry_all_failed_skips_invalid_input_unless_forced(
     forced = cli(capsys, "retry", "--all-failed", "--force", "--config", config)
     assert forced.code == 0 and "skipped" not in forced.out
     assert (spool.root / "inbox" / "email" / "empty.csv").exists()
+def test_fetch_downloads_an_existing_jobs_results_without_sending(
+        tmp_path: Path, config: Path, sandbox: Sandbox,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(capsys, "submit", csv_file(tmp_path), "--type", "email",
+               "--config", config).code == 0
+    [upload] = sandbox.uploads()
+    out = tmp_path / "out"
+    result = cli(capsys, "fetch", str(upload["id"]), "--out", out, "--config", config)
+    assert result.code == 0, result.err
+    assert f"job {upload['id']} FINISHED" in result.out
+    assert (out / f"{upload['id']}.all.csv").read_bytes().count(b"\n") == 4
+    assert len(sandbox.uploads()) == 1
+    # Again: the earlier results stay, the new ones get a free name.
+    assert cli(capsys, "fetch", str(upload["id"]), "--out", out, "--config", config).code == 0
+    assert len(list(out.glob("*.csv"))) == 2
+
+
+def test_fetch_of_an_unknown_or_malformed_id_is_one_line(
+        tmp_path: Path, config: Path, sandbox: Sandbox,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    unknown = cli(capsys, "fetch", "999999999", "--out", tmp_path, "--config", config)
+    assert unknown.code == 1 and "job 999999999" in unknown.last_err
+    with pytest.raises(SystemExit) as bad:
+        main(["fetch", "12ab", "--config", str(config)])
+    assert bad.value.code == 2
+    assert "an IPQS job id is a positive number" in capsys.readouterr().err

@@ -113,6 +113,17 @@ async def submit(config: Path, file: Path, *extra: str,
         stderr=asyncio.subprocess.PIPE)
 
 
+async def fetch(config: Path, ipqs_id: int, out: Path) -> asyncio.subprocess.Process:
+    """``ipqs-bulkd fetch ID --out DIR``, in a process of its own."""
+    clean = {k: v for k, v in os.environ.items()
+             if k != "IPQS_API_KEY" and not k.startswith("IPQS_BULKD_")}
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "daemon", "fetch", str(ipqs_id), "--out", str(out),
+        "--name", "x1", "--config", str(config), cwd=ROOT_DIR, env=clean,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+
+
 async def finished(proc: asyncio.subprocess.Process) -> tuple[int, str]:
     """Exit status and stderr of a submit (it must end within a minute)."""
     _, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -231,6 +242,11 @@ async def test_ctrl_c_during_the_upload_then_a_rerun_pays_once(tmp_path: Path,
         if when == "ipqs-has-it":
             assert code == 5, err
             assert f"ipqs-bulkd fetch {upload['id']}" in err
+            # ...and it does: the results of the job paid for, with nothing sent again.
+            code, err = await finished(await fetch(config, upload["id"], tmp_path / "out"))
+            assert code == 0, err
+            assert (tmp_path / "out" / "x1.all.csv").read_bytes().count(b"\n") == 21
+            assert len(sandbox.uploads()) == 1
         else:
             assert code == 0, err
         assert marker(root, data)["id"] == upload["id"]

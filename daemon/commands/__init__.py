@@ -1,4 +1,5 @@
-"""Commands for people (``submit``, ``status``, ``jobs``, ``retry``): one module each.
+"""Commands for people (``submit``, ``fetch``, ``status``, ``jobs``, ``retry``): one module
+each.
 
 They read the same config and spool as the daemon and are safe to run beside it. Each
 returns an exit status; an expected failure is one line on stderr and a distinct status
@@ -11,7 +12,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from daemon.commands import jobs, requeue, status, submit
+from daemon.commands import fetch, jobs, requeue, status, submit
 from daemon.commands.common import (
     EXIT_FAILED,
     EXIT_HELP,
@@ -24,6 +25,7 @@ from daemon.shown import shown
 
 _RUN: dict[str, Callable[[argparse.Namespace, Config, Console], int]] = {
     "submit": submit.run,
+    "fetch": fetch.run,
     "status": status.run,
     "jobs": jobs.run,
     "retry": requeue.run,
@@ -37,7 +39,7 @@ __all__ = ["EXIT_HELP", "NAMES", "add_parsers", "run"]
 
 def add_parsers(commands: Any, add_config: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add the subcommands to ``ipqs-bulkd``'s subparsers (``add_config`` adds --config)."""
-    for module in (submit, status, jobs, requeue):
+    for module in (submit, fetch, status, jobs, requeue):
         module.add_parser(commands, add_config)
 
 

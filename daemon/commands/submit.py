@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import os
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +39,11 @@ from daemon.commands.common import (
     Console,
     Patience,
     failure,
-    human_bytes,
     positive_float,
     require_key,
     retry_note,
 )
+from daemon.commands.fetch import check_out, follow_job, report_results, save_results
 from daemon.commands.guard import DuplicateGuard
 from daemon.commands.progress import Reporter, reporter_for
 from daemon.config import Config
@@ -55,11 +53,11 @@ from daemon.errors import (
     RejectedError,
 )
 from daemon.inputs import URL_SUFFIX, json_rows, url_of, url_problem
-from daemon.job.conversation import Conversation, Hooks, Verdict
+from daemon.job.conversation import Conversation, Hooks
 from daemon.job.money import Purse
 from daemon.job.state import JobState
 from daemon.shown import shown
-from daemon.spool import Job, inspect_file, new_job_id, place_no_clobber, upload_name
+from daemon.spool import Job, inspect_file, new_job_id, upload_name
 
 # After this many uploads whose answers were lost (and which a lookup then did not find),
 # give up rather than keep sending.
@@ -154,7 +152,7 @@ def run(ns: argparse.Namespace, config: Config, console: Console) -> int:
     payload = _payload(ns)  # the arguments first: a missing FILE is said before the key
     require_key(config)
     if ns.wait:
-        _check_out(out)
+        check_out(out)
     guard = DuplicateGuard.open(config, console, enabled=not ns.no_duplicate_check)
     job_id = new_job_id()
     job = Job(job=job_id, type=ns.type, source=payload.source,
@@ -209,16 +207,6 @@ def _url_in(path: Path, data: bytes) -> str:
     if url is None:
         raise CommandError(EXIT_USAGE, f"{shown(path)}: {problem}")
     return url
-
-
-def _check_out(out: Path) -> None:
-    """Fail before paying, not after, when the results would have nowhere to go."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CommandError(EXIT_USAGE, f"--out {shown(out)}: {exc.strerror}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise CommandError(EXIT_USAGE, f"--out {shown(out)}: not writable")
 
 
 # -- talking to IPQS ------------------------------------------------------------------------
@@ -320,53 +308,17 @@ class Submission(Hooks):
 
     async def _follow(self, talk: Conversation) -> CsvJob:
         """Poll the status until FINISHED (the daemon's intervals and deadline)."""
-        job_id = self.job.id
-        try:
-            answer, verdict = await talk.follow(self.job)
-        except IpqsError as exc:
-            raise failure(exc, f"job {job_id} (submitted) status", self.timeout) from None
-        if verdict in (Verdict.ABORTED, Verdict.UNKNOWN):
-            raise CommandError(EXIT_FAILED, f"job {job_id}: IPQS reported status "
-                                            f"'{shown(answer.status)}' "
-                                            f"(aborted={answer.aborted})")
-        if verdict is Verdict.OVERDUE:
-            raise CommandError(EXIT_FAILED, f"job {job_id}: not finished within "
-                                            f"{self.config.poll.deadline_hours:g} h "
-                                            "(poll.deadline_hours)")
-        return answer
+        return await follow_job(talk, self.job, self.config, self.timeout)
 
     async def _fetch(self, talk: Conversation, answer: CsvJob, out: Path) -> dict[str, Path]:
-        """Download each set beside a temporary name, then place it without clobbering."""
-        source = self.payload.source
-        saved: dict[str, Path] = {}
-        temporary: dict[str, Path] = {}
-
-        def target(name: str) -> Path:
-            return temporary.setdefault(
-                name, out / f".{source}.{name}.{secrets.token_hex(4)}.download")
-
-        async def placed(name: str, tmp: Path, size: int) -> None:
-            path = await asyncio.to_thread(place_no_clobber, tmp, out, f"{source}.{name}.csv")
-            self.reporter.note(f"result set {name}: {human_bytes(size)} -> {shown(path)}")
-            saved[name] = path
-
         try:
-            await talk.fetch(self.job, answer, target, placed=placed)
+            return await save_results(talk, self.job, answer, out, self.payload.source,
+                                      self.reporter)
         except IpqsError as exc:
             raise failure(exc, f"job {self.job.id}: results", self.timeout) from None
-        finally:
-            for tmp in temporary.values():
-                await asyncio.to_thread(tmp.unlink, missing_ok=True)
-        return saved
 
     def _report_results(self, answer: CsvJob, saved: dict[str, Path]) -> None:
-        invalid = "-" if answer.invalid_records is None else answer.invalid_records
-        self.console.line(f"job {self.job.id} {shown(answer.status)}: invalid records "
-                          f"{invalid}")
-        for name, path in saved.items():
-            self.console.line(f"  {name}: {shown(path)}")
-        if not saved:
-            self.console.line("  no result rows in the sets named in results.sets")
+        report_results(self.console, self.job, answer, saved)
 
     # -- what the conversation tells people ---------------------------------------------------
 
