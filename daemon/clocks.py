@@ -81,10 +81,14 @@ class _Timex(ctypes.Structure):
 
 
 def wall_clock_synced() -> bool | None:
-    """Has NTP (or chrony, or timesyncd) synchronised the wall clock? None: cannot tell.
+    """Has NTP (or chrony, or timesyncd) synchronised the wall clock? None: cannot tell."""
+    answer = adjtimex_state()
+    return None if answer is None else synced_from(*answer)
 
-    Asks the kernel with ``adjtimex`` in read-only mode (``modes = 0``, allowed unprivileged).
-    """
+
+def adjtimex_state() -> tuple[int, int] | None:
+    """The kernel's clock state and status bits, from ``adjtimex`` in read-only mode
+    (``modes = 0``, allowed unprivileged); None where there is no such call."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None
@@ -93,8 +97,8 @@ def wall_clock_synced() -> bool | None:
     except (OSError, AttributeError):
         return None
     buf = _Timex()
-    state = adjtimex(ctypes.byref(buf))
-    return synced_from(state, buf.status)
+    state = int(adjtimex(ctypes.byref(buf)))
+    return state, int(buf.status)
 
 
 def synced_from(state: int, status: int) -> bool | None:

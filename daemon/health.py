@@ -67,9 +67,11 @@ def create_app(state: HealthState, metrics: Metrics,
 
     async def readyz(_request: web.Request) -> web.Response:
         ok, why = state.ready()
-        return web.json_response({"ready": ok, "reason": why, "credits": state.credits(),
-                                  "waiting": state.waiting(), "caveats": state.caveats},
-                                 status=200 if ok else 503)
+        body: dict[str, object] = {"ready": ok, "reason": why, "credits": state.credits(),
+                                   "waiting": state.waiting()}
+        if state.caveats:  # ready, but something is off
+            body["caveats"] = state.caveats
+        return web.json_response(body, status=200 if ok else 503)
 
     async def metrics_view(_request: web.Request) -> web.Response:
         if refresh is not None:

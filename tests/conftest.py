@@ -12,10 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from daemon import clocks
 from daemon.sandbox import SandboxSettings
 from tests.support import Sandbox, quick_settings, sandbox_server
 
 StartSandbox = Callable[..., Awaitable[Sandbox]]
+
+
+@pytest.fixture(autouse=True)
+def synchronised_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether NTP synchronised this machine's clock is the machine's business, not the
+    test's: in-process daemons see a synchronised one unless a test says otherwise."""
+    monkeypatch.setattr(clocks, "wall_clock_synced", lambda: True)
 
 
 @pytest.fixture

@@ -573,7 +573,8 @@ def test_status_json_on_a_spool_with_files_in_each_state(
     report = json.loads(result.out)
     assert result.code == 0
     assert set(report) == {"root", "types", "processing", "finishing", "misplaced", "recent",
-                           "hooks", "disk", "daemon", "daemons", "budget"}
+                           "hooks", "disk", "daemon", "daemons", "budget",
+                           "clock_synchronised"}
     assert report["hooks"] == {"pending": 0, "failing": 0, "last_error": None}
     assert report["disk"]["min_free_bytes"] == 1024 * 1024**2  # spool.min_free_mb
     assert report["misplaced"] == [] and report["finishing"] == {}
