@@ -938,3 +938,33 @@ def test_fetch_of_an_unknown_or_malformed_id_is_one_line(
         main(["fetch", "12ab", "--config", str(config)])
     assert bad.value.code == 2
     assert "an IPQS job id is a positive number" in capsys.readouterr().err
+
+
+def test_an_unresolved_marker_is_looked_up_before_submit_sends(
+        tmp_path: Path, config: Path, sandbox: Sandbox,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import dataclasses
+
+    from daemon.spool import Job, Owner
+
+    file = csv_file(tmp_path)
+    # A submit on this host that died while its upload may have been under way.
+    dead = dataclasses.replace(Owner.current(), pid=2**22 + 7)
+    spool = Spool(tmp_path / "spool", ("email",), owner=dead)
+    spool.prepare()
+    earlier = Job(job="earlier", type="email", source="list.csv", file_name="list-dead0000",
+                  method="multipart", sha256=sha256(file.read_bytes()), uploads=1)
+    assert spool.mark(earlier, 3600, holder="submit") is None
+    spool.marks.sending(earlier)
+    sandbox.state.faults.outage = True
+    down = cli(capsys, "submit", file, "--type", "email", "--timeout", "0.5",
+               "--config", config)
+    assert down.code == 4, down.err
+    assert "looking up an earlier upload of the same content" in down.last_err
+    assert sandbox.uploads() == [] and len(markers(tmp_path)) == 1
+    # IPQS answers again and has no such upload: nobody paid, so now it is sent, once.
+    sandbox.state.faults.outage = False
+    sent = cli(capsys, "submit", file, "--type", "email", "--config", config)
+    assert sent.code == 0, sent.err
+    [upload] = sandbox.uploads()
+    assert json.loads(markers(tmp_path)[0].read_text())["id"] == upload["id"]

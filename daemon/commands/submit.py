@@ -238,7 +238,7 @@ class Submission(Hooks):
             async with make_client(self.config) as client, self.guard.lease():
                 talk = Conversation(client, self.config, self.patience, hooks=self,
                                     save=self._save)
-                await self.guard.claim(self.job, talk)
+                await self._claim(talk)
                 purse = Purse.for_config(self.config, client)
                 # The daemon's money guards, before anything is sent.
                 await money.admit(purse, self.job, refused=lambda: self.guard.release(self.job))
@@ -252,6 +252,14 @@ class Submission(Hooks):
             self.reporter.close()
         self._report_results(answer, saved)
         return EXIT_OK
+
+    async def _claim(self, talk: Conversation) -> None:
+        """Take the content's marker (looking up an earlier, unresolved upload of it)."""
+        try:
+            await self.guard.claim(self.job, talk)
+        except IpqsError as exc:
+            raise failure(exc, f"{self.payload.source} not sent: looking up an earlier "
+                               "upload of the same content", self.timeout) from None
 
     async def _upload(self, talk: Conversation, purse: Purse) -> CsvJob:
         payload = self.payload

@@ -47,6 +47,10 @@ def _host_identity() -> str:
         return host
 
 
+#: How many watched paths (heartbeats, job folders) are remembered before the gone are forgotten.
+_SEEN_LIMIT = 4096
+
+
 class Leases:
     """One daemon's leases on a spool. All methods block: call in a thread."""
 
@@ -93,6 +97,8 @@ class Leases:
             return None
         looks = (info.st_ino, info.st_size, info.st_mtime_ns, content)
         now = self.monotonic()
+        if len(self._seen) >= _SEEN_LIMIT:  # forget what is gone: memory stays bounded
+            self._seen = {p: v for p, v in self._seen.items() if p.exists()}
         seen = self._seen.get(path)
         if seen is None or seen[0] != looks:
             self._seen[path] = (looks, now)
