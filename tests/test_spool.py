@@ -324,3 +324,20 @@ def test_an_eperm_without_the_file_is_a_real_error(
     monkeypatch.setattr(os, "open", _sshfs_loser(os.open, None))
     with pytest.raises(PermissionError):
         spool.mark(job, 3600)
+
+
+def test_our_own_lease_is_fresh_only_within_a_lease_of_the_last_heartbeat(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from daemon import clocks
+
+    spool = Spool(tmp_path, ("email",), lease_seconds=60)
+    assert not spool.lease_fresh()  # never beat: nothing to vouch for us
+    now = [500.0]
+    monkeypatch.setattr(clocks, "boottime", lambda: now[0])
+    spool.heartbeat()
+    now[0] += 50
+    assert spool.lease_fresh() and not spool.lease_fresh(margin=10)
+    now[0] += 11  # frozen past the lease (the boot clock runs on): replaced, perhaps
+    assert not spool.lease_fresh()
+    spool.heartbeat()
+    assert spool.lease_fresh(margin=59)

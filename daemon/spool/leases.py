@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon import clocks
 from daemon.spool.layout import Layout
 from daemon.spool.record import JOB_FILE, Job, load_record, write_record
 
@@ -64,6 +65,7 @@ class Leases:
         self.beat_at: float | None = None
         self.monotonic = monotonic
         self._beats = 0
+        self._last_beat: float | None = None
         # path -> (what it looked like, when we first saw it look like that)
         self._seen: dict[Path, tuple[object, float]] = {}
 
@@ -71,7 +73,8 @@ class Leases:
         """Tell other daemons on this spool that our jobs are alive: the file's content
         (a counter) changes with every beat, whatever any clock says."""
         path = self.layout.owners / self.owner.name
-        started = time.monotonic()
+        # Taken before the write: "fresh" errs on the safe side.
+        started, booted = time.monotonic(), clocks.boottime()
         self._beats += 1
         try:
             path.write_text(f"{self._beats}\n")
@@ -79,12 +82,19 @@ class Leases:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(f"{self._beats}\n")
         self.beat_at = started
+        self._last_beat = booted
 
-    def fresh(self) -> bool:
-        """Is our own lease fresh by our own monotonic clock? A process frozen (SIGSTOP, a
-        paused container) past ``lease_seconds`` sees on waking that it may be replaced."""
-        return self.beat_at is not None and \
-            time.monotonic() - self.beat_at < self.lease_seconds
+    def fresh(self, margin: float = 0.0) -> bool:
+        """Is our own lease surely still good for ``margin`` more seconds? Nobody can judge
+        us gone sooner than ``lease_seconds`` after our last heartbeat; this counts the
+        time since it on our monotonic clock and on the boot-time clock, which runs on
+        while the host is suspended. A process frozen (SIGSTOP, ``docker pause``) past its
+        lease sees on waking that it may be replaced. For fencing a side effect (the end
+        of an upload body) that must not happen once replaced."""
+        if self.beat_at is None or self._last_beat is None:
+            return False
+        since = max(time.monotonic() - self.beat_at, clocks.boottime() - self._last_beat)
+        return since + margin < self.lease_seconds
 
     def quiet_for(self, path: Path) -> float | None:
         """For how long (by our monotonic clock) ``path`` has not changed; None if it does

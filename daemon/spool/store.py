@@ -262,6 +262,8 @@ class Spool(Layout):
                 fsync_dir(folder)
                 return path
         raise OSError(errno.EEXIST, f"no free orphan record name in {folder}")
+    def lease_fresh(self, margin: float = 0.0) -> bool:
+        return self.leases.fresh(margin)
 
     # -- finish ---------------------------------------------------------------------------
 
