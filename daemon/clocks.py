@@ -16,11 +16,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+#: Set by the systemd unit (``%b``) for when /proc hides :data:`BOOT_ID`.
+BOOT_ID_ENV = "IPQS_BOOT_ID"
 
 #: What ``status`` and readiness say about an unsynchronised wall clock.
 UNSYNCED = ("the wall clock is not synchronised (adjtimex: TIME_ERROR/STA_UNSYNC): record "
@@ -32,11 +35,23 @@ STA_UNSYNC = 0x0040
 
 
 def boot_id() -> str | None:
-    """This boot's random id; None where /proc hides it (systemd's ``ProcSubset=pid``)."""
+    """This boot's random id; None where it cannot be known.
+
+    Where /proc hides it (systemd's ``ProcSubset=pid``), the unit passes the same id in
+    ``$IPQS_BOOT_ID`` (``Environment=IPQS_BOOT_ID=%b``).
+    """
     try:
         return BOOT_ID.read_text().strip() or None
     except OSError:
+        return _dashed(os.environ.get(BOOT_ID_ENV, ""))
+
+
+def _dashed(uuid: str) -> str | None:
+    """systemd's ``%b`` is 32 hex digits; /proc's boot_id has the dashes of a UUID."""
+    plain = uuid.strip().replace("-", "").lower()
+    if len(plain) != 32 or any(c not in "0123456789abcdef" for c in plain):
         return None
+    return f"{plain[:8]}-{plain[8:12]}-{plain[12:16]}-{plain[16:20]}-{plain[20:]}"
 
 
 def boottime() -> float:

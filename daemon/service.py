@@ -413,7 +413,10 @@ class Service:
     async def _check_clock(self) -> None:
         """Say so when NTP has not synchronised the wall clock: a caveat, not unready.
         (Leases and duplicate windows do not depend on it; record times and deadlines do.)"""
-        if await asyncio.to_thread(clocks.wall_clock_synced) is False:
+        synced = await asyncio.to_thread(clocks.wall_clock_synced)
+        if synced is None:  # e.g. systemd's ProtectClock=yes refuses even a read
+            log.info("wall_clock_state_unknown")
+        elif not synced:
             log.warning("wall_clock_unsynchronised", detail=clocks.UNSYNCED)
             self.health.caveats.append(clocks.UNSYNCED)
 

@@ -123,3 +123,17 @@ def test_status_says_when_the_clock_is_not_synchronised(
     monkeypatch.setattr(clocks, "wall_clock_synced", lambda: False)
     assert main(["status", "--config", str(config)]) == 0
     assert f"clock: {clocks.UNSYNCED}" in capsys.readouterr().out.splitlines()
+
+
+def test_the_boot_id_comes_from_the_unit_where_proc_hides_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(clocks, "BOOT_ID", tmp_path / "hidden")  # as under ProcSubset=pid
+    monkeypatch.delenv(clocks.BOOT_ID_ENV, raising=False)
+    assert clocks.boot_id() is None
+    # systemd's %b: the same id as /proc's, without the dashes.
+    monkeypatch.setenv(clocks.BOOT_ID_ENV, "A39EA91D36AC441696E766E493E1137F")
+    assert clocks.boot_id() == "a39ea91d-36ac-4416-96e7-66e493e1137f"
+    monkeypatch.setenv(clocks.BOOT_ID_ENV, "%b")  # not expanded: no id, wall time decides
+    assert clocks.boot_id() is None
+    unit = (ROOT_DIR / "systemd" / "ipqs-bulkd.service").read_text()
+    assert f"Environment={clocks.BOOT_ID_ENV}=%b" in unit.splitlines()
