@@ -293,3 +293,27 @@ async def test_a_daemon_whose_clock_is_ahead_never_takes_a_live_job(tmp_path: Pa
         assert len(sandbox.uploads()) == 1, "IPQS jobs for one content"
         assert "daemon_ready" in b_log  # B was up, sweeping for orphans all along
         assert len(owners) == 1, owners  # the job never changed hands
+
+
+async def test_the_daemon_looks_up_an_interrupted_submit_before_sending(
+        tmp_path: Path) -> None:
+    """18.1: SIGINT to submit after IPQS made the job; a copy then dropped into the inbox
+    is looked up by the daemon and filed as a duplicate of that job, not paid again."""
+    x1, data = content_file(tmp_path)
+    async with ipqs(tmp_path, answer_seconds=ANSWER_SECONDS) as sandbox:
+        root = tmp_path / "spool"
+        config = config_file(tmp_path, sandbox.api_base)
+        proc = await submit(config, x1)
+        await wait_for(lambda: len(sandbox.uploads()) == 1, what="IPQS has the job")
+        proc.send_signal(signal.SIGINT)
+        code, err = await finished(proc)
+        assert code == 130, err
+        [upload] = sandbox.uploads()
+        async with running(daemon_config(root, sandbox.api_base)):
+            drop(root, "email", "x1-copy.csv", data)
+            await wait_for(lambda: "x1-copy.csv" in records(root, "failed"),
+                           what="the daemon's verdict on the copy")
+        assert len(sandbox.uploads()) == 1, "IPQS jobs for one content"
+        record = records(root, "failed")["x1-copy.csv"]
+        assert record["reason"] == "duplicate" and f"IPQS id {upload['id']}" in record["error"]
+        assert marker(root, data)["id"] == upload["id"]
