@@ -84,15 +84,19 @@ def quick_settings(tmp_path: Path, **kw: Any) -> SandboxSettings:
 
 
 @asynccontextmanager
-async def sandbox_server(settings: SandboxSettings, *,
-                         gate: str | None = None) -> AsyncIterator[Sandbox]:
+async def sandbox_server(settings: SandboxSettings, *, gate: str | None = None,
+                         answer_seconds: float = 0.0) -> AsyncIterator[Sandbox]:
     """The one way tests start a sandbox: served on 127.0.0.1, a free port, until the
     block ends. With ``gate``, requests of that operation (e.g. "list", which the daemon
-    calls during recovery) wait at :attr:`Sandbox.gate` until it is opened."""
+    calls during recovery) wait at :attr:`Sandbox.gate` until it is opened. With
+    ``answer_seconds``, IPQS makes an uploaded job at once but answers only that much
+    later (unlike ``faults.latency_ms``, which delays before the job is made)."""
     app = create_app(settings)
     held = Gate(gate) if gate is not None else None
     if held is not None:
         app.middlewares.append(_holding(held))
+    if answer_seconds:
+        app.middlewares.append(_slow_answers(answer_seconds))
     server = TestServer(app, host="127.0.0.1", port=0)
     await server.start_server()
     try:
@@ -101,6 +105,17 @@ async def sandbox_server(settings: SandboxSettings, *,
         if held is not None:
             held.open()
         await server.close()
+
+
+def _slow_answers(seconds: float) -> Any:
+    @web.middleware
+    async def slow(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        if operation_of(request) == "upload":
+            await asyncio.sleep(seconds)
+        return response
+
+    return slow
 
 
 def _holding(gate: Gate) -> Any:

@@ -14,15 +14,13 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
-from daemon.sandbox import SANDBOX, create_app
 from tests.support import (
     Sandbox,
     daemon_config,
@@ -31,7 +29,9 @@ from tests.support import (
     quick_settings,
     records,
     running,
+    sandbox_server,
     sha256,
+    start_daemon,
     wait_for,
     write_config_file,
 )
@@ -43,33 +43,13 @@ ANSWER_SECONDS = 6.0
 pytestmark = pytest.mark.slow
 
 
-def slow_answers(seconds: float) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """IPQS creates the job at once but answers the upload only ``seconds`` later."""
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-        response: web.StreamResponse = await handler(request)
-        if request.method == "POST" and request.path.endswith("/upload"):
-            await asyncio.sleep(seconds)
-        return response
-
-    return middleware
-
-
 @asynccontextmanager
 async def ipqs(tmp_path: Path, *, answer_seconds: float = 0.0) -> AsyncIterator[Sandbox]:
-    """The sandbox on loopback, its upload answers delayed by ``answer_seconds``."""
-    from aiohttp.test_utils import TestServer
-
-    app = create_app(quick_settings(tmp_path))
-    if answer_seconds:
-        app.middlewares.append(slow_answers(answer_seconds))
-    server = TestServer(app, host="127.0.0.1", port=0)
-    await server.start_server()
-    try:
-        yield Sandbox(server, app[SANDBOX])
-    finally:
-        await server.close()
+    """The sandbox on loopback; IPQS makes each job at once, answers ``answer_seconds``
+    later."""
+    async with sandbox_server(quick_settings(tmp_path),
+                              answer_seconds=answer_seconds) as sandbox:
+        yield sandbox
 
 
 def config_file(tmp_path: Path, api_base: str, name: str = "config.toml",
@@ -81,14 +61,10 @@ def config_file(tmp_path: Path, api_base: str, name: str = "config.toml",
 
 @asynccontextmanager
 async def daemon(config: Path, log: Path, *wrap: str) -> AsyncIterator[None]:
-    """``ipqs-bulkd run`` as a process of its own (under ``wrap``: faketime, unshare), in
-    a session of its own; SIGTERM to the session at the end."""
-    env = {k: v for k, v in os.environ.items() if k != "IPQS_API_KEY"}
-    env["IPQS_BULKD_CONFIG"] = str(config)
+    """``ipqs-bulkd run`` as a process of its own (under ``wrap``: faketime, unshare);
+    SIGTERM to its session at the end."""
     with open(log, "ab") as out:
-        proc = await asyncio.create_subprocess_exec(
-            *wrap, sys.executable, "-m", "daemon", "run", cwd=ROOT_DIR, env=env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        proc = await start_daemon(config, stderr=out, wrap=wrap)
     try:
         yield
     finally:
