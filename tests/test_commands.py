@@ -205,7 +205,7 @@ def markers(tmp_path: Path) -> list[Path]:
 # -- help and usage ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["submit", "status", "jobs", "retry"])
+@pytest.mark.parametrize("command", ["submit", "fetch", "status", "jobs", "retry"])
 def test_every_command_has_help_with_examples_and_exit_codes(
         command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
@@ -236,14 +236,14 @@ def test_top_level_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for command in ("submit", "status", "jobs", "retry"):
+    for command in ("submit", "fetch", "status", "jobs", "retry"):
         assert command in out
 
 
 def test_missing_config_file_is_one_line_and_status_2(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for argv in (["status"], ["jobs"], ["retry", "--all-failed"],
-                 ["submit", "x.csv", "--type", "email"]):
+                 ["submit", "x.csv", "--type", "email"], ["fetch", "1"]):
         result = cli(capsys, *argv, "--config", tmp_path / "nope.toml")
         assert result.code == 2
         assert result.err == f"ipqs-bulkd: config file {tmp_path / 'nope.toml'} does not exist\n"

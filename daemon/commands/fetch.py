@@ -20,7 +20,11 @@ from typing import Any
 from daemon.api import CsvJob, make_client
 from daemon.commands.common import (
     DEFAULT_TIMEOUT,
+    EXIT_ACCOUNT,
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
     EXIT_USAGE,
     CommandError,
     Console,
@@ -51,7 +55,7 @@ examples:
   ipqs-bulkd fetch 3868534
   ipqs-bulkd fetch 3868534 --out results/ --name emails
 
-{exit_help()}"""
+{exit_help(EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ACCOUNT, EXIT_UNREACHABLE, EXIT_INTERRUPTED)}"""
 
 
 def add_parser(commands: Any, add_config: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -99,7 +103,7 @@ def run(ns: argparse.Namespace, config: Config, console: Console) -> int:
         finally:
             reporter.close()
         report_results(console, job, answer, saved)
-        return 0
+        return EXIT_OK
 
     return asyncio.run(fetch())
 
