@@ -341,3 +341,15 @@ def test_our_own_lease_is_fresh_only_within_a_lease_of_the_last_heartbeat(
     assert not spool.lease_fresh()
     spool.heartbeat()
     assert spool.lease_fresh(margin=59)
+
+
+def test_an_earlier_daemon_in_this_process_is_gone_once_its_heartbeat_is_released(
+        tmp_path: Path) -> None:
+    earlier = Spool(tmp_path, ("email",), owner=Owner.current(), lease_seconds=60)
+    earlier.heartbeat()
+    job = Job(job="j", type="email", source="a.csv", file_name="a", method="multipart",
+              owner=earlier.owner.name)
+    me = Spool(tmp_path, ("email",), owner=Owner.current(), lease_seconds=60)
+    assert me.owner.pid == earlier.owner.pid and not me.orphaned(job)  # its beat is there
+    earlier.release()  # it stopped cleanly
+    assert me.orphaned(job)

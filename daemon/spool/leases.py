@@ -153,6 +153,8 @@ class Leases:
         beat = self.layout.owners / owner
         if beat.exists():
             return self.quiet(beat)
+        if self._earlier_life(owner):
+            return True  # it released its heartbeat when it stopped, in this very process
         return self.quiet(folder)
 
     def alive(self, owner: str) -> bool:
@@ -166,6 +168,12 @@ class Leases:
         beat = self.layout.owners / owner
         quiet = self.quiet_for(beat)
         return quiet is not None and quiet <= self.lease_seconds
+
+    def _earlier_life(self, owner: str) -> bool:
+        """Our host and pid under another token: an earlier daemon inside this process."""
+        host, _, rest = owner.partition(":")
+        return host == self.owner.host and rest.partition(":")[0] == str(self.owner.pid) \
+            and owner != self.owner.name
 
     def _local_pid(self, owner: str) -> int | None:
         """The pid of an owner in our host and pid namespace (not us); else None."""
