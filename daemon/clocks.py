@@ -81,7 +81,9 @@ def age(fields: dict[str, Any], *, mtime: float | None = None) -> float:
     if here is not None and fields.get("boot_id") == here and isinstance(then, int | float):
         return max(boottime() - float(then), 0.0)
     now = time.time()
-    readings = [now - mtime] if mtime is not None else []
+    # A stamp from before boot ids were recorded is read by its own wall time alone, as it
+    # always was.
+    readings = [now - mtime] if mtime is not None and "boot_id" in fields else []
     with contextlib.suppress(KeyError, TypeError, ValueError):
         readings.append(now - float(fields["created"]))
     return max(min(readings), 0.0) if readings else float("inf")

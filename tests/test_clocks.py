@@ -46,6 +46,8 @@ def test_age_across_boots_takes_the_younger_wall_reading() -> None:
     # The file's mtime (set by a file server, say) says it is an hour old: believed,
     # because the younger reading keeps the marker longer.
     assert 3500 < clocks.age(earlier_boot, mtime=now - 3600) < 3700
+    # A marker from before boot ids were recorded: its own time, as it always was.
+    assert clocks.age({"created": now - 2 * DAY}, mtime=now) >= 2 * DAY - 60
     assert clocks.age({"created": now + DAY}) == 0.0  # from the future: never negative
     assert clocks.age({}) == float("inf")  # nothing to go by: not a marker that holds
 
