@@ -341,8 +341,7 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.line(f"uploads: {shown(_uploads(report['daemon']))}")
     _render_daemons(report["daemons"], console)
     _render_money(report, console)
-    if report.get("clock_synchronised") is False:
-        console.line(f"clock: {clocks.UNSYNCED}")
+    _render_caveats(report, console)
     console.line()
     disk = report["disk"]
     if disk["low"]:
@@ -417,9 +416,19 @@ def _uploads(daemon: dict[str, Any]) -> str:
     if daemon["degraded"]:
         return f"running, DEGRADED: {reason}"
     if daemon["ready"]:
-        caveat = reason.partition(CAVEAT_PREFIX)[2]
-        return f"running, but: {caveat}" if caveat else "running"
+        return "running"
     return f"not running yet: {reason}"
+
+
+def _render_caveats(report: dict[str, Any], console: Console) -> None:
+    """What is off while uploads run: this host's clock, and the daemon's own caveats."""
+    if report.get("clock_synchronised") is False:
+        console.line(f"clock: {clocks.UNSYNCED}")
+    daemon = report["daemon"]
+    caveats = str(daemon["reason"]).partition(CAVEAT_PREFIX)[2] if daemon["ready"] else ""
+    for caveat in caveats.split("; ") if caveats else []:
+        if caveat != clocks.UNSYNCED or report.get("clock_synchronised") is not False:
+            console.line(f"note: {shown(caveat)}")
 
 
 def _render_daemons(found: list[dict[str, Any]], console: Console) -> None:
