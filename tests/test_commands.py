@@ -215,13 +215,14 @@ def test_every_command_has_help_with_examples_and_exit_codes(
     assert f"ipqs-bulkd {command}" in out and "examples:" in out
     assert "exit status:" in out and "--config PATH" in out
     # status and retry talk to no IPQS: they list only the codes they can return (below).
-    assert ("3    account error" in out) is (command in ("submit", "jobs"))
+    assert ("3    account error" in out) is (command in ("submit", "fetch", "jobs"))
 
 
 @pytest.mark.parametrize(("command", "codes"), [
     ("status", ["0", "1", "2", "130"]),
     ("retry", ["0", "1", "2", "6", "130"]),
     ("jobs", ["0", "1", "2", "3", "4", "130"]),
+    ("fetch", ["0", "1", "2", "3", "4", "130"]),
     ("submit", ["0", "1", "2", "3", "4", "5", "6", "130"]),
 ])
 def test_help_lists_only_the_exit_codes_the_command_returns(
