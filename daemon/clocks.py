@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import time
 from pathlib import Path
@@ -106,11 +105,9 @@ def wall_clock_synced() -> bool | None:
 def adjtimex_state() -> tuple[int, int] | None:
     """The kernel's clock state and status bits, from ``adjtimex`` in read-only mode
     (``modes = 0``, allowed unprivileged); None where there is no such call."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
     try:
-        adjtimex = ctypes.CDLL(name, use_errno=True).adjtimex
+        # The C library this process already runs on: find_library() would start ldconfig.
+        adjtimex = ctypes.CDLL(None, use_errno=True).adjtimex
     except (OSError, AttributeError):
         return None
     buf = _Timex()
