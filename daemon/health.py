@@ -33,6 +33,13 @@ class HealthState:
     waiting: Callable[[], dict[str, int]] = dict
     #: What is off without making the daemon unready (e.g. an unsynchronised wall clock).
     caveats: list[str] = field(default_factory=list)
+    #: Conditions worth a warning that do not make the daemon unready (e.g. low disk):
+    #: a sidecar's readiness is its pod's, so only what stops delivery may take it away.
+    warnings: list[Callable[[], str | None]] = field(default_factory=list)
+
+    def notes(self) -> list[str]:
+        """The caveats in force now: the fixed ones and the warnings that hold."""
+        return [*self.caveats, *(why for check in self.warnings if (why := check()) is not None)]
 
     def ready(self) -> tuple[bool, str]:
         if not self.recovered:
@@ -48,8 +55,8 @@ class HealthState:
         troubles = [why for check in self.troubles if (why := check()) is not None]
         if troubles:
             return False, DEGRADED_PREFIX + "; ".join(troubles)
-        if self.caveats:
-            return True, CAVEAT_PREFIX + "; ".join(self.caveats)
+        if notes := self.notes():
+            return True, CAVEAT_PREFIX + "; ".join(notes)
         return True, "ready"
 
 
@@ -69,8 +76,8 @@ def create_app(state: HealthState, metrics: Metrics,
         ok, why = state.ready()
         body: dict[str, object] = {"ready": ok, "reason": why, "credits": state.credits(),
                                    "waiting": state.waiting()}
-        if state.caveats:  # ready, but something is off
-            body["caveats"] = state.caveats
+        if notes := state.notes():  # ready, but something is off
+            body["caveats"] = notes
         return web.json_response(body, status=200 if ok else 503)
 
     async def metrics_view(_request: web.Request) -> web.Response:

@@ -76,7 +76,8 @@ class Service:
         self.health = HealthState(
             paused_reason=self.paused_reason, credits=lambda: self.pipe.purse.credits,
             troubles=[self.pipe.finishing.reason, self.uploader.trouble.reason,
-                      self.housekeeper.low_disk, self.watcher.watch_health.reason],
+                      self.watcher.watch_health.reason],
+            warnings=[self.housekeeper.low_disk],
             waiting=lambda: {"unreadable": self.uploader.unreadable.count()})
         self.misplaced = MisplacedFiles(self.spool, config.spool.types)
         self.health_server: HealthServer | None = None

@@ -87,8 +87,8 @@ async def test_a_full_spool_waits_said_once_and_resumes_promptly_as_deployed(
             config = daemon_config(root, sandbox.api_base,
                                    health={"enabled": True, "port": port},
                                    watch={"rescan_seconds": 600.0})
-            # A 1 MiB spool is "low disk" under any threshold (degraded, not ready): this
-            # test is about claims, so that warning is off.
+            # A 1 MiB spool is "low disk" under any threshold: this test is about claims
+            # (which do degrade readiness), so that warning is off.
             config = dataclasses.replace(config, spool=dataclasses.replace(
                 config.spool, types=("email",), min_free_mb=0))
             config_file = write_config_file(spool.base / "config.toml", config)
