@@ -24,7 +24,17 @@ import pytest
 
 from tests.support import start_daemon
 
-AS_DEPLOYED = Path(os.environ.get("IPQS_AS_DEPLOYED", "/work/shared/tools/as-deployed"))
+
+def _as_deployed() -> Path:
+    """The shared as-deployed tool: named by ``IPQS_AS_DEPLOYED``, else in the ``shared/``
+    folder beside this checkout (as CI lays it out), else the workplace's own copy."""
+    if named := os.environ.get("IPQS_AS_DEPLOYED"):
+        return Path(named)
+    beside = Path(__file__).resolve().parents[2] / "shared" / "tools" / "as-deployed"
+    return beside if beside.exists() else Path("/work/shared/tools/as-deployed")
+
+
+AS_DEPLOYED = _as_deployed()
 USER = "ipqs-bulkd"
 
 

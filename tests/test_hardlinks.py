@@ -19,9 +19,9 @@ import pytest
 from daemon.sandbox import SandboxSettings
 from daemon.spool import Spool
 from tests.conftest import StartSandbox
+from tests.deployed import AS_DEPLOYED
 from tests.support import daemon_config, emails, records, running, wait_for, write_config_file
 
-AS_DEPLOYED = Path("/work/shared/tools/as-deployed")
 USER = "ipqs-bulkd"
 
 
