@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import start_daemon
+from tests.support import Sandbox, start_daemon, wait_for
 
 
 def _free_port() -> int:
@@ -228,3 +229,44 @@ async def daemon_process(config: Path, log: Path, *,
 def kill_session(proc: asyncio.subprocess.Process) -> None:
     """kill -9 the daemon and anything it was started under (``unshare``)."""
     os.killpg(proc.pid, signal.SIGKILL)
+
+
+def paid(sandbox: Sandbox) -> Counter[str]:
+    """Uploads the sandbox accepted, by sha256."""
+    return Counter(str(u["sha256"]) for u in sandbox.uploads())
+
+
+async def slow_put(share: SambaShare, name: str, chunks: list[bytes], every: float,
+                   sandbox: Sandbox) -> None:
+    """``smbclient put /dev/stdin`` fed from a throttled pipe, checking after each chunk that
+    nothing was uploaded yet.
+
+    smbclient sends the first 64 KiB (``smb2 max write``) at once, then holds the rest until
+    the pipe ends: the file sits on the share, open O_RDWR in an smbd child, unchanged for
+    the whole write. The hardest case for a quiet window.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        *share.command(f"put /dev/stdin inbox/email/{name}"), stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    assert proc.stdin is not None
+    target = share.folder / "inbox" / "email" / name
+    total = sum(map(len, chunks))
+    for n, chunk in enumerate(chunks, 1):
+        proc.stdin.write(chunk)
+        await proc.stdin.drain()
+        if n == 1:
+            await wait_for(lambda: target.exists() and target.stat().st_size > 0, timeout=10,
+                           what="the write under way on the share")
+        await asyncio.sleep(every)  # the writer is slow: that is the scenario
+        assert sandbox.uploads() == [], f"uploaded after {n} of {len(chunks)} chunks"
+    assert 0 < target.stat().st_size < total  # it really was incomplete all along
+    proc.stdin.close()
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, out.decode()
+
+
+def split(data: bytes, parts: int) -> list[bytes]:
+    """The first 64 KiB (what smbclient sends at once), then the rest in ``parts`` pieces."""
+    first, rest = data[:65536], data[65536:]
+    step = -(-len(rest) // parts)
+    return [first] + [rest[i:i + step] for i in range(0, len(rest), step)]

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import socket
 import sys
 import time
 from asyncio.subprocess import DEVNULL, PIPE
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -32,6 +34,8 @@ from daemon.config import (
 from daemon.sandbox import SANDBOX, SandboxSettings, SandboxState, create_app
 from daemon.sandbox.faults import operation_of
 from daemon.service import Service
+
+REPO = Path(__file__).resolve().parent.parent
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -227,3 +231,39 @@ def drop(root: Path, file_type: str, name: str, data: bytes) -> Path:
 
 def emails(n: int, seed: str = "") -> bytes:
     return "".join(f"user{i}{seed}@example.com\n" for i in range(n)).encode()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def get_readyz(port: int) -> tuple[int, dict[str, object]]:
+    """``/readyz`` of a daemon's health listener on 127.0.0.1: status and JSON body."""
+    async with aiohttp.ClientSession() as session, \
+            session.get(f"http://127.0.0.1:{port}/readyz") as resp:
+        return resp.status, await resp.json()
+
+
+async def get_metrics(port: int) -> str:
+    async with aiohttp.ClientSession() as session, \
+            session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        return await resp.text()
+
+
+async def is_ready(port: int) -> bool:
+    try:
+        return (await get_readyz(port))[0] == 200
+    except aiohttp.ClientError:
+        return False
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str,
+                timeout: float = 60.0) -> None:
+    """Like :func:`wait_for`, for a check that must be awaited (e.g. over HTTP)."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)

@@ -10,8 +10,16 @@ from pathlib import Path
 import pytest
 
 from tests.deployed import daemon_as_deployed, deployed_spool, free_port
-from tests.support import Sandbox, daemon_config, drop, emails, records, write_config_file
-from tests.test_finishing import _ready, _until
+from tests.support import (
+    Sandbox,
+    daemon_config,
+    drop,
+    emails,
+    is_ready,
+    records,
+    until,
+    write_config_file,
+)
 
 
 def _mode(path: Path) -> str:
@@ -29,14 +37,14 @@ async def test_records_and_results_get_file_mode_exactly_under_umask_0027(
             config.spool, types=("email",)))
         config_file = write_config_file(spool.base / "config.toml", config)
         async with daemon_as_deployed(spool, config_file):
-            await _until(lambda: _ready(port), "the daemon ready")
+            await until(lambda: is_ready(port), "the daemon ready")
             drop(root, "email", "list.csv", emails(3))
             drop(root, "email", "empty.csv", b"")
 
             async def both() -> bool:
                 return "list.csv" in records(root, "done") and \
                     "empty.csv" in records(root, "failed")
-            await _until(both, "both files finished")
+            await until(both, "both files finished")
         done, failed = root / "done" / "email", root / "failed" / "email"
         modes = {p.name: _mode(p) for p in (done / "list.csv.json", done / "list.csv.all.csv",
                                             failed / "empty.csv.json")}

@@ -10,11 +10,8 @@ import os
 import stat
 import sys
 import threading
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
@@ -26,8 +23,12 @@ from tests.support import (
     daemon_config,
     drop,
     emails,
+    get_metrics,
+    get_readyz,
+    is_ready,
     records,
     running,
+    until,
     wait_for,
     write_config_file,
 )
@@ -139,18 +140,6 @@ async def test_a_missing_outcome_folder_is_recreated_as_its_siblings_are(
 # -- the reproduction, as deployed ----------------------------------------------------------
 
 
-async def _readyz(port: int) -> tuple[int, dict[str, object]]:
-    async with aiohttp.ClientSession() as session, \
-            session.get(f"http://127.0.0.1:{port}/readyz") as resp:
-        return resp.status, await resp.json()
-
-
-async def _metrics(port: int) -> str:
-    async with aiohttp.ClientSession() as session, \
-            session.get(f"http://127.0.0.1:{port}/metrics") as resp:
-        return await resp.text()
-
-
 async def _status(config_file: Path) -> str:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "daemon", "status", "--config", str(config_file),
@@ -158,22 +147,6 @@ async def _status(config_file: Path) -> str:
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     return out.decode()
-
-
-async def _ready(port: int) -> bool:
-    try:
-        return (await _readyz(port))[0] == 200
-    except aiohttp.ClientError:
-        return False
-
-
-async def _until(check: Callable[[], Awaitable[bool]], what: str,
-                 timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 @pytest.mark.slow
@@ -191,7 +164,7 @@ async def _reproduce(spool: Deployed, sandbox: Sandbox) -> None:
         config.spool, types=("email", "phone")))
     config_file = write_config_file(spool.base / "config.toml", config)
     async with daemon_as_deployed(spool, config_file) as proc:
-        await _until(lambda: _ready(port), "the daemon ready")
+        await until(lambda: is_ready(port), "the daemon ready")
         # An operator rotates done/email; the new folder is root's, 0755.
         (root / "done" / "email").rename(root / "done" / "email.2026-11")
         (root / "done" / "email").mkdir(mode=0o755)
@@ -201,15 +174,15 @@ async def _reproduce(spool: Deployed, sandbox: Sandbox) -> None:
 
         async def phone_done() -> bool:
             return "numbers.csv" in records(root, "done", "phone")
-        await _until(phone_done, "the phone file delivered")
+        await until(phone_done, "the phone file delivered")
 
         async def all_blocked() -> bool:
-            return "24 finished job(s)" in str((await _readyz(port))[1].get("reason"))
-        await _until(all_blocked, "the 24 email jobs waiting for done/email")
-        status, body = await _readyz(port)
+            return "24 finished job(s)" in str((await get_readyz(port))[1].get("reason"))
+        await until(all_blocked, "the 24 email jobs waiting for done/email")
+        status, body = await get_readyz(port)
         assert status == 503 and "done/email" in str(body["reason"])
         assert str(body["reason"]).startswith("degraded: ")
-        assert 'ipqs_bulkd_finish_blocked{folder="done/email"} 24.0' in await _metrics(port)
+        assert 'ipqs_bulkd_finish_blocked{folder="done/email"} 24.0' in await get_metrics(port)
         shown = await _status(config_file)
         assert "waiting to be moved (finishing): done/email 24" in shown
         assert "DEGRADED" in shown and "done/email" in shown
@@ -219,8 +192,8 @@ async def _reproduce(spool: Deployed, sandbox: Sandbox) -> None:
 
         async def all_done() -> bool:
             return len(records(root, "done", "email")) == 24
-        await _until(all_done, "the 24 email files delivered")
-        await _until(lambda: _ready(port), "readiness back")
+        await until(all_done, "the 24 email files delivered")
+        await until(lambda: is_ready(port), "readiness back")
 
         # Rotated by a move alone: the daemon makes done/email again, as done/phone is.
         (root / "done" / "phone").chmod(0o2750)
@@ -229,7 +202,7 @@ async def _reproduce(spool: Deployed, sandbox: Sandbox) -> None:
 
         async def after_done() -> bool:
             return "after.csv" in records(root, "done", "email")
-        await _until(after_done, "a file delivered into a re-created done/email")
+        await until(after_done, "a file delivered into a re-created done/email")
     made = (root / "done" / "email").stat()
     assert (f"{stat.S_IMODE(made.st_mode):o}", made.st_uid) == ("2750", spool.uid)
     assert [e["folder"] for e in spool.events("folder_recreated")] == ["done/email"]

@@ -13,7 +13,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,40 +28,8 @@ from daemon import cli as cli_module
 from daemon.cli import SANDBOX_RULE
 from daemon.config import load_config
 from daemon.sandbox import TEST_KEY
-from tests.support import FAKE_KEY, emails
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without any ipqs-bulkd setting, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("IPQS_", "CREDENTIALS_DIRECTORY"))}
-    # /dev/null is an empty, valid config file that every user can read.
-    return {**env, "IPQS_BULKD_CONFIG": "/dev/null", "PYTHONDONTWRITEBYTECODE": "1", **extra}
-
-
-def cli(*args: str, cwd: Path | str, env: dict[str, str] | None = None,
-        prefix: tuple[str, ...] = (), timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*prefix, sys.executable, "-m", "daemon", *args], cwd=cwd,
-                          env=clean_env() if env is None else env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
-
-
-def assert_one_line(result: subprocess.CompletedProcess[str], *named: str) -> str:
-    """Exit 2, and stderr is exactly one line starting ``ipqs-bulkd: config ...``."""
-    err = result.stderr
-    assert result.returncode == 2, err[-2000:]
-    assert err.count("\n") == 1 and err.startswith("ipqs-bulkd: config "), err[-2000:]
-    for text in named:
-        assert text in err
-    return err
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from tests.cli_helpers import assert_one_line, clean_env, cli, health_port_config
+from tests.support import FAKE_KEY, REPO, emails, free_port
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
@@ -81,14 +48,6 @@ def answers(url: str) -> bool:
         return False
 
 
-FAST = """
-[watch]
-settle_seconds = 0.05
-writer_check = "proc"
-[poll]
-initial_seconds = 0.1
-max_seconds = 0.5
-"""
 
 
 # -- mistakes found while loading (issue 18, item 8) -----------------------------------------
@@ -184,19 +143,11 @@ def test_a_root_owned_spool_as_a_plain_user_names_the_folder(tmp_path: Path) -> 
         shutil.rmtree(locked)
 
 
-def daemon_config(folder: Path, port: int, root: str = "spool") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.toml"
-    path.write_text(f'[spool]\nroot = "{root}"\ntypes = ["email"]\n'
-                    f"[health]\nport = {port}\n{FAST}")
-    return path
-
-
 @pytest.mark.slow
 def test_a_second_daemon_on_the_same_health_port_refuses_to_start(tmp_path: Path) -> None:
     port = free_port()
-    first_config = daemon_config(tmp_path / "a", port)
-    second_config = daemon_config(tmp_path / "b", port)
+    first_config = health_port_config(tmp_path / "a", port)
+    second_config = health_port_config(tmp_path / "b", port)
     env = clean_env()
     with subprocess.Popen([sys.executable, "-m", "daemon", "run", "--sandbox", "--config",
                            str(first_config)], cwd=tmp_path, env=env, text=True,
@@ -236,7 +187,7 @@ def test_a_relative_spool_root_is_the_config_folders_from_any_working_directory(
     w1, w2 = tmp_path / "w1", tmp_path / "w2"
     w2.mkdir()
     # health.port = 0: a free port, so `run` with it keeps working.
-    config = daemon_config(w1, 0)
+    config = health_port_config(w1, 0)
     env = clean_env(IPQS_API_KEY=FAKE_KEY)
     roots = {printed_root(cli("check-config", "--config", str(config), cwd=here, env=env))
              for here in (w1, w2, tmp_path)}

@@ -16,8 +16,17 @@ from structlog.testing import capture_logs
 
 from daemon.claims import ClaimTrouble
 from tests.deployed import daemon_as_deployed, deployed_spool, free_port
-from tests.support import Sandbox, daemon_config, emails, records, write_config_file
-from tests.test_finishing import _metrics, _ready, _readyz, _until
+from tests.support import (
+    Sandbox,
+    daemon_config,
+    emails,
+    get_metrics,
+    get_readyz,
+    is_ready,
+    records,
+    until,
+    write_config_file,
+)
 
 FILES = 20
 
@@ -93,7 +102,7 @@ async def test_a_full_spool_waits_said_once_and_resumes_promptly_as_deployed(
                 config.spool, types=("email",), min_free_mb=0))
             config_file = write_config_file(spool.base / "config.toml", config)
             async with daemon_as_deployed(spool, config_file):
-                await _until(lambda: _ready(port), "the daemon ready")
+                await until(lambda: is_ready(port), "the daemon ready")
                 inbox = root / "inbox" / "email"
                 for n in range(FILES):  # hidden names are ignored until renamed
                     (inbox / f".list-{n:02}.csv").write_bytes(emails(3, seed=f"-{n}"))
@@ -102,14 +111,14 @@ async def test_a_full_spool_waits_said_once_and_resumes_promptly_as_deployed(
                     os.rename(inbox / f".list-{n:02}.csv", inbox / f"list-{n:02}.csv")
 
                 async def blocked() -> bool:
-                    return "cannot be claimed" in str((await _readyz(port))[1]["reason"])
-                await _until(blocked, "readiness degraded")
-                status, body = await _readyz(port)
+                    return "cannot be claimed" in str((await get_readyz(port))[1]["reason"])
+                await until(blocked, "readiness degraded")
+                status, body = await get_readyz(port)
                 assert status == 503
                 assert str(body["reason"]).startswith("degraded: files cannot be claimed: "
                                                       "No space left on device")
                 await asyncio.sleep(3)  # held claims retry every few seconds meanwhile
-                text = await _metrics(port)
+                text = await get_metrics(port)
                 assert f"ipqs_bulkd_inbox_pending {FILES:.1f}" in text
                 oldest = [line for line in text.splitlines()
                           if line.startswith("ipqs_bulkd_inbox_oldest_seconds ")]
@@ -124,9 +133,9 @@ async def test_a_full_spool_waits_said_once_and_resumes_promptly_as_deployed(
 
                 async def delivered() -> bool:
                     return len(records(root, "done")) == FILES
-                await _until(delivered, "every file delivered", timeout=60)
+                await until(delivered, "every file delivered", timeout=60)
                 took = loop.time() - freed
-                await _until(lambda: _ready(port), "readiness back")
+                await until(lambda: is_ready(port), "readiness back")
         finally:
             subprocess.run(["umount", "-l", str(root)], check=False)
         assert took < 30, took

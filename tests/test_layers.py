@@ -89,3 +89,35 @@ def test_the_sandbox_knows_nothing_of_the_daemon(path: Path) -> None:
 def test_the_sandbox_accepts_the_types_the_daemon_knows() -> None:
     # Two copies of IPQS's type list, one per side of the layer line: they must agree.
     assert FILE_TYPES == ALL_TYPES
+
+
+# -- the tests: helpers live in helper modules, never in another test module (issue 12) --------
+
+TESTS = Path(__file__).resolve().parent
+
+
+def imported_tests(names: set[str]) -> list[str]:
+    """The test modules among ``names``: ``tests.test_*`` (or a bare ``test_*``)."""
+    return sorted(n for n in names if n.startswith("tests.test_") or n.startswith("test_"))
+
+
+@pytest.mark.parametrize("source", [
+    "from tests.test_first_run import clean_env", "import tests.test_shares",
+    "from tests import test_packaging", "from . import test_finishing",
+    "from .test_finishing import until", "import test_first_run",
+    "def f():\n    from tests.test_shares import paid\n"])
+def test_the_import_reader_sees_every_way_to_import_a_test_module(source: str) -> None:
+    assert imported_tests(imported(TESTS / "test_probe.py", text=source)) != []
+
+
+def test_the_import_reader_passes_the_helper_modules() -> None:
+    text = ("from tests.support import REPO\nfrom tests import shares\nimport tests.deployed\n"
+            "from .cli_helpers import cli")
+    assert imported_tests(imported(TESTS / "test_probe.py", text=text)) == []
+
+
+@pytest.mark.parametrize("path", sorted(TESTS.glob("test_*.py")), ids=lambda p: p.name)
+def test_no_test_module_imports_another(path: Path) -> None:
+    # Shared helpers belong in conftest.py or a helper module (support, shares, deployed,
+    # cli_helpers, dockerfile): importing a test module runs and re-collects its tests.
+    assert imported_tests(imported(path)) == []

@@ -20,9 +20,12 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.shares import daemon_process, samba_share
+from tests.deployed import AS_DEPLOYED
+from tests.dockerfile import dockerfile_stages
+from tests.shares import daemon_process, paid, samba_share, slow_put, split
 from tests.support import (
     FAKE_KEY,
+    REPO,
     Sandbox,
     daemon_config,
     drop,
@@ -34,10 +37,7 @@ from tests.support import (
     wait_for,
     write_config_file,
 )
-from tests.test_packaging import REPO, dockerfile_stages
-from tests.test_shares import paid, slow_put, split
 
-AS_DEPLOYED = "/work/shared/tools/as-deployed"
 USER = "nobody"
 PAUSE = 8.0  # the writer's pause: more than twice QUIET
 QUIET = 3.0
@@ -85,7 +85,7 @@ async def deployed(base: Path, config: Path, lease: bool) -> AsyncIterator[Path]
     """The daemon as the unit runs it, as ``nobody`` (with CAP_LEASE if ``lease``); yields
     its log once it is ready."""
     log = base / "daemon.log"
-    wrap = (AS_DEPLOYED, "--user", USER, *(["--lease"] if lease else []), "--")
+    wrap = (str(AS_DEPLOYED), "--user", USER, *(["--lease"] if lease else []), "--")
     async with daemon_process(config, log, wrap=wrap) as proc:
         await wait_for(lambda: "daemon_ready" in log.read_text() or proc.returncode is not None,
                        what="daemon_ready")

@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from daemon.api import IpqsClient
 from daemon.service import Service
 from daemon.shown import shown, terminal_safe
+from tests.cli_helpers import clean_env
 from tests.support import FAKE_KEY, Sandbox, daemon_config, start_daemon
-from tests.test_first_run import clean_env
 
 # Raw control bytes in output: C0 but tab and newline, DEL, C1 (as UTF-8), and any byte
 # that is not UTF-8 is caught by the strict decode in assert_clean.

@@ -14,8 +14,17 @@ import pytest
 
 from daemon.cli import invoked_as
 from daemon.config import DEFAULT_PATH
-from tests.support import FAKE_KEY, Sandbox, daemon_config, drop, emails, records, run_once
-from tests.test_first_run import REPO, assert_one_line, clean_env
+from tests.cli_helpers import assert_one_line, clean_env
+from tests.support import (
+    FAKE_KEY,
+    REPO,
+    Sandbox,
+    daemon_config,
+    drop,
+    emails,
+    records,
+    run_once,
+)
 
 
 def run_into_closed_pipe(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,6 @@ import fnmatch
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -21,7 +20,6 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +27,9 @@ import pytest
 import yaml
 
 from daemon.config import ServiceConfig, load_config
-from tests.support import FAKE_KEY, emails
+from tests.dockerfile import Stage, dockerfile_stages
+from tests.support import FAKE_KEY, REPO, emails
 
-REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "ipqs-bulkd.service"
 INSTALLED_EXEC = "/opt/ipqs-bulkd/venv/bin/ipqs-bulkd"
 VENV_BIN = Path(sys.executable).parent
@@ -156,38 +154,6 @@ def test_sysusers_and_tmpfiles_make_user_and_drop_zone(tmp_path: Path) -> None:
 
 
 # -- the container image -------------------------------------------------------------------
-
-
-@dataclass
-class Stage:
-    """One stage of the Dockerfile: its instructions, continuation lines joined."""
-
-    base: str
-    name: str | None
-    instructions: list[tuple[str, str]] = field(default_factory=list)
-
-    def args(self, instruction: str) -> list[str]:
-        return [a for i, a in self.instructions if i == instruction]
-
-    def env(self) -> dict[str, str]:
-        pairs = (item.split("=", 1) for line in self.args("ENV") for item in shlex.split(line))
-        return dict(pairs)
-
-
-def dockerfile_stages() -> list[Stage]:
-    text = (REPO / "Dockerfile").read_text()
-    logical = re.sub(r"\\\n", " ", text)  # hadolint keeps comments out of continuations
-    stages: list[Stage] = []
-    for line in logical.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        instruction, _, args = line.strip().partition(" ")
-        if instruction == "FROM":
-            words = args.split()
-            stages.append(Stage(words[0], words[2] if len(words) > 2 else None))
-        else:
-            stages[-1].instructions.append((instruction, " ".join(args.split())))
-    return stages
 
 
 def dockerignored(path: str, patterns: list[str]) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,13 @@ from structlog.testing import capture_logs
 from daemon.config import WatchConfig
 from daemon.spool.mounts import advise_on_network
 from tests.shares import (
-    SambaShare,
     daemon_process,
     kill_session,
+    paid,
     require,
     samba_share,
+    slow_put,
+    split,
     ssh_server,
     sshfs_mount,
 )
@@ -50,47 +51,6 @@ def share_config(tmp_path: Path, name: str, root: Path, sandbox: Sandbox,
 async def ready(log: Path) -> None:
     await wait_for(lambda: log.exists() and "daemon_ready" in log.read_text(),
                    what=f"daemon_ready in {log.name}")
-
-
-def paid(sandbox: Sandbox) -> Counter[str]:
-    """Uploads the sandbox accepted, by sha256."""
-    return Counter(str(u["sha256"]) for u in sandbox.uploads())
-
-
-async def slow_put(share: SambaShare, name: str, chunks: list[bytes], every: float,
-                   sandbox: Sandbox) -> None:
-    """``smbclient put /dev/stdin`` fed from a throttled pipe, checking after each chunk that
-    nothing was uploaded yet.
-
-    smbclient sends the first 64 KiB (``smb2 max write``) at once, then holds the rest until
-    the pipe ends: the file sits on the share, open O_RDWR in an smbd child, unchanged for
-    the whole write. The hardest case for a quiet window.
-    """
-    proc = await asyncio.create_subprocess_exec(
-        *share.command(f"put /dev/stdin inbox/email/{name}"), stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    assert proc.stdin is not None
-    target = share.folder / "inbox" / "email" / name
-    total = sum(map(len, chunks))
-    for n, chunk in enumerate(chunks, 1):
-        proc.stdin.write(chunk)
-        await proc.stdin.drain()
-        if n == 1:
-            await wait_for(lambda: target.exists() and target.stat().st_size > 0, timeout=10,
-                           what="the write under way on the share")
-        await asyncio.sleep(every)  # the writer is slow: that is the scenario
-        assert sandbox.uploads() == [], f"uploaded after {n} of {len(chunks)} chunks"
-    assert 0 < target.stat().st_size < total  # it really was incomplete all along
-    proc.stdin.close()
-    out, _ = await proc.communicate()
-    assert proc.returncode == 0, out.decode()
-
-
-def split(data: bytes, parts: int) -> list[bytes]:
-    """The first 64 KiB (what smbclient sends at once), then the rest in ``parts`` pieces."""
-    first, rest = data[:65536], data[65536:]
-    step = -(-len(rest) // parts)
-    return [first] + [rest[i:i + step] for i in range(0, len(rest), step)]
 
 
 @pytest.mark.slow

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from daemon.spool import Layout, Owner, daemons
-from tests.support import start_daemon, wait_for
-from tests.test_first_run import cli, daemon_config, free_port
+from tests.cli_helpers import cli, health_port_config
+from tests.support import free_port, start_daemon, wait_for
 
 
 async def stop(proc: asyncio.subprocess.Process, sig: signal.Signals) -> int:
@@ -41,7 +41,7 @@ async def status(config: Path, cwd: Path, *extra: str) -> subprocess.CompletedPr
 
 @pytest.mark.slow
 async def test_two_daemons_with_health_port_0_are_both_shown_ready(tmp_path: Path) -> None:
-    config = daemon_config(tmp_path, 0)
+    config = health_port_config(tmp_path, 0)
     root = tmp_path / "spool"
     first = await start_daemon(config, "--sandbox", stderr=asyncio.subprocess.DEVNULL)
     second = await start_daemon(config, "--sandbox", stderr=asyncio.subprocess.DEVNULL)
@@ -68,7 +68,7 @@ async def test_two_daemons_with_health_port_0_are_both_shown_ready(tmp_path: Pat
                 ([str(first.pid)], [str(second.pid)])]
         assert len(rows) == 2 and all(row.endswith("running") for row in rows)
         # A config naming another port (nobody listens there) finds them the same way.
-        elsewhere = daemon_config(tmp_path / "other", free_port(), root=str(root))
+        elsewhere = health_port_config(tmp_path / "other", free_port(), root=str(root))
         other = json.loads((await status(elsewhere, tmp_path, "--json")).stdout)
         assert len(other["daemons"]) == 2 and other["daemon"]["ready"] is True
 
