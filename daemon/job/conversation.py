@@ -262,8 +262,10 @@ class Conversation:
     async def _lookup_sent(self, job: Job) -> CsvJob | None:
         try:
             return await self.lookup(job)
-        except RejectedError as exc:
-            exc.maybe_sent = True  # a refused lookup says nothing about the upload
+        except IpqsError as exc:
+            # An unanswered lookup (refused, or the account refused) says nothing about the
+            # upload: the job may be at IPQS, so it must not go back to its inbox.
+            exc.maybe_sent = True
             raise
 
     async def lookup(self, job: Job) -> CsvJob | None:

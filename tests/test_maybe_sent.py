@@ -1,0 +1,65 @@
+"""A job whose upload may be at IPQS is never paid for again: not when its lookup is
+refused, not when the account is refused meanwhile, not when its duplicate marker is
+judged by another drop (review findings 1-3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon.job.conversation import Conversation
+from daemon.sandbox import SandboxSettings
+from daemon.spool import Job
+from tests.conftest import StartSandbox
+from tests.support import daemon_config, drop, emails, records, run_once
+
+
+def _age(job_dir: Path) -> None:
+    then = time.time() - 3600
+    os.utime(job_dir, (then, then))
+
+
+async def _lost_upload_then(sandbox_fault: str, tmp_path: Path, start_sandbox: StartSandbox,
+                            sandbox_settings: SandboxSettings,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first POST reaches IPQS but its answer is lost; the lookup that follows meets
+    ``sandbox_fault``. A second run, with IPQS well again, must adopt the first upload."""
+    sandbox = await start_sandbox(sandbox_settings)
+    faults = sandbox.state.faults
+    faults.lost_answer_rate, faults.operations = 1.0, frozenset({"upload"})
+    real_find = Conversation._find
+
+    async def find(self: Conversation, job: Job) -> object:
+        if sandbox_fault == "invalid_key":
+            faults.invalid_key = True  # 401 to the list call: an AccountError
+        return await real_find(self, job)
+
+    monkeypatch.setattr(Conversation, "_find", find)
+    root = tmp_path / "spool"
+    config = daemon_config(root, sandbox.api_base, spool={"types": ("email",)})
+    drop(root, "email", "a.csv", emails(5))
+    await run_once(config)
+    assert len(sandbox.uploads()) == 1
+    # Still ours, still uploading, still marked: nothing back in the inbox.
+    assert not (root / "inbox" / "email" / "a.csv").exists()
+    [record] = (root / "processing").glob("*/job.json")
+    assert json.loads(record.read_text())["state"] == "uploading"
+    assert list((root / "markers").iterdir())
+
+    _age(record.parent)  # its owner (this process's earlier daemon) is gone
+    monkeypatch.setattr(Conversation, "_find", real_find)
+    faults.invalid_key, faults.lost_answer_rate = False, 0.0
+    assert await run_once(config) == 0
+    assert len(sandbox.uploads()) == 1
+    assert records(root, "done")["a.csv"]["id"] == sandbox.uploads()[0]["id"]
+
+
+async def test_an_account_error_during_the_lookup_keeps_the_maybe_paid_job(
+        tmp_path: Path, start_sandbox: StartSandbox, sandbox_settings: SandboxSettings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    await _lost_upload_then("invalid_key", tmp_path, start_sandbox, sandbox_settings,
+                            monkeypatch)
