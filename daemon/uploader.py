@@ -317,6 +317,9 @@ class Uploader:
 
         async def check(job: Job) -> None:
             await self._may_send(job, permit)
+            # From here on a POST may reach IPQS: the marker says so, and keeps the content
+            # taken for the window, whatever becomes of this job folder.
+            await asyncio.to_thread(pipe.spool.update_mark, job, sending=True)
 
         try:
             await pipe.talk.send(job, path=pipe.spool.input_path(job), check=check, slot=slot,
@@ -356,7 +359,7 @@ class Uploader:
         the refusal answered our POST (an answer with an id is never a refusal), not a
         lookup of an upload whose answer was lost."""
         pipe = self.pipe
-        if not exc.maybe_sent:
+        if not exc.maybe_sent and job.uploads <= 1:  # no earlier POST may show up either
             await pipe.purse.released(job)  # nothing was billed
             await asyncio.to_thread(pipe.spool.unmark, job)
             await pipe.finish(job, "failed", "rejected", exc.message)

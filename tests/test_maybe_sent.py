@@ -8,9 +8,12 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from daemon.api import IpqsClient
+from daemon.errors import LostAnswerError, RejectedError
 from daemon.job.conversation import Conversation
 from daemon.sandbox import SandboxSettings
 from daemon.spool import Job
@@ -63,3 +66,58 @@ async def test_an_account_error_during_the_lookup_keeps_the_maybe_paid_job(
         monkeypatch: pytest.MonkeyPatch) -> None:
     await _lost_upload_then("invalid_key", tmp_path, start_sandbox, sandbox_settings,
                             monkeypatch)
+
+
+async def test_a_refused_lookup_is_asked_again_and_the_maybe_paid_job_adopted(
+        tmp_path: Path, start_sandbox: StartSandbox, sandbox_settings: SandboxSettings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    sandbox = await start_sandbox(sandbox_settings)
+    faults = sandbox.state.faults
+    faults.lost_answer_rate, faults.operations = 1.0, frozenset({"upload"})
+    real_find, refusals = IpqsClient.find, [1]
+
+    async def find(self: IpqsClient, *args: Any, **kwargs: Any) -> Any:
+        if refusals:  # the list call refused once, as IPQS answers success: false
+            refusals.pop()
+            raise RejectedError("Invalid page requested.")
+        faults.lost_answer_rate = 0.0
+        return await real_find(self, *args, **kwargs)
+
+    monkeypatch.setattr(IpqsClient, "find", find)
+    root = tmp_path / "spool"
+    config = daemon_config(root, sandbox.api_base, spool={"types": ("email",)})
+    drop(root, "email", "a.csv", emails(5))
+    assert await run_once(config) == 0
+    drop(root, "email", "again.csv", emails(5))  # the same content, dropped again
+    assert await run_once(config) == 1  # one file failed (as a duplicate)
+    assert len(sandbox.uploads()) == 1 and not refusals
+    assert records(root, "done")["a.csv"]["id"] == sandbox.uploads()[0]["id"]
+    assert records(root, "failed")["again.csv"]["reason"] == "duplicate"
+
+
+async def test_a_refused_post_after_a_lost_one_keeps_the_content_taken(
+        tmp_path: Path, start_sandbox: StartSandbox, sandbox_settings: SandboxSettings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first POST's answer is lost and the lookup does not see it (yet); the second POST
+    is refused. The first may still show up at IPQS: a re-drop must not be paid."""
+    sandbox = await start_sandbox(sandbox_settings)
+    posts: list[str] = []
+
+    async def upload_file(self: IpqsClient, *args: Any, **kwargs: Any) -> Any:
+        posts.append("post")
+        if len(posts) == 1:
+            raise LostAnswerError("upload: connection lost", cause="dropped")
+        raise RejectedError("The file could not be processed.")
+
+    monkeypatch.setattr(IpqsClient, "upload_file", upload_file)
+    root = tmp_path / "spool"
+    config = daemon_config(root, sandbox.api_base, spool={"types": ("email",)})
+    drop(root, "email", "a.csv", emails(5))
+    assert await run_once(config) == 1
+    assert records(root, "failed")["a.csv"]["reason"] == "rejected" and len(posts) == 2
+    [marker] = (root / "markers").iterdir()
+    assert json.loads(marker.read_text())["sending"] is True
+    drop(root, "email", "again.csv", emails(5))
+    assert await run_once(config) == 1
+    assert len(posts) == 2
+    assert records(root, "failed")["again.csv"]["reason"] == "duplicate"

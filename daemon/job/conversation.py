@@ -315,8 +315,14 @@ class Conversation:
             raise TransientError(why, cause="stop")
 
     async def _find(self, job: Job) -> CsvJob | None:
-        with self.hooks.timed("lookup"):
-            return await self.client.find(job.file_name, job.type, floor_id=job.floor_id)
+        try:
+            with self.hooks.timed("lookup"):
+                return await self.client.find(job.file_name, job.type, floor_id=job.floor_id)
+        except RejectedError as exc:
+            # A refused list call says nothing about the upload: ask again later, never
+            # fail a job that may be paid for.
+            raise TransientError(f"lookup of {job.file_name} refused: {exc.message}",
+                                 cause="soft_failure", request_id=exc.request_id) from None
 
     async def _accepted(self, job: Job, answer: CsvJob) -> CsvJob:
         job.id = answer.id

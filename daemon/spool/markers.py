@@ -79,13 +79,14 @@ class Markers:
         with it without having sent anything that IPQS may have."""
         if self.age(mark, path) >= window_seconds:
             return True
-        if mark.get("id") is not None:
+        if mark.get("id") is not None or mark.get("sending"):
+            # Paid, or a POST may have gone out: only the window ends it (its job may be in
+            # failed/, and its upload may still show up at IPQS).
             return False
         job = mark.get("job")
         if mark.get("holder") == SUBMIT:
             owner = mark.get("owner")
-            return not mark.get("sending") and not (isinstance(owner, str)
-                                                    and self.alive(owner))
+            return not (isinstance(owner, str) and self.alive(owner))
         return isinstance(job, str) and not (self.layout.processing / job).exists()
 
     def unresolved(self, mark: dict[str, Any]) -> bool:

@@ -217,8 +217,13 @@ class Spool(Layout):
              holder: str = "daemon") -> dict[str, Any] | None:
         return self.marks.mark(job, window_seconds, holder=holder)
 
-    def update_mark(self, job: Job) -> None:
-        self.marks.update(job)
+    def update_mark(self, job: Job, *, sending: bool = False) -> None:
+        """Record the IPQS id in our marker; ``sending``: say first that a POST of
+        ``job.file_name`` may reach IPQS from now on (raises OSError if it cannot)."""
+        if sending:
+            self.marks.sending(job)
+        else:
+            self.marks.update(job)
 
     def unmark(self, job: Job) -> None:
         self.marks.unmark(job)
