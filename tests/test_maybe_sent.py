@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from daemon.api import IpqsClient
 from daemon.errors import LostAnswerError, RejectedError
 from daemon.job.conversation import Conversation
 from daemon.sandbox import SandboxSettings
-from daemon.spool import Job
+from daemon.spool import Job, Spool, markers
 from tests.conftest import StartSandbox
 from tests.support import daemon_config, drop, emails, records, run_once
 
@@ -121,3 +122,46 @@ async def test_a_refused_post_after_a_lost_one_keeps_the_content_taken(
     assert await run_once(config) == 1
     assert len(posts) == 2
     assert records(root, "failed")["again.csv"]["reason"] == "duplicate"
+
+
+def test_two_takers_of_a_stale_marker_let_only_one_through(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A and B both read the same stale marker; A replaces it with its own; only then does
+    B move "the stale marker" aside: what it moved is A's, which must stay and win."""
+    spool = Spool(tmp_path / "spool", ("email",))
+    spool.prepare()
+    sha = "ab" * 32
+    spool.marker(sha).write_text(json.dumps({"job": "old", "id": 5,
+                                             "created": time.time() - 10 * 86400}))
+    both_read, a_done = threading.Barrier(2, timeout=10), threading.Event()
+    first: set[str] = set()
+    real_read = markers.read_json
+
+    def read_json(path: Path) -> Any:
+        data = real_read(path)
+        name = threading.current_thread().name
+        if name not in first:  # both read the stale marker before either moves it
+            first.add(name)
+            both_read.wait()
+            if name == "B":
+                assert a_done.wait(10)
+        return data
+
+    monkeypatch.setattr(markers, "read_json", read_json)
+    earlier: dict[str, Any] = {}
+
+    def take(name: str) -> None:
+        job = Job(job=name, type="email", source=f"{name}.csv", file_name=name,
+                  method="multipart", sha256=sha)
+        earlier[name] = spool.mark(job, 86400)
+        if name == "A":
+            a_done.set()
+
+    threads = [threading.Thread(target=take, args=(n,), name=n) for n in "AB"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert earlier["A"] is None  # A took the content
+    assert earlier["B"] is not None and earlier["B"]["job"] == "A"
+    assert json.loads(spool.marker(sha).read_text())["job"] == "A"

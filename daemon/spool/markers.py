@@ -70,7 +70,16 @@ class Markers:
                 return None
             if other is not None and not self.stale(other, window_seconds, path):
                 return other
-            self._move_aside(path)
+            aside = self._move_aside(path, sweep=False)
+            if aside is not None:
+                moved = read_json(aside)
+                if moved is not None and moved != other:
+                    # Not the marker judged stale: another daemon replaced it meanwhile
+                    # with its own, fresh one, which must stay (and wins).
+                    if link_no_clobber(aside, path):
+                        aside.unlink(missing_ok=True)
+                    return moved
+                aside.unlink(missing_ok=True)
         return None
 
     def stale(self, mark: dict[str, Any], window_seconds: float,
