@@ -32,28 +32,34 @@ class Recovery:
         self.uploader = uploader
         self.poller = poller
         self.spawn = spawn
+        #: Job folders whose record cannot be resumed: left alone, logged once.
+        self.broken: set[str] = set()
 
     async def recover(self) -> None:
         """Resume every job in processing/ that is ours to run (ours, or its owner died)."""
         job_dirs = await asyncio.to_thread(lambda: list(self.spool.jobs()))
         resumed = 0
         for job_dir in job_dirs:
-            if job_dir.name in self.pipe.jobs:
+            if job_dir.name in self.pipe.jobs or job_dir.name in self.broken:
                 continue
             try:
-                job = await asyncio.to_thread(self._take_over, job_dir)
+                resumed += await self._recover_one(job_dir)
             except OSError as exc:  # unreadable now (EIO, ESTALE...): try again next sweep
-                log.warning("job_unreadable", job=job_dir.name, error=str(exc))
-                continue
-            if job is not None and job.job not in self.pipe.jobs:
-                try:
-                    await self._resume(job)
-                except OSError as exc:  # disk trouble: the job waits for the next sweep
-                    log.warning("job_resume_failed", job=job.job, error=str(exc))
-                    continue
-                resumed += 1
+                log.warning("job_resume_failed", job=job_dir.name, error=str(exc))
+            except Exception:
+                # A record no state of ours explains: the folder stays as it is (input,
+                # results and all) for the operator; the daemon and the other jobs go on.
+                log.exception("job_broken", job=job_dir.name, folder=str(job_dir))
+                self.broken.add(job_dir.name)
         if resumed:
             log.info("jobs_recovered", count=resumed)
+
+    async def _recover_one(self, job_dir: Path) -> int:
+        job = await asyncio.to_thread(self._take_over, job_dir)
+        if job is None or job.job in self.pipe.jobs:
+            return 0
+        await self._resume(job)
+        return 1
 
     def _take_over(self, job_dir: Path) -> Job | None:
         """The job in ``job_dir`` if we may run it and won it (blocking: run in a thread)."""

@@ -165,3 +165,35 @@ def test_two_takers_of_a_stale_marker_let_only_one_through(
     assert earlier["A"] is None  # A took the content
     assert earlier["B"] is not None and earlier["B"]["job"] == "A"
     assert json.loads(spool.marker(sha).read_text())["job"] == "A"
+
+
+async def test_a_malformed_job_record_is_left_alone_and_the_daemon_goes_on(
+        tmp_path: Path, start_sandbox: StartSandbox, sandbox_settings: SandboxSettings) -> None:
+    """A record without its fields, or with a state no daemon writes, neither crashes the
+    start nor loses the job's input or results (review finding 5)."""
+    sandbox = await start_sandbox(sandbox_settings)
+    root = tmp_path / "spool"
+    config = daemon_config(root, sandbox.api_base, spool={"types": ("email",)})
+    spool = Spool(root, ("email",))
+    spool.prepare()
+    fields = {"job": "20260101T000000-00000001", "type": "email", "source": "odd.csv",
+              "file_name": "odd-00000001", "method": "multipart", "state": "teleported"}
+    odd = root / "processing" / fields["job"]
+    (odd / "results").mkdir(parents=True)
+    (odd / "odd.csv").write_bytes(emails(2))
+    (odd / "results" / "all.csv").write_text("paid results\n")
+    (odd / "job.json").write_text(json.dumps(fields))
+    partial = root / "processing" / "20260101T000000-00000002"
+    partial.mkdir()
+    (partial / "partial.csv").write_bytes(emails(3))
+    (partial / "job.json").write_text(json.dumps({"job": partial.name, "state": "uploading"}))
+    _age(partial)
+    drop(root, "email", "fine.csv", emails(4))
+    await run_once(config)
+    assert set(records(root, "done")) == {"fine.csv"}
+    assert (odd / "results" / "all.csv").read_text() == "paid results\n"
+    assert (odd / "odd.csv").exists()
+    # The record without its fields is a job folder without a record: failed, never sent.
+    assert records(root, "failed")["partial.csv"]["reason"] == "invalid-input"
+    assert (root / "failed" / "email" / "partial.csv").read_bytes() == emails(3)
+    assert len(sandbox.uploads()) == 1

@@ -120,4 +120,7 @@ def load_record(path: Path) -> Job | None:
         data = json.loads(path.read_bytes())
     except (FileNotFoundError, ValueError):
         return None
-    return Job.from_json(data) if isinstance(data, dict) else None
+    try:
+        return Job.from_json(data) if isinstance(data, dict) else None
+    except TypeError:  # a required field is missing: not a record
+        return None
