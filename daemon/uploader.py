@@ -386,11 +386,15 @@ class Uploader:
         if not await asyncio.to_thread(pipe.spool.owns, job):
             log.warning("job_taken_over", owner_now="another daemon")
             raise _Stop
-        if job.state == JobState.CLAIMED:  # last: what it admits is held until the answer
-            admission = await pipe.purse.admit(job)
-            if not admission.allowed:
+        # Last, before every POST (a re-send after "absent" too; a hold is kept until the
+        # answer): what it admits is held until the answer.
+        admission = await pipe.purse.admit(job)
+        if not admission.allowed:
+            if job.state == JobState.CLAIMED:
                 self.waiting[(job.type, job.source)] = (job.bytes, job.mtime_ns, job.rows)
                 await self._return_to_inbox(job, admission.reason)
+            log.warning("resend_waits_for_money", reason=admission.reason)
+            raise _Stop  # stays in processing/: looked up and admitted again later
 
     def _fence(self, job: Job) -> None:
         """Before an upload body's last chunk (blocking, in a worker thread): is the job

@@ -16,6 +16,7 @@ import pytest
 from daemon.api import IpqsClient
 from daemon.errors import LostAnswerError, RejectedError
 from daemon.job.conversation import Conversation
+from daemon.job.state import JobState, advance
 from daemon.sandbox import SandboxSettings
 from daemon.spool import Job, Spool, markers
 from tests.conftest import StartSandbox
@@ -197,3 +198,26 @@ async def test_a_malformed_job_record_is_left_alone_and_the_daemon_goes_on(
     assert records(root, "failed")["partial.csv"]["reason"] == "invalid-input"
     assert (root / "failed" / "email" / "partial.csv").read_bytes() == emails(3)
     assert len(sandbox.uploads()) == 1
+
+
+async def test_a_resend_after_absent_is_admitted_like_a_first_send(
+        tmp_path: Path, start_sandbox: StartSandbox, sandbox_settings: SandboxSettings) -> None:
+    """A job resumed in ``uploading`` whose lookup says absent is sent again only if the
+    money checks allow it, as a freshly claimed one (review finding 6)."""
+    sandbox_settings.faults.credits = 2
+    sandbox = await start_sandbox(sandbox_settings)
+    root = tmp_path / "spool"
+    config = daemon_config(root, sandbox.api_base, spool={"types": ("email",)})
+    spool = Spool(root, ("email",))
+    spool.prepare()
+    inbox = spool.inbox("email")
+    (inbox / "a.csv").write_bytes(emails(4))
+    job = spool.claim("email", inbox / "a.csv", "multipart")
+    assert job is not None and spool.inspect(job) is None
+    advance(job, JobState.UPLOADING)  # a daemon died right after saving it
+    job.uploads, job.owner = 1, None  # ... and left no owner behind
+    spool.save(job)
+    await run_once(config)
+    assert sandbox.state.stats.faults["credits"] == 0  # no POST IPQS had to refuse
+    assert sandbox.uploads() == []
+    assert json.loads((spool.job_dir(job) / "job.json").read_text())["state"] == "uploading"
