@@ -4,6 +4,7 @@ judged by another drop (review findings 1-3)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -13,14 +14,26 @@ from typing import Any
 
 import pytest
 
-from daemon.api import IpqsClient
-from daemon.errors import LostAnswerError, RejectedError
+from daemon.api import CsvPage, IpqsClient
+from daemon.errors import (
+    LookupIncompleteError,
+    LostAnswerError,
+    RejectedError,
+)
 from daemon.job.conversation import Conversation
 from daemon.job.state import JobState, advance
 from daemon.sandbox import SandboxSettings
 from daemon.spool import Job, Spool, markers
 from tests.conftest import StartSandbox
-from tests.support import daemon_config, drop, emails, records, run_once
+from tests.support import (
+    FAKE_KEY,
+    Sandbox,
+    daemon_config,
+    drop,
+    emails,
+    records,
+    run_once,
+)
 
 
 def _age(job_dir: Path) -> None:
@@ -221,3 +234,27 @@ async def test_a_resend_after_absent_is_admitted_like_a_first_send(
     assert sandbox.state.stats.faults["credits"] == 0  # no POST IPQS had to refuse
     assert sandbox.uploads() == []
     assert json.loads((spool.job_dir(job) / "job.json").read_text())["state"] == "uploading"
+
+
+async def test_a_list_without_total_pages_is_paged_while_full(
+        sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer without ``total_pages`` is not the end of the list: a full page leads on,
+    and a short one that does not reach the floor leaves the lookup incomplete, never
+    "absent" (review finding 4)."""
+    async with IpqsClient(sandbox.api_base, FAKE_KEY) as client:
+        for n in range(60):
+            await client.upload_rows("email", [[f"u{n}@example.com"]], f"job-{n}")
+        real_list = IpqsClient.list
+
+        async def without_total(self: IpqsClient, *args: Any, **kwargs: Any) -> CsvPage:
+            page = await real_list(self, *args, **kwargs)
+            return dataclasses.replace(page, total_pages=0)
+
+        monkeypatch.setattr(IpqsClient, "list", without_total)
+        found = await client.find("job-3", "email")  # on page 2 of 2
+        assert found is not None and found.file_name == "job-3"
+        with pytest.raises(LookupIncompleteError, match="without total_pages"):
+            await client.find("never-sent", "email")
+        newest = await client.newest_id()
+        assert newest is not None  # a floor reached is a sure "absent"
+        assert await client.find("never-sent", "email", floor_id=newest - 5) is None

@@ -260,7 +260,8 @@ class IpqsClient:
         """Look a job up by its unique ``file_name``, newest first.
 
         Stops at the end of the list, or once the page reaches ids at or below
-        ``floor_id`` (jobs that existed before ours was sent; ids only grow).
+        ``floor_id`` (jobs that existed before ours was sent; ids only grow). Without
+        ``total_pages``, a short page short of the floor leaves the lookup incomplete.
         """
         for page_no in range(1, max_pages + 1):
             page = await self.list(file_type, page_no)
@@ -270,8 +271,14 @@ class IpqsClient:
             older = [j.id for j in page.csvs if j.id is not None]
             if floor_id is not None and older and min(older) <= floor_id:
                 return None
-            if not page.csvs or page_no >= page.total_pages:
+            if not page.csvs or 0 < page.total_pages <= page_no:
                 return None
+            if not page.total_pages and len(page.csvs) < LIST_PAGE_SIZE:
+                # No page count, and a short page that does not reach the floor: maybe
+                # the end, maybe a smaller page size. Never "absent" on a guess.
+                raise LookupIncompleteError(f"the {file_type or 'job'} list answered without "
+                                            "total_pages and ended short of the newest id "
+                                            "before the upload")
         raise LookupIncompleteError(
             f"the {file_type or 'job'} list is longer than {max_pages} pages "
             f"({max_pages * LIST_PAGE_SIZE} jobs)"
