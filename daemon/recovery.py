@@ -145,6 +145,9 @@ class Recovery:
                   outcome="failed", reason="invalid-input",
                   error="the job record was missing or unreadable; not re-sent, to avoid "
                         "paying twice")
+        with contextlib.suppress(FileNotFoundError):  # paid results go along, never lost
+            job.results = {p.name: p.name for p in self.spool.results_dir(job).iterdir()
+                           if p.is_file() and not p.name.startswith(".")}
         advance(job, JobState.FINISHING)
         self.spool.finish(job)
 

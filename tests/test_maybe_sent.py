@@ -198,7 +198,8 @@ async def test_a_malformed_job_record_is_left_alone_and_the_daemon_goes_on(
     (odd / "results" / "all.csv").write_text("paid results\n")
     (odd / "job.json").write_text(json.dumps(fields))
     partial = root / "processing" / "20260101T000000-00000002"
-    partial.mkdir()
+    (partial / "results").mkdir(parents=True)
+    (partial / "results" / "all").write_text("paid results too\n")
     (partial / "partial.csv").write_bytes(emails(3))
     (partial / "job.json").write_text(json.dumps({"job": partial.name, "state": "uploading"}))
     _age(partial)
@@ -210,6 +211,8 @@ async def test_a_malformed_job_record_is_left_alone_and_the_daemon_goes_on(
     # The record without its fields is a job folder without a record: failed, never sent.
     assert records(root, "failed")["partial.csv"]["reason"] == "invalid-input"
     assert (root / "failed" / "email" / "partial.csv").read_bytes() == emails(3)
+    assert (root / "failed" / "email" / "partial.csv.all.csv").read_text() == \
+        "paid results too\n"
     assert len(sandbox.uploads()) == 1
 
 
