@@ -51,6 +51,8 @@ class Pipeline:
     talk: Conversation = field(init=False)
     finishing: Finishing = field(init=False)
     hooks: HookRunner = field(init=False)
+    #: Jobs put back into their inbox (their folder is gone), until forgotten.
+    _returned: set[str] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self.talk = Conversation(self.client, self.config, self, stop=self.stop,
@@ -82,6 +84,7 @@ class Pipeline:
         """Put the input back into its inbox; ``returning`` is saved first."""
         await self.save(job, JobState.RETURNING)
         await asyncio.to_thread(self.spool.unclaim, job)
+        self._returned.add(job.job)
 
     def retrying(self, operation: str, *, retry_lost_answers: bool = True) -> AsyncRetrying:
         cfg = self.config.upload
@@ -156,9 +159,11 @@ class Pipeline:
     def forget(self, job: Job) -> None:
         """The job is no longer this daemon's business (finished, or left for later)."""
         self.purse.forget(job)
-        # Still in processing/ without an outcome: a batch did not complete it.
-        self.jobs.forget(job.job, left_behind=job.outcome is None
-                         and self.spool.job_dir(job).exists())
+        # Still in processing/ without an outcome: a batch did not complete it. (Known
+        # without a look at the disk, which may hang, from the event loop.)
+        returned = job.job in self._returned
+        self._returned.discard(job.job)
+        self.jobs.forget(job.job, left_behind=job.outcome is None and not returned)
 
 
 class Metered(Hooks):

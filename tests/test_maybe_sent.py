@@ -4,6 +4,7 @@ judged by another drop (review findings 1-3)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -22,6 +23,7 @@ from daemon.errors import (
 )
 from daemon.job.conversation import Conversation
 from daemon.job.state import JobState, advance
+from daemon.pipeline import Pipeline
 from daemon.sandbox import SandboxSettings
 from daemon.spool import Job, Spool, markers
 from tests.conftest import StartSandbox
@@ -261,3 +263,35 @@ async def test_a_list_without_total_pages_is_paged_while_full(
         newest = await client.newest_id()
         assert newest is not None  # a floor reached is a sure "absent"
         assert await client.find("never-sent", "email", floor_id=newest - 5) is None
+
+
+async def test_forgetting_a_job_does_not_look_at_the_disk(
+        tmp_path: Path, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pipeline.forget runs on the event loop: whether the job stays behind in processing/
+    is known without a stat, which may hang on a stuck mount (review, minor)."""
+    root = tmp_path / "spool"
+    config = daemon_config(root, sandbox.api_base, spool={"types": ("email",)})
+    spool = Spool(root, ("email",))
+    spool.prepare()
+    async with IpqsClient(sandbox.api_base, FAKE_KEY) as client:
+        pipe = Pipeline(config, spool, client, asyncio.Event())
+        jobs = []
+        for name in ("back.csv", "left.csv"):
+            (spool.inbox("email") / name).write_bytes(emails(2))
+            job = spool.claim("email", spool.inbox("email") / name, "multipart")
+            assert job is not None
+            pipe.started(job)
+            jobs.append(job)
+        await pipe.unclaim(jobs[0])
+
+        def no_stat(self: Path, *args: Any, **kwargs: Any) -> Any:
+            raise AssertionError(f"a stat on the event loop: {self}")
+
+        monkeypatch.setattr(Path, "exists", no_stat)
+        try:
+            for job in jobs:
+                pipe.forget(job)
+        finally:
+            monkeypatch.undo()
+    assert pipe.jobs.left_count() == 1  # left.csv, still in processing/
+    assert (spool.inbox("email") / "back.csv").exists()
