@@ -328,6 +328,8 @@ class Uploader:
             await self._orphaned(job, exc)
             raise _Stop from None
         except _InputChanged:
+            if job.uploads == 0:  # never sent: a re-drop of the content may go through
+                await asyncio.to_thread(pipe.spool.unmark, job)
             await pipe.finish(job, "failed", "invalid-input",
                               "the file changed or vanished after it was claimed")
             return

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from daemon.job.state import JobState, advance
 from daemon.pipeline import Pipeline
 from daemon.sandbox import SandboxSettings
 from daemon.spool import Job, Spool, markers
+from daemon.spool.leases import Owner
 from tests.conftest import StartSandbox
 from tests.support import (
     FAKE_KEY,
@@ -295,3 +297,28 @@ async def test_forgetting_a_job_does_not_look_at_the_disk(
             monkeypatch.undo()
     assert pipe.jobs.left_count() == 1  # left.csv, still in processing/
     assert (spool.inbox("email") / "back.csv").exists()
+
+
+def test_an_unsent_marker_lives_while_its_daemon_does(tmp_path: Path) -> None:
+    """A marker without an id is judged by its daemon's lease, not by whether its job
+    folder shows: through a second SSHFS mount a fresh folder may not show yet, and the
+    same content went through both mounts (tests/test_shares.py, 1 run in 7)."""
+    spool = Spool(tmp_path / "spool", ("email",))
+    spool.prepare()
+    spool.heartbeat()
+    gone = Owner(spool.owner.host, _reaped_pid(), "00000000").name
+    for owner, stale in ((spool.owner.name, False), (gone, True)):
+        job = Job(job=f"20260101T000000-{owner[-8:]}", type="email", source="a.csv",
+                  file_name="a", method="multipart", sha256=("cd" if stale else "ab") * 32,
+                  owner=owner)
+        assert spool.mark(job, 86400) is None
+        mark = json.loads(spool.marker(job.sha256 or "").read_text())
+        # Its job folder does not show (not made here at all).
+        assert not (spool.processing / job.job).exists()
+        assert spool.marks.stale(mark, 86400) is stale
+
+
+def _reaped_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid

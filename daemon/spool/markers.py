@@ -96,7 +96,14 @@ class Markers:
         if mark.get("holder") == SUBMIT:
             owner = mark.get("owner")
             return not (isinstance(owner, str) and self.alive(owner))
-        return isinstance(job, str) and not (self.layout.processing / job).exists()
+        if not isinstance(job, str):
+            return False
+        owner = mark.get("owner")
+        if isinstance(owner, str) and owner and self.alive(owner):
+            # Its daemon lives: the job may be only just made, and through a second
+            # network mount (SSHFS caches) a fresh job folder may not show yet.
+            return False
+        return not (self.layout.processing / job).exists()
 
     def unresolved(self, mark: dict[str, Any]) -> bool:
         """A submit's marker whose holder is gone while its upload may have reached IPQS:
