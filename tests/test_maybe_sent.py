@@ -17,10 +17,12 @@ from typing import Any
 import pytest
 
 from daemon.api import CsvPage, IpqsClient
+from daemon.cli import main
 from daemon.errors import (
     LookupIncompleteError,
     LostAnswerError,
     RejectedError,
+    TransientError,
 )
 from daemon.job.conversation import Conversation
 from daemon.job.state import JobState, advance
@@ -37,6 +39,7 @@ from tests.support import (
     emails,
     records,
     run_once,
+    write_config_file,
 )
 
 
@@ -322,3 +325,43 @@ def _reaped_pid() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
     return child.pid
+
+
+async def test_a_submit_whose_answers_were_lost_keeps_the_content_taken(
+        tmp_path: Path, start_sandbox: StartSandbox, sandbox_settings: SandboxSettings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``submit`` gives up (``--timeout``) on an upload whose answer was lost and whose
+    lookup never got an answer: "the duplicate guard keeps the content marked", so a later
+    drop of the content must not be paid again (review finding 2, the submit side: its
+    marker had no job folder, so it was stale at once)."""
+    sandbox = await start_sandbox(sandbox_settings)
+    faults = sandbox.state.faults
+    faults.lost_answer_rate, faults.operations = 1.0, frozenset({"upload"})
+
+    async def find(self: IpqsClient, *args: Any, **kwargs: Any) -> None:
+        raise TransientError("list: connection lost", cause="dropped")
+
+    monkeypatch.setattr(IpqsClient, "find", find)
+    for name in list(os.environ):
+        if name == "IPQS_API_KEY" or name.startswith("IPQS_BULKD_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setattr("daemon.cli.configure", lambda *args, **kwargs: None)
+    root = tmp_path / "spool"
+    config = daemon_config(root, sandbox.api_base, spool={"types": ("email",)})
+    mine = tmp_path / "mine.csv"
+    mine.write_bytes(emails(5))
+    path = write_config_file(tmp_path / "config.toml", config)
+    code = await asyncio.to_thread(
+        main, ["submit", str(mine), "--type", "email", "--config", str(path),
+               "--timeout", "1"])
+    assert code != 0
+    sent = len(sandbox.uploads())
+    assert sent == 1
+    monkeypatch.undo()
+    [marker] = (root / "markers").iterdir()
+    assert json.loads(marker.read_text())["maybe_sent"] is True
+    faults.lost_answer_rate = 0.0
+    drop(root, "email", "again.csv", emails(5))
+    await run_once(config)
+    assert len(sandbox.uploads()) == sent
+    assert records(root, "failed")["again.csv"]["reason"] == "duplicate"
