@@ -238,7 +238,8 @@ async def test_a_resend_after_absent_is_admitted_like_a_first_send(
     job = spool.claim("email", inbox / "a.csv", "multipart")
     assert job is not None and spool.inspect(job) is None
     advance(job, JobState.UPLOADING)  # a daemon died right after saving it
-    job.uploads, job.owner = 1, None  # ... and left no owner behind
+    job.uploads = 1
+    job.owner = Owner(spool.owner.host, _reaped_pid(), "00000000").name
     spool.save(job)
     await run_once(config)
     assert sandbox.state.stats.faults["credits"] == 0  # no POST IPQS had to refuse
