@@ -39,6 +39,8 @@ from tests.support import (
     emails,
     records,
     run_once,
+    running,
+    wait_for,
     write_config_file,
 )
 
@@ -215,7 +217,14 @@ async def test_a_malformed_job_record_is_left_alone_and_the_daemon_goes_on(
     assert set(records(root, "done")) == {"fine.csv"}
     assert (odd / "results" / "all.csv").read_text() == "paid results\n"
     assert (odd / "odd.csv").exists()
-    # The record without its fields is a job folder without a record: failed, never sent.
+    # The record without its fields is a job folder without a record: never sent, and failed
+    # (with its paid results) once it has stayed unchanged for a lease by our own clock.
+    assert (partial / "partial.csv").exists() and len(sandbox.uploads()) == 1
+    quick = daemon_config(root, sandbox.api_base, spool={"types": ("email",)},
+                          upload={"lease_seconds": 1.0})
+    async with running(quick):
+        await wait_for(lambda: "partial.csv" in records(root, "failed"),
+                       what="the record-less folder failed after a quiet lease")
     assert records(root, "failed")["partial.csv"]["reason"] == "invalid-input"
     assert (root / "failed" / "email" / "partial.csv").read_bytes() == emails(3)
     assert (root / "failed" / "email" / "partial.csv.all.csv").read_text() == \
@@ -317,6 +326,7 @@ def test_an_unsent_marker_lives_while_its_daemon_does(tmp_path: Path) -> None:
                   owner=owner)
         assert spool.mark(job, 86400) is None
         mark = json.loads(spool.marker(job.sha256 or "").read_text())
+        mark["owner"] = owner  # as that daemon would have written it
         # Its job folder does not show (not made here at all).
         assert not (spool.processing / job.job).exists()
         assert spool.marks.stale(mark, 86400) is stale
@@ -360,7 +370,7 @@ async def test_a_submit_whose_answers_were_lost_keeps_the_content_taken(
     assert sent == 1
     monkeypatch.undo()
     [marker] = (root / "markers").iterdir()
-    assert json.loads(marker.read_text())["maybe_sent"] is True
+    assert json.loads(marker.read_text())["sending"] is True
     faults.lost_answer_rate = 0.0
     drop(root, "email", "again.csv", emails(5))
     await run_once(config)
