@@ -336,10 +336,12 @@ async def _check_lost_and_back(spool: Deployed, port: int, pid: int) -> None:
 
 
 async def _ready_or_degraded(port: int) -> bool:
+    """Up and past its start: recovered and watching (ready, or degraded with a reason)."""
     try:
-        return "reason" in (await _get(port, "/readyz"))[1]
+        body = (await _get(port, "/readyz"))[1]
     except aiohttp.ClientError:
         return False
+    return "reason" in body and "recovering jobs" not in body and "watcher not running" not in body
 
 
 # -- the parts, without a deployed daemon ---------------------------------------------------
