@@ -320,7 +320,8 @@ def test_an_unsent_marker_lives_while_its_daemon_does(tmp_path: Path) -> None:
     spool.prepare()
     spool.heartbeat()
     gone = Owner(spool.owner.host, _reaped_pid(), "00000000").name
-    for owner, stale in ((spool.owner.name, False), (gone, True)):
+    living = Owner(spool.owner.host, os.getppid(), "11111111").name  # another daemon
+    for owner, stale in ((living, False), (gone, True)):
         job = Job(job=f"20260101T000000-{owner[-8:]}", type="email", source="a.csv",
                   file_name="a", method="multipart", sha256=("cd" if stale else "ab") * 32,
                   owner=owner)

@@ -99,9 +99,10 @@ class Markers:
         if not isinstance(job, str):
             return False
         owner = mark.get("owner")
-        if isinstance(owner, str) and owner and self.alive(owner):
-            # Its daemon lives: the job may be only just made, and through a second
-            # network mount (SSHFS caches) a fresh job folder may not show yet.
+        if isinstance(owner, str) and owner and owner != self.owner and self.alive(owner):
+            # Another daemon that lives: its job may be only just made, and through a second
+            # network mount (SSHFS caches) a fresh job folder may not show yet. Our own job
+            # folders we see as they are.
             return False
         return not (self.layout.processing / job).exists()
 
