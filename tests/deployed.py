@@ -10,7 +10,6 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -105,12 +104,6 @@ async def daemon_as_deployed(spool: Deployed, config_file: Path) -> AsyncIterato
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 PRODUCER = "ipqs-drop"  # another user, in the daemon's group, that drops files

@@ -20,19 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Sandbox, start_daemon, wait_for
+from tests.support import Sandbox, free_port, start_daemon, wait_for
 
-
-def _free_port() -> int:
-    """A loopback port free now: each test run gets its own, so two runs on one machine
-    never write into each other's share."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-SMB_PORT = _free_port()
-SSH_PORT = _free_port()
+# Free loopback ports: each test run gets its own, so two runs never share a server.
+SMB_PORT = free_port()
+SSH_PORT = free_port()
 
 
 def require(*binaries: str, root: bool = False, fuse: bool = False) -> None:

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.deployed import daemon_as_deployed, deployed_spool, free_port
+from tests.deployed import daemon_as_deployed, deployed_spool
 from tests.support import (
     Sandbox,
     daemon_config,
     drop,
     emails,
+    free_port,
     is_ready,
     records,
     until,

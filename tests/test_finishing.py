@@ -17,12 +17,13 @@ from structlog.testing import capture_logs
 
 from daemon.finishing import Finishing
 from daemon.spool import Job
-from tests.deployed import Deployed, daemon_as_deployed, deployed_spool, free_port
+from tests.deployed import Deployed, daemon_as_deployed, deployed_spool
 from tests.support import (
     Sandbox,
     daemon_config,
     drop,
     emails,
+    free_port,
     get_metrics,
     get_readyz,
     is_ready,

@@ -15,11 +15,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.claims import ClaimTrouble
-from tests.deployed import daemon_as_deployed, deployed_spool, free_port
+from tests.deployed import daemon_as_deployed, deployed_spool
 from tests.support import (
     Sandbox,
     daemon_config,
     emails,
+    free_port,
     get_metrics,
     get_readyz,
     is_ready,

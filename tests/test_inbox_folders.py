@@ -35,7 +35,6 @@ from tests.deployed import (
     as_producer,
     daemon_as_deployed,
     deployed_spool,
-    free_port,
     tmpfiles_layout,
 )
 from tests.support import (
@@ -43,6 +42,7 @@ from tests.support import (
     daemon_config,
     drop,
     emails,
+    free_port,
     records,
     running,
     sha256,

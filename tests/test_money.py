@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from datetime import UTC, datetime
@@ -33,6 +32,7 @@ from tests.support import (
     daemon_config,
     drop,
     emails,
+    free_port,
     quick_settings,
     records,
     run_once,
@@ -77,12 +77,6 @@ def sandbox_with(tmp_path: Path, **faults: Any) -> SandboxSettings:
     for name, value in faults.items():
         setattr(settings.faults, name, value)
     return settings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def cli(*argv: str) -> tuple[int, str]:

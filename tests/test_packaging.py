@@ -28,7 +28,7 @@ import yaml
 
 from daemon.config import ServiceConfig, load_config
 from tests.dockerfile import Stage, dockerfile_stages
-from tests.support import FAKE_KEY, REPO, emails
+from tests.support import FAKE_KEY, REPO, emails, free_port
 
 UNIT = REPO / "systemd" / "ipqs-bulkd.service"
 INSTALLED_EXEC = "/opt/ipqs-bulkd/venv/bin/ipqs-bulkd"
@@ -267,13 +267,6 @@ def test_fresh_install_pulls_in_only_pinned_dependencies(installed: Path) -> Non
     unpinned = sorted(set(installed_versions) - set(pinned))
     assert not unpinned, f"add these to constraints.txt: {unpinned}"
     assert installed_versions == {name: pinned[name] for name in installed_versions}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def notifications(sock: socket.socket) -> Iterator[dict[str, str]]:
