@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from daemon.spool import FINISHING, Job, Owner, Spool, upload_name
+from daemon.spool.markers import MarkerContendedError
 
 
 def make_spool(root: Path, **kw: object) -> Spool:
@@ -353,3 +354,23 @@ def test_an_earlier_daemon_in_this_process_is_gone_once_its_heartbeat_is_release
     assert me.owner.pid == earlier.owner.pid and not me.orphaned(job)  # its beat is there
     earlier.release()  # it stopped cleanly
     assert me.orphaned(job)
+
+
+def test_a_marker_replaced_on_every_try_is_never_taken_as_ours(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = make_spool(tmp_path)
+    job = Job(job="mine", type="email", source="a.csv", file_name="a", method="multipart",
+              sha256="ef" * 32)
+    tries: list[str] = []
+
+    def another_writer_first(path: Path, data: bytes, mode: int) -> bool:
+        # Each time, another writer's marker (of a job gone, never paid) got there first.
+        tries.append(f"gone-{len(tries)}")
+        path.write_text(json.dumps({"job": tries[-1], "holder": "daemon", "owner": "",
+                                    "sending": False, "created": time.time()}))
+        return False
+
+    monkeypatch.setattr("daemon.spool.markers.exclusive_write", another_writer_first)
+    with pytest.raises(MarkerContendedError):
+        spool.mark(job, 3600)  # before: None, "ours", with no marker of ours at all
+    assert len(tries) == 3

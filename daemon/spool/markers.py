@@ -17,6 +17,7 @@ window.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -38,6 +39,10 @@ DAEMON = "daemon"
 SUBMIT = "submit"
 
 
+class MarkerContendedError(OSError):
+    """A duplicate marker could not be taken, nor found held: others kept replacing it."""
+
+
 class Markers:
     """The duplicate markers of one spool. All methods block: call in a thread.
 
@@ -55,7 +60,8 @@ class Markers:
              holder: str = DAEMON) -> dict[str, Any] | None:
         """Claim ``job.sha256`` for this job. Returns the earlier job's marker if the same
         content was taken within the window (or its fate is still open: see
-        :meth:`unresolved`), else None (and the marker is ours)."""
+        :meth:`unresolved`), else None (and the marker is ours). Raises
+        :class:`MarkerContendedError` when neither can be said."""
         if window_seconds <= 0 or job.sha256 is None:
             return None
         path = self.layout.marker(job.sha256)
@@ -80,7 +86,10 @@ class Markers:
                         aside.unlink(missing_ok=True)
                     return moved
                 aside.unlink(missing_ok=True)
-        return None
+        # Replaced under us on every try: not ours, and not known to be anyone's. The job
+        # waits (it stays where it is) rather than going without a marker.
+        raise MarkerContendedError(errno.EAGAIN, "the duplicate marker kept changing while "
+                                   "it was taken; the file waits and is tried again", str(path))
 
     def stale(self, mark: dict[str, Any], window_seconds: float,
               path: Path | None = None) -> bool:
