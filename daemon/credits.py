@@ -92,6 +92,11 @@ class CreditGuard:
             return ALLOW
         return self._wait(need)
 
+    async def fits(self, rows: int) -> bool:
+        """Would an upload of ``rows`` be admitted now? Holds nothing, tells nobody."""
+        await self._refresh_if_due()
+        return self.balance is None or self.balance - self.held - rows >= self._reserve
+
     @property
     def free(self) -> int | None:
         """The balance less the rows of admitted uploads under way; None while unknown."""

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -75,6 +77,61 @@ class RowCounter:
         blank = sum(1 for _ in _OPENS_BLANK_LINE.finditer(chunk, first, last + 1))
         self.rows += lines - blank
         self._open_line_has_content = _CONTENT.search(chunk, last + 1) is not None
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What one streamed pass over a file tells: its digest, size, rows, and a problem."""
+
+    sha256: str
+    bytes: int
+    rows: int
+    problem: str | None
+
+
+class Inspection:
+    """sha256, size and billed rows of a file fed as chunks in order, and what makes it
+    certainly unacceptable to IPQS as CSV: not UTF-8, NUL bytes, no rows.
+
+    The one pass over a file: the hashing pass of ``inspect_file``, or the upload body
+    itself (:class:`daemon.api.body.UploadFile`), so a big file is read once.
+    """
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._rows = RowCounter()
+        self.size = 0
+        self._problem: str | None = None
+        self._text_seen = False
+
+    def feed(self, chunk: bytes) -> None:
+        self._digest.update(chunk)
+        self.size += len(chunk)
+        self._rows.feed(chunk)
+        if self._problem is None:
+            self._problem = _text_problem(chunk, self._decoder)
+        self._text_seen = self._text_seen or bool(chunk.replace(_BOM, b"").strip())
+
+    def facts(self) -> FileFacts:
+        """The facts of everything fed; the inspection is spent."""
+        problem = self._problem
+        if problem is None and self.size > 0:
+            problem = _text_problem(b"", self._decoder, final=True)
+        if problem is None and not self._text_seen:
+            problem = "the file is empty" if self.size == 0 else "the file holds no rows"
+        return FileFacts(self._digest.hexdigest(), self.size, self._rows.finish(), problem)
+
+
+def _text_problem(chunk: bytes, decoder: codecs.IncrementalDecoder, *,
+                  final: bool = False) -> str | None:
+    if b"\0" in chunk:
+        return "the file is binary (it contains NUL bytes), not CSV text"
+    try:
+        decoder.decode(chunk, final=final)
+    except UnicodeDecodeError:
+        return "the file is not UTF-8 text"
+    return None
 
 
 def count_lines(path: Path) -> int:

@@ -13,11 +13,12 @@ import asyncio
 import os
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
 from daemon.claims import ClaimTrouble, Unreadable
+from daemon.credits import Admission
 from daemon.errors import (
     AccountError,
     IpqsError,
@@ -26,7 +27,7 @@ from daemon.errors import (
 )
 from daemon.inputs import URL_SUFFIX, first_row_is_header, json_rows, url_file_problem
 from daemon.job.breaker import Permit
-from daemon.job.conversation import Orphaned
+from daemon.job.conversation import NotSendable, Orphaned
 from daemon.job.duplicates import take_marker
 from daemon.job.state import JobState
 from daemon.pipeline import Pipeline
@@ -247,22 +248,31 @@ class Uploader:
 
     async def _prepare(self, job: Job) -> bool:
         """Inspect (once), check the per-file cap and take the duplicate marker; False if
-        the job ended here."""
+        the job ended here. A multipart file is only stat'ed here: its upload body is the
+        one read of it, and the cap and the marker come just before its last chunk
+        (:meth:`_at_last_chunk`)."""
         if job.sha256 is None and not await self._inspect(job):
             return False
+        if job.sha256 is None:
+            return True  # read as it goes out
         too_large = self.pipe.purse.too_large(job.rows)
         if too_large is not None:
-            await self.pipe.finish(job, "failed", "too-large", too_large + (
-                "; to send it, raise the cap and run `ipqs-bulkd retry --force` on it"))
+            await self._fail_too_large(job, too_large)
             return False
         return await self._check_duplicate(job)
 
-    async def _inspect(self, job: Job) -> bool:
+    async def _fail_too_large(self, job: Job, why: str) -> None:
+        await self.pipe.finish(job, "failed", "too-large", why + (
+            "; to send it, raise the cap and run `ipqs-bulkd retry --force` on it"))
+
+    async def _inspect(self, job: Job, *, read: bool = False) -> bool:
         """Hash and check the claimed input (once: the claim-time facts are kept, so a later
-        change is caught); False if the job ended here as invalid input."""
+        change is caught); False if the job ended here as invalid input. A multipart file
+        is only stat'ed, unless ``read``: its upload body is the one read of it."""
         pipe = self.pipe
         try:
-            problem = await asyncio.to_thread(pipe.spool.inspect, job)
+            problem = await asyncio.to_thread(pipe.spool.inspect, job,
+                                              read=read or job.method != "multipart")
             if job.method == "url":
                 job.rows = None  # what IPQS fetches is not known here
             if problem is None and job.method == "url":
@@ -286,7 +296,8 @@ class Uploader:
     async def _json_problem(self, job: Job) -> str | None:
         limit = self.pipe.config.upload.json_max_bytes
         if (job.bytes or 0) > limit:
-            # A JSON body is built in memory: large files go as a streamed multipart.
+            # A JSON body is built in memory: large files go as a streamed multipart (the
+            # file was read for its facts already, so the body is not read for them again).
             log.info("json_too_large_using_multipart", bytes=job.bytes, limit=limit)
             job.method = "multipart"
             return None
@@ -323,7 +334,10 @@ class Uploader:
 
         try:
             await pipe.talk.send(job, path=pipe.spool.input_path(job), check=check, slot=slot,
-                                 fence=self._fence)
+                                 fence=self._fence, inspected=self._at_last_chunk)
+        except (NotSendable, _TooLarge, _Taken, _WaitsForMoney) as exc:
+            await self._stopped_before_end(job, exc, permit)
+            return
         except Orphaned as exc:
             await self._orphaned(job, exc)
             raise _Stop from None
@@ -389,14 +403,71 @@ class Uploader:
             log.warning("job_taken_over", owner_now="another daemon")
             raise _Stop
         # Last, before every POST (a re-send after "absent" too; a hold is kept until the
-        # answer): what it admits is held until the answer.
+        # answer): what it admits is held until the answer. A file read as it goes out is
+        # admitted before its last chunk; here only whether one row would fit.
+        if job.sha256 is None:
+            if await pipe.purse.fits(job.type, 1):
+                return
+            # Not even a row would fit: it waits. Read it now, so that what it waits for
+            # is told in its own rows.
+            if not await self._inspect(job, read=True):
+                raise _Stop
+            await self._wait_for_money(job, await pipe.purse.would_admit(job.type, job.rows))
         admission = await pipe.purse.admit(job)
         if not admission.allowed:
-            if job.state == JobState.CLAIMED:
-                self.waiting[(job.type, job.source)] = (job.bytes, job.mtime_ns, job.rows)
-                await self._return_to_inbox(job, admission.reason)
-            log.warning("resend_waits_for_money", reason=admission.reason)
-            raise _Stop  # stays in processing/: looked up and admitted again later
+            await self._wait_for_money(job, admission)
+
+    async def _wait_for_money(self, job: Job, admission: Admission) -> None:
+        """Not sent for want of money: a file never sent waits in its inbox, asked about
+        again before it is claimed again; a re-send stays in processing/."""
+        if job.state == JobState.CLAIMED:
+            self.waiting[(job.type, job.source)] = (
+                job.bytes, job.mtime_ns, 1 if job.rows is None else job.rows)
+            await self._return_to_inbox(job, admission.reason)
+        log.warning("resend_waits_for_money", reason=admission.reason)
+        raise _Stop  # stays in processing/: looked up and admitted again later
+
+    async def _at_last_chunk(self, job: Job) -> None:
+        """A file read as it went out, before its last chunk: its facts are on ``job`` now.
+        The per-file cap, then the money (held until the answer), then the duplicate marker
+        (taken, and marked ``sending``); the conversation then saves ``uploading``. Raising
+        stops the body, so IPQS gets no whole file; whatever was taken here is given back
+        first."""
+        pipe = self.pipe
+        too_large = pipe.purse.too_large(job.rows)
+        if too_large is not None:
+            raise _TooLarge(too_large)
+        admission = await pipe.purse.admit(job)
+        if not admission.allowed:
+            raise _WaitsForMoney(admission)
+        marked = False
+        try:
+            window = pipe.config.upload.duplicate_window_hours * 3600
+            earlier = await asyncio.to_thread(pipe.spool.mark, job, window)
+            if earlier is not None:
+                raise _Taken(earlier)
+            marked = True
+            await asyncio.to_thread(pipe.spool.update_mark, job, sending=True)
+        except BaseException:
+            if marked:  # the body stops: nothing of it reaches IPQS
+                await asyncio.to_thread(pipe.spool.unmark, job)
+            await pipe.purse.released(job)
+            raise
+
+    async def _stopped_before_end(self, job: Job, exc: Exception, permit: Permit) -> None:
+        """The body of a file read as it went out was stopped before its last chunk: IPQS
+        got no whole file, and the job is still ``claimed``, its facts now known."""
+        log.info("upload_body_stopped", reason=str(exc))
+        if isinstance(exc, NotSendable):
+            await self.pipe.finish(job, "failed", "invalid-input", str(exc))
+        elif isinstance(exc, _TooLarge):
+            await self._fail_too_large(job, str(exc))
+        elif isinstance(exc, _WaitsForMoney):
+            await self._wait_for_money(job, exc.admission)
+        elif await self._check_duplicate(job):
+            # The marker was held, but its holder turned out to have sent nothing (a submit
+            # that was looked up): ours now, sent as any file whose facts are known.
+            await self._submit(job, permit)
 
     def _fence(self, job: Job) -> None:
         """Before an upload body's last chunk (blocking, in a worker thread): is the job
@@ -430,3 +501,23 @@ class Uploader:
 
 class _InputChanged(Exception):
     """The input's size or mtime moved since it was inspected."""
+
+
+class _TooLarge(Exception):
+    """Over ``budget.max_rows_per_file`` (found before the body's last chunk)."""
+
+
+class _WaitsForMoney(Exception):
+    """Refused by a daily budget or the balance (found before the body's last chunk)."""
+
+    def __init__(self, admission: Admission) -> None:
+        super().__init__(admission.reason or "waiting for money")
+        self.admission = admission
+
+
+class _Taken(Exception):
+    """The content's duplicate marker is held (found before the body's last chunk)."""
+
+    def __init__(self, earlier: dict[str, Any]) -> None:
+        super().__init__(f"the same content is taken by job {earlier.get('job')}")
+        self.earlier = earlier

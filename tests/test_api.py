@@ -615,9 +615,12 @@ async def test_a_body_stopped_before_its_last_chunk_creates_no_job(
     big.write_bytes(emails(200_000))  # ~5 MB
     calls: list[int] = []
 
-    def fence() -> None:
+    async def fence() -> None:
         calls.append(1)
         raise _NotOurs("taken over")
+
+    async def let_through() -> None:
+        calls.append(2)
 
     with pytest.raises(_NotOurs):
         if method == "multipart":
@@ -633,8 +636,8 @@ async def test_a_body_stopped_before_its_last_chunk_creates_no_job(
     assert list(sandbox.state.incoming_path().parent.glob("*")) == []
     assert (await client.list("email")).total_csvs == 0
     # A fence that lets it through: the same body makes exactly one job.
-    job = await client.upload_file("email", big, "let-through", before_last=lambda: None)
-    assert job.id is not None and len(sandbox.uploads()) == 1
+    job = await client.upload_file("email", big, "let-through", before_last=let_through)
+    assert job.id is not None and len(sandbox.uploads()) == 1 and calls == [1, 2]
 
 
 async def test_the_sandbox_makes_no_job_of_a_body_cut_short(sandbox: Sandbox,

@@ -71,7 +71,8 @@ async def test_a_daemon_frozen_mid_upload_is_replaced_and_ipqs_gets_one_job(
             assert len(data) > 55_000_000
             drop(root, "email", "big.csv", data)
             incoming = sandbox.state.incoming_path().parent
-            await wait_for(lambda: _state(root) == "uploading"
+            # (A's record says "claimed" until the last chunk: the body is the one read.)
+            await wait_for(lambda: _state(root) == "claimed"
                            and _received(incoming) > 8_000_000, timeout=60,
                            what="A half-way through the body")
             os.killpg(a.pid, signal.SIGSTOP)

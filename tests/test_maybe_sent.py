@@ -127,7 +127,15 @@ async def test_a_refused_post_after_a_lost_one_keeps_the_content_taken(
     sandbox = await start_sandbox(sandbox_settings)
     posts: list[str] = []
 
-    async def upload_file(self: IpqsClient, *args: Any, **kwargs: Any) -> Any:
+    async def upload_file(self: IpqsClient, file_type: str, path: Path, file_name: str, *,
+                          before_last: Any = None, inspection: Any = None,
+                          **kwargs: Any) -> Any:
+        # The whole body goes out, as the real client's does: read once, fenced, then the
+        # answer (lost, or a refusal).
+        if inspection is not None:
+            inspection.feed(path.read_bytes())
+        if before_last is not None:
+            await before_last()
         posts.append("post")
         if len(posts) == 1:
             raise LostAnswerError("upload: connection lost", cause="dropped")

@@ -1,25 +1,33 @@
 """An upload's body: a file (or JSON bytes) that reports what has gone out, stops if it
-changes, and runs the caller's fence before its last chunk."""
+changes, and awaits the caller's fence before its last chunk.
+
+A file's body is also the one read of it: :class:`UploadFile` feeds every chunk to an
+:class:`~daemon.inputs.Inspection` (hash, UTF-8 check, row count) in the worker thread that
+reads it, so a big file is not read once to be checked and again to be sent.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import io
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 from aiohttp.abc import AbstractStreamWriter
 
-_CHUNK = 1024 * 1024
+from daemon.inputs import Inspection
 
-BeforeLast = Callable[[], None]
-"""Called (in a worker thread, may block) just before an upload's last chunk is handed to
-the socket; raising stops the body there (the fence of a job that is no longer ours, or a
-duplicate found while the bytes went out)."""
+#: Read (and hashed) in a worker thread per chunk: big enough that the hand-offs between
+#: the loop and the thread cost little, small enough to keep the body's memory low.
+_CHUNK = 512 * 1024
+
+BeforeLast = Callable[[], Awaitable[None]]
+"""Awaited just before an upload's last chunk is handed to the socket; raising stops the
+body there (the fence of a job that is no longer ours, or a duplicate found while the bytes
+went out)."""
 
 
 class BodyStopped(OSError):
@@ -35,71 +43,116 @@ class InputChangedError(OSError):
     """The file being uploaded changed under the upload."""
 
 
-def _open_no_follow(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+def _open_regular(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
-class UploadFile(io.FileIO):
-    """A file opened for upload that counts and reports what aiohttp reads, and stops if
-    the file changes under it.
+class UploadFile(aiohttp.payload.Payload):
+    """A file sent as a body, read in chunks in a worker thread.
 
-    aiohttp reads it in a worker thread and takes Content-Length from ``fstat``; when
-    ``finished`` is true the whole body has gone to the socket, which is what separates
-    "nothing was sent" from "sent, answer lost". ``on_finished`` (if set) is called once,
-    from that thread, when the last byte has been read; ``before_last`` runs before the
-    chunk that completes the file is returned.
+    It counts and reports what went out (``progress``), stops if the file changes under
+    it, feeds ``inspection`` (if given) every chunk in order, and awaits ``before_last``
+    before the chunk that completes the file is written. ``finished`` is true once the
+    whole body has gone to the socket, which is what separates "nothing was sent" from
+    "sent, answer lost"; ``on_finished`` (if set) is called once, then.
     """
 
     def __init__(self, path: Path, progress: Callable[[int], None] | None,
-                 before_last: BeforeLast | None = None) -> None:
-        super().__init__(path, "rb", opener=_open_no_follow)
-        if not stat.S_ISREG(os.fstat(self.fileno()).st_mode):
-            self.close()
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        self.sent = 0
-        st = os.fstat(self.fileno())
-        self.size, self._mtime_ns = st.st_size, st.st_mtime_ns
+                 before_last: BeforeLast | None = None, *,
+                 inspection: Inspection | None = None,
+                 content_type: str = "text/csv") -> None:
+        # Opened on the loop (a quick syscall): a cancelled thread could leak the handle.
+        self._fd = _open_regular(path)
+        st = os.fstat(self._fd)
+        super().__init__(path, content_type=content_type)
+        self._size = st.st_size
+        self._mtime_ns = st.st_mtime_ns
         self._progress = progress
-        self.on_finished: Callable[[], None] | None = None
         self._before_last = before_last
+        self._inspection = inspection
+        self.sent = 0
+        self._read = 0
+        self.on_finished: Callable[[], None] | None = None
         self.stopped: BodyStopped | None = None
-
-    def read(self, size: int | None = -1, /) -> bytes:
-        st = os.fstat(self.fileno())
-        if (st.st_size, st.st_mtime_ns) != (self.size, self._mtime_ns):
-            # Someone writes to it: stop before IPQS gets a mix of old and new bytes.
-            raise InputChangedError(errno.ESTALE, "the file changed while it was being sent")
-        # Never more than asked: aiohttp cuts a chunk to the length it still expects.
-        chunk = super().read(_CHUNK if size is None or size < 0 else size)
-        if self.sent + len(chunk) >= self.size:
-            self._fence()
-        if chunk:
-            self.sent += len(chunk)
-            if self._progress is not None:
-                self._progress(len(chunk))
-            if self.finished and self.on_finished is not None:
-                self.on_finished()
-                self.on_finished = None
-        return chunk or b""
-
-    def _fence(self) -> None:
-        if self._before_last is None or self.stopped is not None:
-            return
-        try:
-            self._before_last()
-        except Exception as exc:
-            self.stopped = BodyStopped(exc)
-            raise self.stopped from None
-        self._before_last = None  # once: later reads only find the end of the file
 
     @property
     def finished(self) -> bool:
-        return self.sent >= self.size
+        return self.sent >= (self._size or 0)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("an upload body is streamed, never decoded whole")
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: AbstractStreamWriter,
+                                content_length: int | None) -> None:
+        size = self._size or 0
+        if content_length is not None:
+            size = min(size, content_length)
+        while True:
+            chunk = await asyncio.to_thread(self._next, size)
+            if self._read >= size:
+                await self._fence()
+            if chunk:
+                await writer.write(chunk)
+                self._went(len(chunk))
+            if self._read >= size:
+                return
+
+    def _next(self, size: int) -> bytes:
+        """The next chunk (in a worker thread): checked unchanged, fed to the inspection."""
+        st = os.fstat(self._fd)
+        if (st.st_size, st.st_mtime_ns) != (self._size, self._mtime_ns):
+            # Someone writes to it: stop before IPQS gets a mix of old and new bytes.
+            raise InputChangedError(errno.ESTALE, "the file changed while it was being sent")
+        chunk = os.pread(self._fd, min(_CHUNK, size - self._read), self._read)
+        if not chunk and self._read < size:
+            raise InputChangedError(errno.ESTALE, "the file ended early while it was sent")
+        self._read += len(chunk)
+        if self._inspection is not None:
+            self._inspection.feed(chunk)
+        return chunk
+
+    async def _fence(self) -> None:
+        if self._before_last is None or self.stopped is not None:
+            return
+        try:
+            await self._before_last()
+        except Exception as exc:
+            self.stopped = BodyStopped(exc)
+            raise self.stopped from None
+        self._before_last = None  # once: a body is not fenced twice
+
+    def _went(self, n: int) -> None:
+        self.sent += n
+        if self._progress is not None:
+            self._progress(n)
+        if self.finished and self.on_finished is not None:
+            self.on_finished()
+            self.on_finished = None
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def release(self) -> None:
+        """Close the file (idempotent): the caller's, once the request is over."""
+        self._close()
 
 
 class FencedBytes(aiohttp.payload.Payload):
-    """An in-memory body (the JSON method) written in chunks, ``before_last`` run in a
-    worker thread before the last one."""
+    """An in-memory body (the JSON method) written in chunks, ``before_last`` awaited
+    before the last one."""
 
     def __init__(self, data: bytes, content_type: str, before_last: BeforeLast | None) -> None:
         super().__init__(data, content_type=content_type)
@@ -123,7 +176,7 @@ class FencedBytes(aiohttp.payload.Payload):
             await writer.write(data[start:min(start + _CHUNK, last)])
         if self._before_last is not None:
             try:
-                await asyncio.to_thread(self._before_last)
+                await self._before_last()
             except Exception as exc:
                 self.stopped = BodyStopped(exc)
                 raise self.stopped from None

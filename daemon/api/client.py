@@ -45,6 +45,7 @@ from daemon.errors import (
     LostAnswerError,
     TransientError,
 )
+from daemon.inputs import Inspection
 from daemon.logs import scrub
 
 if TYPE_CHECKING:  # config imports RESULT_SETS from this package
@@ -168,26 +169,26 @@ class IpqsClient:
         *,
         progress: Callable[[int], None] | None = None,
         before_last: BeforeLast | None = None,
+        inspection: Inspection | None = None,
     ) -> CsvJob:
         """Upload ``path`` as multipart/form-data, streamed, with Content-Length.
 
         A write to the file while it is sent aborts the upload (the body is then
         incomplete, so IPQS creates nothing): the caller re-checks the file. So does an
-        exception from ``before_last``, which is raised here again, unwrapped.
+        exception from ``before_last``, which is raised here again, unwrapped. Every byte
+        sent is fed to ``inspection`` (if given), before ``before_last`` is awaited.
         """
         params = {"file_name": file_name}
         url = self._upload_target(file_type, params)
-        # Opened on the loop (a quick syscall): a cancelled thread could leak the handle.
-        body = UploadFile(path, progress, before_last)
+        body = UploadFile(path, progress, before_last, inspection=inspection)
         try:
             form = aiohttp.FormData()
-            form.add_field("file", body, filename=file_name + ".csv",
-                           content_type="text/csv")
+            form.add_field("file", body, filename=file_name + ".csv")
             data = await self._stoppable(body, "upload", "POST", url, params=params,
                                          data=form, body=body)
             return self._job(data, "upload")
         finally:
-            body.close()
+            body.release()
 
     async def upload_rows(self, file_type: str, rows: list[list[str]], file_name: str, *,
                           before_last: BeforeLast | None = None) -> CsvJob:

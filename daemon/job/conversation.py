@@ -42,7 +42,7 @@ from daemon.errors import (
     RejectedError,
     TransientError,
 )
-from daemon.inputs import read_rows
+from daemon.inputs import Inspection, read_rows
 from daemon.job.state import JobState, advance
 from daemon.job.verdicts import (
     ResultsNotReady,
@@ -117,6 +117,16 @@ async def _no_save(job: Job) -> None:
 #: when the job is no longer the caller's to send (see ``Conversation.send``).
 Fence = Callable[[Job], None]
 
+#: Awaited once a file's facts (sha256, size, rows) were learnt from its own upload body,
+#: just before the last chunk and before the fence; raising stops the body (a duplicate, a
+#: file over a money limit), so IPQS gets no whole file.
+Inspected = Callable[[Job], Awaitable[None]]
+
+
+class NotSendable(Exception):
+    """A file found, as its body went out, to be nothing IPQS can take (not UTF-8 text,
+    binary, no rows): the body was stopped before its end. ``str()`` says why."""
+
 
 class Orphaned(Exception):
     """IPQS accepted an upload of a job that was no longer ours: a second payment, which
@@ -163,7 +173,8 @@ class Conversation:
     async def send(self, job: Job, *, path: Path | None = None, url: str | None = None,
                    check: Callable[[Job], Awaitable[None]] | None = None,
                    slot: Callable[[], AbstractAsyncContextManager[object]] | None = None,
-                   max_sends: int | None = None, fence: Fence | None = None) -> CsvJob:
+                   max_sends: int | None = None, fence: Fence | None = None,
+                   inspected: Inspected | None = None) -> CsvJob:
         """Get the job to IPQS exactly once; returns IPQS's answer (saved as ``submitted``).
 
         ``check`` runs before ``uploading`` is saved and before each retried POST (and may
@@ -171,6 +182,14 @@ class Conversation:
         the last chunk of a file or JSON body (raising stops the body: IPQS gets no whole
         file) and on the answer (raising turns it into :class:`Orphaned`). After
         ``max_sends`` uploads whose answers were lost and which no lookup found, it gives up.
+
+        With ``inspected``, a multipart job still ``claimed`` is read once: its body is
+        hashed, checked and counted as it goes out. Before its last chunk the facts are set
+        on the job, ``inspected`` is awaited (a file that is no CSV text raises
+        :class:`NotSendable` instead), ``uploading`` is saved (not before the POST: until
+        then no whole body can reach IPQS), then the fence runs. A body stopped there
+        leaves the job as it was, ``claimed``; ``inspected`` must take its checks again
+        without harm (a retried POST runs them again).
         """
         sends = 0
         while True:
@@ -185,7 +204,7 @@ class Conversation:
                                          cause="dropped")
             sends += 1
             try:
-                answer = await self._upload(job, path, url, check, slot, fence)
+                answer = await self._upload(job, path, url, check, slot, fence, inspected)
             except LostAnswerError as exc:
                 log.warning("upload_answer_lost", error=str(exc))
                 self.hooks.answer_lost(job, exc)
@@ -200,7 +219,8 @@ class Conversation:
     async def _upload(self, job: Job, path: Path | None, url: str | None,
                       check: Callable[[Job], Awaitable[None]] | None,
                       slot: Callable[[], AbstractAsyncContextManager[object]] | None,
-                      fence: Fence | None = None) -> CsvJob:
+                      fence: Fence | None = None,
+                      inspected: Inspected | None = None) -> CsvJob:
         """Save ``uploading``, then POST (retrying only what surely never arrived)."""
         async with slot() if slot is not None else _nothing():
             if check is not None:
@@ -210,11 +230,8 @@ class Conversation:
                 # for the POST to meet, which the caller already handles.
                 with contextlib.suppress(AccountError, RejectedError):
                     await self.learn_newest_id()
-            advance(job, JobState.UPLOADING)
-            job.upload_started_at = utcnow()
-            job.floor_id = self.newest_id
-            job.uploads += 1
-            await self.save(job)
+            if not _read_as_sent(job, inspected):
+                await self._uploading(job)
             attempts = 0
 
             async def attempt() -> CsvJob:
@@ -222,21 +239,43 @@ class Conversation:
                 attempts += 1
                 if attempts > 1 and check is not None:
                     await check(job)
-                return await self._post(job, path, url, fence)
+                return await self._post(job, path, url, fence, inspected)
 
             return await self.caller.call("upload", attempt, retry_lost_answers=False)
 
+    async def _uploading(self, job: Job) -> None:
+        """Save ``uploading``: from here on a whole body may reach IPQS."""
+        advance(job, JobState.UPLOADING)
+        job.upload_started_at = utcnow()
+        job.floor_id = self.newest_id
+        job.uploads += 1
+        await self.save(job)
+
     async def _post(self, job: Job, path: Path | None, url: str | None,
-                    fence: Fence | None = None) -> CsvJob:
+                    fence: Fence | None = None, inspected: Inspected | None = None) -> CsvJob:
         client, hooks = self.client, self.hooks
-        before_last = None if fence is None else functools.partial(fence, job)
+        inspection = Inspection() if _read_as_sent(job, inspected) else None
+
+        async def before_last() -> None:
+            if inspection is not None:
+                # Read whole now: its facts are known, and until the last chunk goes
+                # nothing of it can be a job at IPQS, so ``uploading`` is saved only now
+                # (and only while the job is still ours: never over a new owner's record).
+                if fence is not None:
+                    await asyncio.to_thread(fence, job)
+                _learn(job, inspection)
+                if inspected is not None:
+                    await inspected(job)
+                await self._uploading(job)
+            if fence is not None:
+                await asyncio.to_thread(fence, job)
+
         if job.method == "url":
             if url is None:
                 assert path is not None
                 url = (await asyncio.to_thread(path.read_text, "utf-8")).strip()
             hooks.sending(job, f"asking IPQS to fetch {url}")
-            if before_last is not None:  # a tiny body: fenced just before it goes
-                await asyncio.to_thread(before_last)
+            await before_last()  # a tiny body: fenced just before it goes
             with hooks.timed("upload"):
                 return await client.upload_url(job.type, url, job.file_name)
         assert path is not None
@@ -253,7 +292,8 @@ class Conversation:
                 with hooks.timed("upload"):
                     answer = await client.upload_file(job.type, path, job.file_name,
                                                       progress=hooks.upload_progress,
-                                                      before_last=before_last)
+                                                      before_last=before_last,
+                                                      inspection=inspection)
             finally:
                 hooks.upload_ended()
         hooks.sent(job)
@@ -479,6 +519,22 @@ class Conversation:
             log.info("results_downloaded", set=name, bytes=saved.bytes, lines=saved.lines)
             return answer, saved.bytes
         raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _read_as_sent(job: Job, inspected: Inspected | None) -> bool:
+    """A multipart file not yet ``uploading``, of a caller that checks it once read: its
+    body is the one read of it. (Keyed by the state, not by unknown facts: a body stopped
+    or cut off after its facts were set is read, and checked, again.)"""
+    return (inspected is not None and job.method == "multipart"
+            and job.state == JobState.CLAIMED)
+
+
+def _learn(job: Job, inspection: Inspection) -> None:
+    """Set what the body's one read found on ``job``; raise if IPQS cannot take it."""
+    facts = inspection.facts()
+    job.sha256, job.bytes, job.rows = facts.sha256, facts.bytes, facts.rows
+    if facts.problem is not None:
+        raise NotSendable(facts.problem)
 
 
 @contextlib.asynccontextmanager

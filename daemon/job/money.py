@@ -123,6 +123,15 @@ class Purse:
             self.guard.released(rows)
         return ALLOW
 
+    async def fits(self, file_type: str, rows: int) -> bool:
+        """Would a file of ``rows`` be admitted now? Holds nothing and logs nothing: asked
+        before a file whose rows are not known yet is sent (they are learnt on the way)."""
+        day = self.today()
+        if self.ledger is not None and await asyncio.to_thread(
+                self.ledger.refusal, file_type, rows, day) is not None:
+            return False
+        return self.guard is None or await self.guard.fits(rows)
+
     # -- after the answer --------------------------------------------------------------
 
     def accepted(self, job: Job) -> None:

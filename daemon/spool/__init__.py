@@ -11,8 +11,8 @@
 - :mod:`~daemon.spool.store`: the :class:`Spool` (claim, unclaim, finish, save and load).
 """
 
+from daemon.inputs import FileFacts
 from daemon.spool.fs import (
-    FileFacts,
     NotRegularFileError,
     inspect_file,
     open_regular,

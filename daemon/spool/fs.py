@@ -8,7 +8,6 @@ ever overwritten, even by another daemon on the same spool.
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import errno
 import hashlib
@@ -16,14 +15,12 @@ import json
 import os
 import secrets
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from daemon.inputs import RowCounter
+from daemon.inputs import FileFacts, Inspection
 
 _HASH_CHUNK = 1024 * 1024
-_BOM = codecs.BOM_UTF8
 
 # Room for what a placed name gets: a clash's ".<job id>-<4 hex>" (see Spool._free_name)
 # and the longest suffix, ".pristine.csv".
@@ -47,50 +44,15 @@ class UnreadableFileError(PermissionError):
         self.owner = None if st is None else st.st_uid
 
 
-@dataclass(frozen=True)
-class FileFacts:
-    """What one streamed pass over a file tells: its digest, size, rows, and a problem."""
-
-    sha256: str
-    bytes: int
-    rows: int
-    problem: str | None
-
-
 def inspect_file(path: Path) -> FileFacts:
     """sha256, size and billed rows (non-blank lines, see :class:`RowCounter`) of ``path``
     in one streamed pass, and what makes it certainly unacceptable to IPQS as CSV
-    (``problem`` is None when nothing does)."""
-    digest = hashlib.sha256()
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    rows = RowCounter()
-    size = 0
-    problem: str | None = None
-    text_seen = False
+    (``problem`` is None when nothing does); see :class:`Inspection`."""
+    inspection = Inspection()
     with open_regular(path) as fh:
         while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-            rows.feed(chunk)
-            if problem is None:
-                problem = _check_text(chunk, decoder)
-            text_seen = text_seen or bool(chunk.replace(_BOM, b"").strip())
-    if problem is None and size > 0:
-        problem = _check_text(b"", decoder, final=True)
-    if problem is None and not text_seen:
-        problem = "the file is empty" if size == 0 else "the file holds no rows"
-    return FileFacts(digest.hexdigest(), size, rows.finish(), problem)
-
-
-def _check_text(chunk: bytes, decoder: codecs.IncrementalDecoder, *,
-                final: bool = False) -> str | None:
-    if b"\0" in chunk:
-        return "the file is binary (it contains NUL bytes), not CSV text"
-    try:
-        decoder.decode(chunk, final=final)
-    except UnicodeDecodeError:
-        return "the file is not UTF-8 text"
-    return None
+            inspection.feed(chunk)
+    return inspection.facts()
 
 
 def open_regular(path: Path) -> BinaryIO:

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import secrets
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import structlog
 
 from daemon.spool.fs import (
+    NotRegularFileError,
     SymlinkedFolderError,
     check_readable,
     exclusive_write,
@@ -160,9 +162,13 @@ class Spool(Layout):
         self.unmark(job)
         self._on_change()
 
-    def inspect(self, job: Job) -> str | None:
+    def inspect(self, job: Job, *, read: bool = True) -> str | None:
         """Fill in sha256, size and line count of the claimed input, in one streamed pass,
-        and say what makes it certainly unacceptable to IPQS (None when nothing does)."""
+        and say what makes it certainly unacceptable to IPQS (None when nothing does).
+
+        With ``read=False`` only its size and mtime are taken: the upload body will be the
+        one read of it (see :meth:`daemon.job.conversation.Conversation.send`).
+        """
         path = self.input_path(job)
         if path.lstat().st_nlink > 1 and not own_copy(path):
             # Other names of this inode are outside our control: what is sent, billed and
@@ -170,9 +176,14 @@ class Spool(Layout):
             return ("the file has other hard links and kept changing while it was copied: "
                     "drop a finished file")
         before = path.lstat()
+        job.mtime_ns = before.st_mtime_ns
+        if not read:
+            if not stat.S_ISREG(before.st_mode):
+                raise NotRegularFileError(errno.EINVAL, "not a regular file", str(path))
+            job.bytes = before.st_size
+            return None
         facts = inspect_file(path)
         job.sha256, job.bytes, job.rows = facts.sha256, facts.bytes, facts.rows
-        job.mtime_ns = before.st_mtime_ns
         return facts.problem
 
     def changed(self, job: Job) -> bool:
