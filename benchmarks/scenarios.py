@@ -6,10 +6,8 @@ seconds, memory MiB, unless a key says otherwise.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -314,14 +312,13 @@ def big_file(bench: Bench, size: int, repeats: int = 1) -> dict[str, Any]:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     curl = min(curls, key=lambda run: run["wall_s"])
-    daemon = min(daemons, key=lambda run: run["claim_to_answer_s"])
-    post = [run["post_to_answer_s"] for run in daemons if run["post_to_answer_s"] is not None]
+    daemon = min(daemons, key=lambda run: run["drop_to_answer_s"])
     return {"bytes": size, "create_s": round(made, 1), "curl": curl, "daemon": daemon,
+            "drop_to_answer_vs_curl": round(daemon["drop_to_answer_s"] / curl["wall_s"], 3),
             "claim_to_answer_vs_curl": round(daemon["claim_to_answer_s"] / curl["wall_s"], 3),
-            "post_to_answer_vs_curl": round(min(post) / curl["wall_s"], 3) if post else None,
             "curl_runs_s": [run["wall_s"] for run in curls],
-            "daemon_claim_to_answer_runs_s": [run["claim_to_answer_s"] for run in daemons],
-            "daemon_post_to_answer_runs_s": post}
+            "daemon_drop_to_answer_runs_s": [run["drop_to_answer_s"] for run in daemons],
+            "daemon_claim_to_answer_runs_s": [run["claim_to_answer_s"] for run in daemons]}
 
 
 def _curl_upload(bench: Bench, timing: SandboxTiming, source: Path) -> dict[str, Any]:
@@ -352,11 +349,10 @@ def _daemon_upload(bench: Bench, timing: SandboxTiming, source: Path,
         try:
             wait_ready(proc, log)
             cpu0 = cpu_ns(box.proc.pid)
-            with _state_watch(spool.root / "processing", "uploading") as post:
-                dropped = time.time()
-                os.rename(source, inbox / source.name)
-                wait_until(lambda: log.first("file_submitted") is not None, 900,
-                           "the big upload", every=0.02)
+            dropped = time.time()
+            os.rename(source, inbox / source.name)
+            wait_until(lambda: log.first("file_submitted") is not None, 900,
+                       "the big upload", every=0.02)
             sandbox = _sandbox_figures(box, cpu0)
         finally:
             exited = bench.procs.stop(proc)
@@ -365,8 +361,8 @@ def _daemon_upload(bench: Bench, timing: SandboxTiming, source: Path,
     for taken in (spool.root / "processing").glob(f"*/{source.name}"):
         os.rename(taken, source)
     shutil.rmtree(spool.root.parent, ignore_errors=True)
-    return {"claim_to_answer_s": round(answered - settled, 3),
-            "post_to_answer_s": round(answered - post[0], 3) if post else None,
+    return {"drop_to_answer_s": round(answered - dropped, 3),
+            "claim_to_answer_s": round(answered - settled, 3),
             "drop_to_claim_s": round(settled - dropped, 3),
             "peak_rss_mib": round(exited.maxrss_kib / MIB, 1), "cpu_s": round(exited.cpu, 3),
             "sandbox": sandbox}
@@ -386,32 +382,6 @@ def _sandbox_figures(box: Sandbox, cpu0: int) -> dict[str, Any]:
             "cpu_s": round((cpu_ns(box.proc.pid) - cpu0) / 1e9, 3),
             "uploads": len(uploads),
             "received_at": uploads[0]["received_at"] if uploads else None}
-
-
-@contextmanager
-def _state_watch(processing: Path, state: str) -> Iterator[list[float]]:
-    """Note when a job record in ``processing`` first says ``state`` (polled every 5 ms):
-    the daemon saves "uploading" just before its POST."""
-    seen: list[float] = []
-    stop = threading.Event()
-
-    def look() -> None:
-        while not stop.is_set() and not seen:
-            for record in processing.glob("*/job.json"):
-                try:
-                    if json.loads(record.read_bytes()).get("state") == state:
-                        seen.append(time.time())
-                except (OSError, ValueError):
-                    pass
-            stop.wait(0.005)
-
-    thread = threading.Thread(target=look, daemon=True)
-    thread.start()
-    try:
-        yield seen
-    finally:
-        stop.set()
-        thread.join()
 
 
 # -- (f) idle ------------------------------------------------------------------------------
