@@ -43,7 +43,7 @@ class RowCounter:
         self._open_line_has_content = False
         self._head: bytes | None = b""  # the first bytes, until we know if they are a BOM
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes | bytearray) -> None:
         """Count the lines that end in ``chunk``."""
         if self._head is not None:
             self._head += chunk
@@ -62,7 +62,7 @@ class RowCounter:
             self._open_line_has_content = False
         return self.rows
 
-    def _scan(self, chunk: bytes) -> None:
+    def _scan(self, chunk: bytes | bytearray) -> None:
         last = chunk.rfind(b"\n")
         if last < 0:
             self._open_line_has_content |= _CONTENT.search(chunk) is not None
@@ -105,7 +105,7 @@ class Inspection:
         self._problem: str | None = None
         self._text_seen = False
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes | bytearray) -> None:
         self._digest.update(chunk)
         self.size += len(chunk)
         self._rows.feed(chunk)
@@ -123,10 +123,12 @@ class Inspection:
         return FileFacts(self._digest.hexdigest(), self.size, self._rows.finish(), problem)
 
 
-def _text_problem(chunk: bytes, decoder: codecs.IncrementalDecoder, *,
+def _text_problem(chunk: bytes | bytearray, decoder: codecs.IncrementalDecoder, *,
                   final: bool = False) -> str | None:
     if b"\0" in chunk:
         return "the file is binary (it contains NUL bytes), not CSV text"
+    if chunk.isascii() and not decoder.getstate()[0]:
+        return None  # valid UTF-8 as it is: no decoded copy is made
     try:
         decoder.decode(chunk, final=final)
     except UnicodeDecodeError:
