@@ -385,3 +385,43 @@ async def test_a_submit_whose_answers_were_lost_keeps_the_content_taken(
     await run_once(config)
     assert len(sandbox.uploads()) == sent
     assert records(root, "failed")["again.csv"]["reason"] == "duplicate"
+
+
+async def test_a_submit_whose_file_changes_before_a_resend_keeps_the_content_taken(
+        tmp_path: Path, start_sandbox: StartSandbox, sandbox_settings: SandboxSettings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first POST's answer is lost and the lookups do not see it (IPQS's list lags);
+    before the re-send the file changes, so submit stops. The first POST may still show up
+    at IPQS: its marker must stay, and a later drop of that content must not be paid."""
+    sandbox = await start_sandbox(sandbox_settings)
+    faults = sandbox.state.faults
+    faults.lost_answer_rate, faults.operations = 1.0, frozenset({"upload"})
+    mine = tmp_path / "mine.csv"
+    original = emails(5)
+    mine.write_bytes(original)
+
+    async def find(self: IpqsClient, *args: Any, **kwargs: Any) -> None:
+        mine.write_bytes(original + b"late@example.com\n")  # written to meanwhile
+        return None  # not in the list (yet)
+
+    monkeypatch.setattr(IpqsClient, "find", find)
+    for name in list(os.environ):
+        if name == "IPQS_API_KEY" or name.startswith("IPQS_BULKD_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setattr("daemon.cli.configure", lambda *args, **kwargs: None)
+    root = tmp_path / "spool"
+    config = daemon_config(root, sandbox.api_base, spool={"types": ("email",)})
+    path = write_config_file(tmp_path / "config.toml", config)
+    code = await asyncio.to_thread(
+        main, ["submit", str(mine), "--type", "email", "--config", str(path),
+               "--timeout", "30"])
+    assert code != 0
+    assert len(sandbox.uploads()) == 1
+    monkeypatch.undo()
+    [marker] = (root / "markers").iterdir()
+    assert json.loads(marker.read_text())["sending"] is True
+    faults.lost_answer_rate = 0.0
+    drop(root, "email", "again.csv", original)
+    await run_once(config)
+    assert len(sandbox.uploads()) == 1
+    assert records(root, "failed")["again.csv"]["reason"] == "duplicate"

@@ -269,14 +269,21 @@ class Submission(Hooks):
             answer = await talk.send(self.job, path=payload.path, url=payload.url,
                                      check=self._unchanged, max_sends=MAX_SENDS)
         except RejectedError as exc:
-            if not exc.maybe_sent:  # IPQS surely has no job: the refusal answered our POST
+            # IPQS surely has no job: the refusal answered our POST, and no earlier one was
+            # sent (a lost answer that no lookup found may still show up at IPQS).
+            if not exc.maybe_sent and self.job.uploads <= 1:
                 await self._not_sent(purse)
             raise failure(exc, f"{shown(payload.source)} not accepted", self.timeout) from None
-        except CommandError:  # the file changed: nothing went
-            await self._not_sent(purse)
+        except CommandError as exc:  # the file changed: nothing more went
+            if self.job.uploads == 0:  # nor before
+                await self._not_sent(purse)
+            else:  # an earlier POST whose answer was lost may yet show up at IPQS
+                exc.message += (f"; an earlier upload may be at IPQS as file_name "
+                                f"{shown(self.job.file_name)}, so the content stays marked "
+                                "as taken")
             raise
         except IpqsError as exc:
-            if not (self.maybe_sent or exc.maybe_sent):
+            if not (self.maybe_sent or exc.maybe_sent or self.job.uploads > 1):
                 await self._not_sent(purse)
                 raise failure(exc, f"{shown(payload.source)} not sent", self.timeout) from None
             line = failure(exc, f"{shown(payload.source)}: the upload's answer was lost",
