@@ -689,7 +689,9 @@ def test_jobs_pages_through_the_list_api(config: Path, sandbox: Sandbox,
     assert lines[0].split() == ["ID", "FILE_NAME", "TYPE", "STATUS", "INVALID"]
     assert len(lines) == 1 + 50 + 2
     assert lines[1].split()[1:4] == ["phone-002", "phone", "FINISHED"]
-    assert lines[-2:] == ["page 1 of 2 (55 jobs)", "next: ipqs-bulkd jobs --page 2"]
+    # The next page of the same account: the command to paste names the config given.
+    assert lines[-2:] == ["page 1 of 2 (55 jobs)",
+                          f"next: ipqs-bulkd jobs --config {config} --page 2"]
 
     second = cli(capsys, "jobs", "--page", "2", "--json", "--config", config)
     page = json.loads(second.out)

@@ -10,7 +10,9 @@ import argparse
 import asyncio
 import functools
 import json
+import shlex
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from daemon import ALL_TYPES
@@ -76,7 +78,7 @@ def run(ns: argparse.Namespace, config: Config, console: Console) -> int:
     if ns.json:
         console.line(json.dumps(as_json(page), indent=2))
     else:
-        render(page, ns.type, console)
+        render(page, ns.type, console, config=getattr(ns, "config", None))
     return EXIT_OK
 
 
@@ -97,7 +99,8 @@ def as_json(page: CsvPage) -> dict[str, Any]:
                       "invalid_records": j.invalid_records} for j in page.csvs]}
 
 
-def render(page: CsvPage, file_type: str | None, console: Console) -> None:
+def render(page: CsvPage, file_type: str | None, console: Console, *,
+           config: Path | None = None) -> None:
     if not page.csvs and not page.total_csvs:  # not "page 1 of 0"
         console.line(f"no jobs{f' of type {file_type}' if file_type else ''} at IPQS yet")
         return
@@ -112,4 +115,6 @@ def render(page: CsvPage, file_type: str | None, console: Console) -> None:
                  f"{f' of type {file_type}' if file_type else ''})")
     if page.page < page.total_pages:
         more = f" --type {file_type}" if file_type else ""
+        if config is not None:  # the same account's next page
+            more += f" --config {shlex.quote(str(config))}"
         console.line(f"next: ipqs-bulkd jobs{more} --page {page.page + 1}")
