@@ -208,6 +208,13 @@ async def wait_for(predicate: Callable[[], bool], *, timeout: float = 30.0,
         await asyncio.sleep(0.02)
 
 
+def job_state(root: Path) -> str | None:
+    """The state in the record of the (first) job in ``root``'s processing/, if any."""
+    for record in (root / "processing").glob("*/job.json"):
+        return str(json.loads(record.read_text()).get("state"))
+    return None
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -20,6 +20,7 @@ from tests.support import (
     daemon_config,
     drop,
     emails,
+    job_state,
     quick_settings,
     running,
     sandbox_server,
@@ -31,11 +32,6 @@ from tests.support import (
 needs_unshare = pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
                                    reason="needs unshare --pid (root)")
 
-
-def _state(root: Path) -> str | None:
-    for record in (root / "processing").glob("*/job.json"):
-        return str(json.loads(record.read_text()).get("state"))
-    return None
 
 
 def _received(incoming: Path) -> int:
@@ -72,7 +68,7 @@ async def test_a_daemon_frozen_mid_upload_is_replaced_and_ipqs_gets_one_job(
             drop(root, "email", "big.csv", data)
             incoming = sandbox.state.incoming_path().parent
             # (A's record says "claimed" until the last chunk: the body is the one read.)
-            await wait_for(lambda: _state(root) == "claimed"
+            await wait_for(lambda: job_state(root) == "claimed"
                            and _received(incoming) > 8_000_000, timeout=60,
                            what="A half-way through the body")
             os.killpg(a.pid, signal.SIGSTOP)

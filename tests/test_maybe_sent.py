@@ -341,6 +341,14 @@ def test_an_unsent_marker_lives_while_its_daemon_does(tmp_path: Path) -> None:
         assert spool.marks.stale(mark, 86400) is stale
 
 
+def _bare_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command line as a user runs it: configured by --config alone, logging untouched."""
+    for name in list(os.environ):
+        if name == "IPQS_API_KEY" or name.startswith("IPQS_BULKD_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setattr("daemon.cli.configure", lambda *args, **kwargs: None)
+
+
 def _reaped_pid() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
@@ -362,10 +370,7 @@ async def test_a_submit_whose_answers_were_lost_keeps_the_content_taken(
         raise TransientError("list: connection lost", cause="dropped")
 
     monkeypatch.setattr(IpqsClient, "find", find)
-    for name in list(os.environ):
-        if name == "IPQS_API_KEY" or name.startswith("IPQS_BULKD_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setattr("daemon.cli.configure", lambda *args, **kwargs: None)
+    _bare_cli(monkeypatch)
     root = tmp_path / "spool"
     config = daemon_config(root, sandbox.api_base, spool={"types": ("email",)})
     mine = tmp_path / "mine.csv"
@@ -405,10 +410,7 @@ async def test_a_submit_whose_file_changes_before_a_resend_keeps_the_content_tak
         return None  # not in the list (yet)
 
     monkeypatch.setattr(IpqsClient, "find", find)
-    for name in list(os.environ):
-        if name == "IPQS_API_KEY" or name.startswith("IPQS_BULKD_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setattr("daemon.cli.configure", lambda *args, **kwargs: None)
+    _bare_cli(monkeypatch)
     root = tmp_path / "spool"
     config = daemon_config(root, sandbox.api_base, spool={"types": ("email",)})
     path = write_config_file(tmp_path / "config.toml", config)

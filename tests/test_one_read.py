@@ -19,6 +19,7 @@ from tests.support import (
     daemon_config,
     drop,
     emails,
+    job_state,
     quick_settings,
     records,
     run_once,
@@ -130,11 +131,6 @@ async def test_a_daily_budget_spent_at_the_last_chunk_sends_the_file_back(
     assert list((root / "processing").glob("[!.]*")) == []  # no job left behind
 
 
-def _state(root: Path) -> str | None:
-    for record in (root / "processing").glob("*/job.json"):
-        return str(json.loads(record.read_text()).get("state"))
-    return None
-
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
@@ -156,7 +152,7 @@ async def test_a_daemon_killed_mid_body_sends_the_file_once_without_a_lookup(
                                        for p in incoming.glob("*.part")),
                            timeout=60, what="the body under way")
             # Until the last chunk, nothing of it can be a job at IPQS: the record says so.
-            assert _state(root) == "claimed"
+            assert job_state(root) == "claimed"
             first.send_signal(signal.SIGKILL)
             await first.wait()
         await wait_for(lambda: not list(incoming.glob("*.part")), what="the cut body dropped")
