@@ -79,11 +79,13 @@ class CreditGuard:
         """Whether the balance is known, so admissions are checked against it."""
         return self.balance is not None
 
-    async def admit(self, rows: int | None) -> Admission:
+    async def admit(self, rows: int | None, *, refresh: bool = True) -> Admission:
         """May an upload of ``rows`` start? If so its rows are held until
-        :meth:`accepted` or :meth:`released`. Unknown rows (a ``.url`` file) count as 1."""
+        :meth:`accepted` or :meth:`released`. Unknown rows (a ``.url`` file) count as 1.
+        ``refresh=False``: by the balance as last read, even if a read is due."""
         need = 1 if rows is None else rows
-        await self._refresh_if_due()
+        if refresh:
+            await self._refresh_if_due()
         if self.balance is None:
             return ALLOW
         if self.balance - self.held - need >= self._reserve:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from daemon.api import InputChangedError
 from daemon.claims import ClaimTrouble, Unreadable
 from daemon.credits import Admission
 from daemon.errors import (
@@ -296,8 +297,8 @@ class Uploader:
     async def _json_problem(self, job: Job) -> str | None:
         limit = self.pipe.config.upload.json_max_bytes
         if (job.bytes or 0) > limit:
-            # A JSON body is built in memory: large files go as a streamed multipart (the
-            # file was read for its facts already, so the body is not read for them again).
+            # A JSON body is built in memory: large files go as a streamed multipart (read
+            # for its facts already: its body is then a second read).
             log.info("json_too_large_using_multipart", bytes=job.bytes, limit=limit)
             job.method = "multipart"
             return None
@@ -341,7 +342,7 @@ class Uploader:
         except Orphaned as exc:
             await self._orphaned(job, exc)
             raise _Stop from None
-        except _InputChanged:
+        except (_InputChanged, InputChangedError):
             if job.uploads == 0:  # never sent: a re-drop of the content may go through
                 await asyncio.to_thread(pipe.spool.unmark, job)
             await pipe.finish(job, "failed", "invalid-input",
@@ -403,16 +404,30 @@ class Uploader:
             log.warning("job_taken_over", owner_now="another daemon")
             raise _Stop
         # Last, before every POST (a re-send after "absent" too; a hold is kept until the
-        # answer): what it admits is held until the answer. A file read as it goes out is
-        # admitted before its last chunk; here only whether one row would fit.
-        if job.sha256 is None:
+        # answer): what it admits is held until the answer.
+        await self._money_before_post(job)
+
+    async def _money_before_post(self, job: Job) -> None:
+        """Admit ``job``, or make it wait for money (raising _Stop). A file read as it goes
+        out is admitted before its last chunk instead; here only whether a row would fit."""
+        pipe = self.pipe
+        if job.state == JobState.CLAIMED and job.method == "multipart":
+            # Read as it goes out, and admitted before its last chunk (as the conversation
+            # decides, by the same rule): here only whether a row would fit.
             if await pipe.purse.fits(job.type, 1):
                 return
-            # Not even a row would fit: it waits. Read it now, so that what it waits for
-            # is told in its own rows.
-            if not await self._inspect(job, read=True):
+            # Not even a row would fit. Read it now, so that what it waits for is told in
+            # its own rows (and a file over the cap fails now, not after its body).
+            if job.sha256 is None and not await self._inspect(job, read=True):
                 raise _Stop
-            await self._wait_for_money(job, await pipe.purse.would_admit(job.type, job.rows))
+            too_large = pipe.purse.too_large(job.rows)
+            if too_large is not None:
+                await self._fail_too_large(job, too_large)
+                raise _Stop
+            admission = await pipe.purse.would_admit(job.type, job.rows)
+            if admission.allowed:
+                return  # money came meanwhile
+            await self._wait_for_money(job, admission)
         admission = await pipe.purse.admit(job)
         if not admission.allowed:
             await self._wait_for_money(job, admission)
@@ -437,7 +452,9 @@ class Uploader:
         too_large = pipe.purse.too_large(job.rows)
         if too_large is not None:
             raise _TooLarge(too_large)
-        admission = await pipe.purse.admit(job)
+        # The balance as last read (less what was spent since): no read over the network
+        # while a body waits on a connection of its own (see fits(), before the POST).
+        admission = await pipe.purse.admit(job, fresh=False)
         if not admission.allowed:
             raise _WaitsForMoney(admission)
         marked = False

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tenacity import RetryCallState
 
-from daemon.api import CsvJob, IpqsClient, make_client
+from daemon.api import CsvJob, InputChangedError, IpqsClient, make_client
 from daemon.errors import AccountError, LostAnswerError, RejectedError, TransientError
 from daemon.retry import backoff, retrying
 from tests.support import FAKE_KEY, Sandbox, emails, sha256, wait_for
@@ -663,3 +663,33 @@ async def test_the_sandbox_makes_no_job_of_a_body_cut_short(sandbox: Sandbox,
                    what="received files cleared")
     assert [job.file_name for job in sandbox.state.jobs.values()] == ["whole"]
     assert [u["file_name"] for u in sandbox.uploads()] == ["whole"]
+
+
+async def test_a_write_while_the_fence_runs_stops_the_body(
+        client: IpqsClient, sandbox: Sandbox, tmp_path: Path) -> None:
+    # The checks before the last chunk may take a while (money, the marker, a save): a
+    # producer that writes meanwhile must not have the old bytes billed as the file.
+    path = tmp_path / "growing.csv"
+    path.write_bytes(emails(100_000))
+
+    async def fence() -> None:
+        with path.open("ab") as fh:
+            fh.write(b"late@example.com\n")
+
+    with pytest.raises(TransientError) as caught:  # nothing whole went: safe to retry
+        await client.upload_file("email", path, "growing", before_last=fence)
+    assert not isinstance(caught.value, LostAnswerError)
+    await wait_for(lambda: not list(sandbox.state.incoming_path().parent.glob("*")),
+                   what="the partial body removed")
+    assert sandbox.uploads() == [] and sandbox.state.jobs == {}
+
+
+async def test_a_file_no_longer_as_claimed_is_not_sent_at_all(
+        client: IpqsClient, sandbox: Sandbox, tmp_path: Path) -> None:
+    path = tmp_path / "claimed.csv"
+    path.write_bytes(emails(10))
+    st = path.stat()
+    path.write_bytes(emails(11))  # changed after its size and mtime were taken
+    with pytest.raises(InputChangedError):
+        await client.upload_file("email", path, "claimed", expect=(st.st_size, st.st_mtime_ns))
+    assert sandbox.state.stats.requests.get("upload", 0) == 0

@@ -179,3 +179,16 @@ async def test_the_guard_goes_off_when_the_sandbox_has_no_account_api(sandbox: S
     assert not credits.guarding
     assert [e["event"] for e in logs] == ["credit_guard_off"]
     assert FAKE_KEY not in repr(logs)
+
+
+async def test_an_admission_by_the_last_read_reads_nothing_even_when_a_read_is_due() -> None:
+    # Before a body's last chunk: no request over the network while the body holds a
+    # connection of its own (a full pool would time the read out and switch the guard off).
+    clock, balances = Clock(), Balances(100, 50)
+    credits = guard(balances, clock)
+    assert (await credits.admit(10)).allowed and balances.reads == 1
+    clock.now += 301  # a read is due
+    assert (await credits.admit(20, refresh=False)).allowed and balances.reads == 1
+    assert not (await credits.admit(71, refresh=False)).allowed  # 100 - 30 held < 71
+    assert balances.reads == 1
+    assert (await credits.admit(1)).allowed and balances.reads == 2

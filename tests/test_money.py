@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 
 from daemon.commands.status import probe
 from daemon.config import Config, HealthConfig
+from daemon.credits import CreditGuard
 from daemon.job.money import Purse
 from daemon.sandbox import SandboxSettings
 from daemon.sandbox.account import UNLIMITED_CREDITS
@@ -424,3 +425,29 @@ async def test_a_type_over_its_budget_waits_while_others_go(tmp_path: Path) -> N
     assert (await purse.admit(phones)).allowed  # no phone budget: it goes...
     assert purse.reason is not None and "daily email budget: 10 of 10" in purse.reason
     assert purse.rows_left(["email", "phone"]) == {"email": 0}  # ...and email still waits
+
+
+async def test_an_admission_interrupted_half_way_gives_its_rows_back(tmp_path: Path) -> None:
+    # Cancelled while the balance is read (a body cut off before its last chunk): the rows
+    # it had reserved in the ledger must not stay counted against today's budget.
+    reading = asyncio.Event()
+
+    async def slow_balance() -> int:
+        reading.set()
+        await asyncio.sleep(3600)
+        return 10**6
+
+    ledger = Ledger(tmp_path, Limits(per_day=1500))
+    purse = Purse(ledger=ledger, guard=CreditGuard(slow_balance))
+    job = Job(job="j", type="email", source="a.csv", file_name="a", method="multipart",
+              rows=1000)
+    admitting = asyncio.create_task(purse.admit(job))
+    await asyncio.wait_for(reading.wait(), timeout=10)
+    assert ledger.used(purse.today()) == {"email": 1000}  # reserved, the read under way
+    admitting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await admitting
+    assert ledger.used(purse.today()) == {}
+    purse.guard = None  # the balance no longer asked: the day's 1500 are all there again
+    assert (await purse.admit(job)).allowed
+    assert ledger.used(purse.today()) == {"email": 1000}

@@ -68,10 +68,15 @@ class UploadFile(aiohttp.payload.Payload):
     def __init__(self, path: Path, progress: Callable[[int], None] | None,
                  before_last: BeforeLast | None = None, *,
                  inspection: Inspection | None = None,
+                 expect: tuple[int | None, int | None] | None = None,
                  content_type: str = "text/csv") -> None:
         # Opened on the loop (a quick syscall): a cancelled thread could leak the handle.
         self._fd = _open_regular(path)
         st = os.fstat(self._fd)
+        if expect is not None and (st.st_size, st.st_mtime_ns) != expect:
+            # Not the file that was claimed (its size and mtime then): nothing goes.
+            os.close(self._fd)
+            raise InputChangedError(errno.ESTALE, "the file changed after it was claimed")
         super().__init__(path, content_type=content_type)
         self._size = st.st_size
         self._mtime_ns = st.st_mtime_ns
@@ -80,12 +85,14 @@ class UploadFile(aiohttp.payload.Payload):
         self._inspection = inspection
         self.sent = 0
         self._read = 0
+        self._last_handed = False
         self.on_finished: Callable[[], None] | None = None
         self.stopped: BodyStopped | None = None
 
     @property
     def finished(self) -> bool:
-        return self.sent >= (self._size or 0)
+        """The last chunk was handed to the socket: IPQS may have the whole file."""
+        return self._last_handed
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         raise TypeError("an upload body is streamed, never decoded whole")
@@ -103,26 +110,37 @@ class UploadFile(aiohttp.payload.Payload):
             # allocates nothing, so no thread's malloc arena grows with the body.
             chunk = bytearray(min(_CHUNK, size - self._read))
             await asyncio.to_thread(self._fill, chunk)
-            if self._read >= size:
+            last = self._read >= size
+            if last:
                 await self._fence()
+                # The fence may have taken a while (money, the marker, a save): the file
+                # must still be the one read, or IPQS would get its old bytes.
+                self._check_unchanged()
+                self._last_handed = True
             if chunk:
                 await writer.write(chunk)
                 self._went(len(chunk))
-            if self._read >= size:
+            if last:
+                if self.on_finished is not None:
+                    self.on_finished()
+                    self.on_finished = None
                 return
 
     def _fill(self, chunk: bytearray) -> None:
         """Read the next chunk into ``chunk`` (in a worker thread): checked unchanged, fed
         to the inspection."""
-        st = os.fstat(self._fd)
-        if (st.st_size, st.st_mtime_ns) != (self._size, self._mtime_ns):
-            # Someone writes to it: stop before IPQS gets a mix of old and new bytes.
-            raise InputChangedError(errno.ESTALE, "the file changed while it was being sent")
+        self._check_unchanged()
         if chunk and os.preadv(self._fd, [chunk], self._read) != len(chunk):
             raise InputChangedError(errno.ESTALE, "the file ended early while it was sent")
         self._read += len(chunk)
         if self._inspection is not None:
             self._inspection.feed(chunk)
+
+    def _check_unchanged(self) -> None:
+        st = os.fstat(self._fd)
+        if (st.st_size, st.st_mtime_ns) != (self._size, self._mtime_ns):
+            # Someone writes to it: stop before IPQS gets a mix of old and new bytes.
+            raise InputChangedError(errno.ESTALE, "the file changed while it was being sent")
 
     async def _fence(self) -> None:
         if self._before_last is None or self.stopped is not None:
@@ -138,9 +156,6 @@ class UploadFile(aiohttp.payload.Payload):
         self.sent += n
         if self._progress is not None:
             self._progress(n)
-        if self.finished and self.on_finished is not None:
-            self.on_finished()
-            self.on_finished = None
 
     def _close(self) -> None:
         if self._fd >= 0:

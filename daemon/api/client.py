@@ -170,17 +170,20 @@ class IpqsClient:
         progress: Callable[[int], None] | None = None,
         before_last: BeforeLast | None = None,
         inspection: Inspection | None = None,
+        expect: tuple[int | None, int | None] | None = None,
     ) -> CsvJob:
         """Upload ``path`` as multipart/form-data, streamed, with Content-Length.
 
         A write to the file while it is sent aborts the upload (the body is then
         incomplete, so IPQS creates nothing): the caller re-checks the file. So does an
         exception from ``before_last``, which is raised here again, unwrapped. Every byte
-        sent is fed to ``inspection`` (if given), before ``before_last`` is awaited.
+        sent is fed to ``inspection`` (if given), before ``before_last`` is awaited. With
+        ``expect`` (size, mtime_ns), a file that is no longer so is not sent at all
+        (:class:`InputChangedError`).
         """
         params = {"file_name": file_name}
         url = self._upload_target(file_type, params)
-        body = UploadFile(path, progress, before_last, inspection=inspection)
+        body = UploadFile(path, progress, before_last, inspection=inspection, expect=expect)
         try:
             form = aiohttp.FormData()
             form.add_field("file", body, filename=file_name + ".csv")

@@ -12,13 +12,13 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from daemon.commands.common import EXIT_DUPLICATE, EXIT_USAGE, CommandError, Console
+from daemon.commands.common import EXIT_DUPLICATE, EXIT_FAILED, EXIT_USAGE, CommandError, Console
 from daemon.config import Config
 from daemon.job.conversation import Conversation
 from daemon.job.duplicates import take_marker
 from daemon.shown import shown
 from daemon.spool import Job, Spool
-from daemon.spool.markers import SUBMIT
+from daemon.spool.markers import SUBMIT, MarkerContendedError
 
 
 class DuplicateGuard:
@@ -79,6 +79,10 @@ class DuplicateGuard:
             return
         try:
             earlier = await take_marker(self.spool, talk, job, self.window, holder=SUBMIT)
+        except MarkerContendedError:
+            raise CommandError(EXIT_FAILED, f"{shown(job.source)} not sent: its duplicate "
+                               "marker kept changing while it was taken (other daemons or "
+                               "submits at work on the same content); try again") from None
         except OSError as exc:
             raise _unusable(self.spool, exc) from None
         if earlier is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import functools
 import time
@@ -244,29 +245,44 @@ class Conversation:
             return await self.caller.call("upload", attempt, retry_lost_answers=False)
 
     async def _uploading(self, job: Job) -> None:
-        """Save ``uploading``: from here on a whole body may reach IPQS."""
-        advance(job, JobState.UPLOADING)
-        job.upload_started_at = utcnow()
-        job.floor_id = self.newest_id
-        job.uploads += 1
-        await self.save(job)
+        """Save ``uploading``: from here on a whole body may reach IPQS. Saved first, then
+        taken on by ``job``: an interrupted save leaves the job as it was."""
+        after = dataclasses.replace(job, upload_started_at=utcnow(), floor_id=self.newest_id,
+                                    uploads=job.uploads + 1)
+        advance(after, JobState.UPLOADING)
+        await self.save(after)
+        job.state, job.upload_started_at = after.state, after.upload_started_at
+        job.floor_id, job.uploads = after.floor_id, after.uploads
+
+    async def _settle(self, job: Job, inspection: Inspection, inspected: Inspected | None,
+                      fence: Fence | None) -> None:
+        """A body read whole, before its last chunk: its facts set, the caller's checks,
+        ``uploading`` saved; the job's ownership checked before each step that writes."""
+        if fence is not None:
+            await asyncio.to_thread(fence, job)
+        _learn(job, inspection)
+        if inspected is not None:
+            await inspected(job)
+        if fence is not None:  # never save over a new owner's record
+            await asyncio.to_thread(fence, job)
+        await self._uploading(job)
 
     async def _post(self, job: Job, path: Path | None, url: str | None,
                     fence: Fence | None = None, inspected: Inspected | None = None) -> CsvJob:
         client, hooks = self.client, self.hooks
         inspection = Inspection() if _read_as_sent(job, inspected) else None
+        settling: asyncio.Task[None] | None = None
 
         async def before_last() -> None:
+            nonlocal settling
             if inspection is not None:
                 # Read whole now: its facts are known, and until the last chunk goes
-                # nothing of it can be a job at IPQS, so ``uploading`` is saved only now
-                # (and only while the job is still ours: never over a new owner's record).
-                if fence is not None:
-                    await asyncio.to_thread(fence, job)
-                _learn(job, inspection)
-                if inspected is not None:
-                    await inspected(job)
-                await self._uploading(job)
+                # nothing of it can be a job at IPQS, so ``uploading`` is saved only now.
+                # Shielded: if the body is cancelled meanwhile (an early answer, a dropped
+                # connection), the checks still finish, or undo what they took.
+                settling = asyncio.ensure_future(
+                    self._settle(job, inspection, inspected, fence))
+                await asyncio.shield(settling)
             if fence is not None:
                 await asyncio.to_thread(fence, job)
 
@@ -288,12 +304,20 @@ class Conversation:
         else:
             hooks.sending(job, None)
             hooks.upload_started(job.source, job.bytes or 0)
+            expect = None if inspection is None else (job.bytes, job.mtime_ns)
             try:
                 with hooks.timed("upload"):
                     answer = await client.upload_file(job.type, path, job.file_name,
                                                       progress=hooks.upload_progress,
                                                       before_last=before_last,
-                                                      inspection=inspection)
+                                                      inspection=inspection, expect=expect)
+            except IpqsError:
+                # A body cut off while its checks ran: they end first (the next attempt
+                # must not race them), and a verdict of theirs wins over the cut.
+                verdict = await _outcome(settling)
+                if verdict is not None:
+                    raise verdict from None
+                raise
             finally:
                 hooks.upload_ended()
         hooks.sent(job)
@@ -519,6 +543,15 @@ class Conversation:
             log.info("results_downloaded", set=name, bytes=saved.bytes, lines=saved.lines)
             return answer, saved.bytes
         raise AssertionError("unreachable: the loop returns or raises")
+
+
+async def _outcome(task: asyncio.Task[None] | None) -> BaseException | None:
+    """Wait for ``task`` (if any) to end (a cancelled waiter leaves it running); its
+    exception, if it raised one."""
+    if task is None:
+        return None
+    await asyncio.wait([task])
+    return None if task.cancelled() else task.exception()
 
 
 def _read_as_sent(job: Job, inspected: Inspected | None) -> bool:

@@ -86,26 +86,35 @@ class Purse:
             return None
         return f"the file has {rows} rows, over budget.max_rows_per_file = {self.cap}"
 
-    async def admit(self, job: Job) -> Admission:
+    async def admit(self, job: Job, *, fresh: bool = True) -> Admission:
         """May ``job`` be sent now? If so, its rows are held (in the ledger and against the
-        balance) until :meth:`accepted` or :meth:`released`."""
+        balance) until :meth:`accepted` or :meth:`released`. ``fresh=False``: judged by
+        the balance as last read (and debited since), without reading it again.
+
+        Refused or interrupted (cancelled) half-way, it gives back what it had taken."""
         if job.job in self._held:
             return ALLOW
         day = self.today()
-        if self.ledger is not None:
-            if not await asyncio.to_thread(self.ledger.reserve, job.job, job.type,
-                                           job.rows or 0, day):
-                return await self._over_budget(job.type, job.rows, day)
-            await self._read_used(day)
-        if self.guard is not None:
-            admission = await self.guard.admit(job.rows)
-            if not admission.allowed:
-                if self.ledger is not None:
-                    await asyncio.to_thread(self.ledger.release, job.job, day)
-                    await self._read_used(day)
-                return admission
+        ledger, reserved, admission = self.ledger, False, None
+        try:
+            if ledger is not None:
+                reserved = await asyncio.to_thread(ledger.reserve, job.job, job.type,
+                                                   job.rows or 0, day)
+                if not reserved:
+                    return await self._over_budget(job.type, job.rows, day)
+            admission = ALLOW if self.guard is None else await self.guard.admit(
+                job.rows, refresh=fresh)
+        finally:
+            if ledger is not None and reserved and not (admission and admission.allowed):
+                await asyncio.shield(asyncio.to_thread(ledger.release, job.job, day))
+        if not admission.allowed:
+            if ledger is not None:
+                await self._read_used(day)
+            return admission
         self._held[job.job] = _Held(job.rows, day)
         self._budget_wait.pop(job.type, None)
+        if ledger is not None:
+            await self._read_used(day)
         return ALLOW
 
     async def would_admit(self, file_type: str, rows: int | None) -> Admission:

@@ -181,7 +181,7 @@ class Spool(Layout):
             if not stat.S_ISREG(before.st_mode):
                 raise NotRegularFileError(errno.EINVAL, "not a regular file", str(path))
             job.bytes = before.st_size
-            return None
+            return "the file is empty" if before.st_size == 0 else None
         facts = inspect_file(path)
         job.sha256, job.bytes, job.rows = facts.sha256, facts.bytes, facts.rows
         return facts.problem
