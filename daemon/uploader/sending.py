@@ -1,24 +1,24 @@
-"""Upload workers: claim a settled file, check it, send it to IPQS once, record the id.
+"""One claimed job, taken to ``submitted`` (or to failed/, or back to its inbox).
 
-The rule that keeps users from paying twice: the job is saved as ``uploading`` before any
-POST, and an upload whose answer may have been lost (:class:`LostAnswerError`, or a restart
-after ``uploading`` was saved) is looked up through the list API by its unique
+The rule that keeps users from paying twice: the job is saved as ``uploading`` before a
+whole body can reach IPQS (before the POST, or, for a file read as it goes out, before its
+last chunk), and an upload whose answer may have been lost (:class:`LostAnswerError`, or a
+restart after ``uploading`` was saved) is looked up through the list API by its unique
 ``file_name`` before anything is sent again. Only "surely absent" (two lookups, some
-seconds apart) allows a new POST.
+seconds apart) allows a new POST. The checks themselves live in the job layer
+(:mod:`daemon.job.conversation`, :mod:`daemon.job.gate`, :mod:`daemon.job.money`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import functools
 from contextlib import AbstractAsyncContextManager
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 
 from daemon.api import InputChangedError
-from daemon.claims import ClaimTrouble, Unreadable
 from daemon.credits import Admission
 from daemon.errors import (
     AccountError,
@@ -26,18 +26,21 @@ from daemon.errors import (
     RejectedError,
     TransientError,
 )
-from daemon.inputs import URL_SUFFIX, first_row_is_header, json_rows, url_file_problem
+from daemon.inputs import first_row_is_header, json_rows, url_file_problem
 from daemon.job.breaker import Permit
 from daemon.job.conversation import NotSendable, Orphaned
 from daemon.job.duplicates import take_marker
+from daemon.job.gate import Taken, TooLarge, WaitsForMoney, pass_last_chunk
 from daemon.job.state import JobState
 from daemon.pipeline import Pipeline
-from daemon.spool import Job, new_job_id
-from daemon.spool.fs import UnreadableFileError, readable
+from daemon.spool import Job
 from daemon.watcher import Candidate
 
 log = structlog.get_logger(__name__)
 
+#: Files sent back to their inbox to wait for money (budget, balance), by type and name:
+#: (size, mtime_ns, rows). Asked about again before they are claimed again.
+Waiting = dict[tuple[str, str], tuple[int | None, int | None, int | None]]
 
 
 class Tracker(Protocol):
@@ -46,153 +49,22 @@ class Tracker(Protocol):
     def track(self, job: Job) -> None: ...
 
 
-class Source(Protocol):
-    """Where settled files come from (the watcher): each one taken is released once."""
-
-    async def take(self) -> Candidate | None: ...
-
-    def release(self, path: Path) -> None: ...
-
-    def rescan_soon(self) -> None: ...
-
-
 class _Stop(Exception):
     """This job goes no further in this run (paused, taken over, or back in its inbox)."""
 
 
-class Uploader:
-    """``upload.concurrency`` workers taking settled files from the watcher."""
+class Sender:
+    """Takes one claimed (or resumed) job at a time through its checks and its upload."""
 
-    def __init__(self, pipe: Pipeline, source: Source, tracker: Tracker) -> None:
+    def __init__(self, pipe: Pipeline, tracker: Tracker, waiting: Waiting) -> None:
         self.pipe = pipe
-        self.source = source
         self.tracker = tracker
-        self.claim_failures = 0  # files left in their inbox because the claim failed
-        self.trouble = ClaimTrouble()
-        # Files sent back to their inbox to wait for money (budget, balance), by type and
-        # name: (size, mtime_ns, rows). Asked about again before they are claimed again.
-        self.waiting: dict[tuple[str, str], tuple[int | None, int | None, int | None]] = {}
-        self.unreadable = Unreadable(readable)
+        self.waiting = waiting
         # Workers and resumed jobs together never upload more than ``concurrency`` at once.
         # A slot is held for the POST only; with twice as many workers as slots, the next
         # files are claimed, hashed and marked meanwhile, so no slot waits for the disk.
         self._slots = asyncio.Semaphore(pipe.config.upload.concurrency)
-
-    async def run(self) -> None:
-        """Run the workers until the stop event is set."""
-        async with asyncio.TaskGroup() as group:
-            for n in range(2 * self.pipe.config.upload.concurrency):
-                group.create_task(self._worker(), name=f"upload-worker-{n}")
-            group.create_task(self.unreadable.run(self.pipe.stop, self.source.rescan_soon),
-                              name="unreadable-recheck")
-
-    async def _worker(self) -> None:
-        pipe = self.pipe
-        while not pipe.stop.is_set():
-            candidate = await self.source.take()
-            if candidate is None or not await self._handle(candidate):
-                return
-
-    async def _handle(self, candidate: Candidate) -> bool:
-        """Claim and process one candidate; False when the daemon is stopping."""
-        pipe = self.pipe
-        permit: Permit | None = None
-        try:
-            try:
-                # The file stays in its inbox until the breaker allows an upload.
-                permit = await pipe.breaker.acquire(pipe.stop)
-                job = await self._claim(candidate) if permit is not None else None
-            finally:
-                # The one release, whatever happened: claimed, gone, failed or stopping.
-                # From here on the watcher may look at a new file of that name.
-                self.source.release(candidate.path)
-            if job is not None and permit is not None:
-                self.unreadable.claimed(candidate.path)
-                await self.process(job, permit, candidate)
-        except UnreadableFileError as exc:
-            # Not bad input: a permission the producer (or the operator) can fix.
-            self.unreadable.held(candidate.path, exc.mode, exc.owner)
-            self.claim_failures += 1
-        except OSError as exc:
-            # A file that cannot be claimed (EACCES, EPERM...) stays in its inbox for a
-            # later look; it must never take the workers down with it.
-            self.trouble.say_once(candidate.path, exc)
-            self.claim_failures += 1
-        except Exception:
-            log.exception("claim_error", path=str(candidate.path))
-            self.claim_failures += 1
-        finally:
-            if permit is not None:
-                pipe.breaker.release(permit)  # no-op once a verdict was recorded
-        return permit is not None
-
-    async def _claim(self, candidate: Candidate) -> Job | None:
-        if not await self._may_claim(candidate):
-            return None  # it waits in its inbox, untouched
-        # Registered before its folder exists, so the recovery sweep never mistakes a
-        # claim under way for a job left behind.
-        job_id = new_job_id()
-        self.pipe.jobs.started(job_id)
-        try:
-            job = await self._claim_retrying(candidate, job_id)
-        except BaseException:
-            self.pipe.jobs.forget(job_id)
-            raise
-        if job is None:
-            self.pipe.jobs.forget(job_id)
-        return job
-
-    async def _claim_retrying(self, candidate: Candidate, job_id: str) -> Job | None:
-        """spool.claim, retried while the spool itself refuses claims (a full disk): the
-        file waits in its inbox meanwhile. None if the file is gone or the daemon stops."""
-        trouble = self.trouble
-        try:
-            while True:
-                try:
-                    job = await asyncio.to_thread(
-                        self.pipe.spool.claim, candidate.type, candidate.path,
-                        self._method(candidate.path), job_id)
-                except OSError as exc:
-                    if not trouble.spool_wide(exc):
-                        raise
-                    trouble.held(candidate.path, exc)
-                    if not await trouble.wait_retry(self.pipe.stop) or \
-                            not await asyncio.to_thread(os.path.lexists, candidate.path):
-                        return None  # stopping, or the file went meanwhile
-                    continue
-                trouble.claimed()
-                return job
-        finally:
-            trouble.released(candidate.path)
-
-    async def _may_claim(self, candidate: Candidate) -> bool:
-        """A file that waited for money is claimed again only once it would be admitted,
-        so a waiting file is not taken out of its inbox and hashed again and again."""
-        key = (candidate.type, candidate.path.name)
-        if key not in self.waiting:
-            return True
-        size, mtime_ns, rows = self.waiting[key]
-        if (size, mtime_ns) == (candidate.size, candidate.mtime_ns) and not (
-                await self.pipe.purse.would_admit(candidate.type, rows)).allowed:
-            return False
-        del self.waiting[key]
-        return True
-
-    async def forget_gone(self) -> None:
-        """Forget waiting files that are no longer in their inbox (someone took them)."""
-        keys = list(self.waiting)
-        inbox = self.pipe.spool.inbox
-        gone = await asyncio.to_thread(
-            lambda: [k for k in keys if not os.path.lexists(inbox(k[0]) / k[1])])
-        for key in gone:
-            self.waiting.pop(key, None)
-
-    def _method(self, path: Path) -> str:
-        if path.name.lower().endswith(URL_SUFFIX):
-            return "url"
-        return self.pipe.config.upload.method
-
-    # -- one job ---------------------------------------------------------------------------
+        self._window = pipe.config.upload.duplicate_window_hours * 3600
 
     async def process(self, job: Job, permit: Permit | None = None,
                       candidate: Candidate | None = None) -> None:
@@ -251,7 +123,7 @@ class Uploader:
         """Inspect (once), check the per-file cap and take the duplicate marker; False if
         the job ended here. A multipart file is only stat'ed here: its upload body is the
         one read of it, and the cap and the marker come just before its last chunk
-        (:meth:`_at_last_chunk`)."""
+        (:func:`daemon.job.gate.pass_last_chunk`)."""
         if job.sha256 is None and not await self._inspect(job):
             return False
         if job.sha256 is None:
@@ -309,9 +181,8 @@ class Uploader:
     async def _check_duplicate(self, job: Job) -> bool:
         """Take the content's duplicate marker; False if the job ended here as a duplicate."""
         pipe = self.pipe
-        window = pipe.config.upload.duplicate_window_hours * 3600
         # A marker that a submit left unresolved is looked up at IPQS first.
-        earlier = await take_marker(pipe.spool, pipe.talk, job, window)
+        earlier = await take_marker(pipe.spool, pipe.talk, job, self._window)
         if earlier is not None:
             job.id = None
             await pipe.finish(job, "failed", "duplicate",
@@ -335,8 +206,10 @@ class Uploader:
 
         try:
             await pipe.talk.send(job, path=pipe.spool.input_path(job), check=check, slot=slot,
-                                 fence=self._fence, inspected=self._at_last_chunk)
-        except (NotSendable, _TooLarge, _Taken, _WaitsForMoney) as exc:
+                                 fence=self._fence, inspected=functools.partial(
+                                     pass_last_chunk, pipe.purse, pipe.spool,
+                                     window_seconds=self._window))
+        except (NotSendable, TooLarge, Taken, WaitsForMoney) as exc:
             await self._stopped_before_end(job, exc, permit)
             return
         except Orphaned as exc:
@@ -442,44 +315,15 @@ class Uploader:
         log.warning("resend_waits_for_money", reason=admission.reason)
         raise _Stop  # stays in processing/: looked up and admitted again later
 
-    async def _at_last_chunk(self, job: Job) -> None:
-        """A file read as it went out, before its last chunk: its facts are on ``job`` now.
-        The per-file cap, then the money (held until the answer), then the duplicate marker
-        (taken, and marked ``sending``); the conversation then saves ``uploading``. Raising
-        stops the body, so IPQS gets no whole file; whatever was taken here is given back
-        first."""
-        pipe = self.pipe
-        too_large = pipe.purse.too_large(job.rows)
-        if too_large is not None:
-            raise _TooLarge(too_large)
-        # The balance as last read (less what was spent since): no read over the network
-        # while a body waits on a connection of its own (see fits(), before the POST).
-        admission = await pipe.purse.admit(job, fresh=False)
-        if not admission.allowed:
-            raise _WaitsForMoney(admission)
-        marked = False
-        try:
-            window = pipe.config.upload.duplicate_window_hours * 3600
-            earlier = await asyncio.to_thread(pipe.spool.mark, job, window)
-            if earlier is not None:
-                raise _Taken(earlier)
-            marked = True
-            await asyncio.to_thread(pipe.spool.update_mark, job, sending=True)
-        except BaseException:
-            if marked:  # the body stops: nothing of it reaches IPQS
-                await asyncio.to_thread(pipe.spool.unmark, job)
-            await pipe.purse.released(job)
-            raise
-
     async def _stopped_before_end(self, job: Job, exc: Exception, permit: Permit) -> None:
         """The body of a file read as it went out was stopped before its last chunk: IPQS
         got no whole file, and the job is still ``claimed``, its facts now known."""
         log.info("upload_body_stopped", reason=str(exc))
         if isinstance(exc, NotSendable):
             await self.pipe.finish(job, "failed", "invalid-input", str(exc))
-        elif isinstance(exc, _TooLarge):
+        elif isinstance(exc, TooLarge):
             await self._fail_too_large(job, str(exc))
-        elif isinstance(exc, _WaitsForMoney):
+        elif isinstance(exc, WaitsForMoney):
             await self._wait_for_money(job, exc.admission)
         elif await self._check_duplicate(job):
             # The marker was held, but its holder turned out to have sent nothing (a submit
@@ -518,23 +362,3 @@ class Uploader:
 
 class _InputChanged(Exception):
     """The input's size or mtime moved since it was inspected."""
-
-
-class _TooLarge(Exception):
-    """Over ``budget.max_rows_per_file`` (found before the body's last chunk)."""
-
-
-class _WaitsForMoney(Exception):
-    """Refused by a daily budget or the balance (found before the body's last chunk)."""
-
-    def __init__(self, admission: Admission) -> None:
-        super().__init__(admission.reason or "waiting for money")
-        self.admission = admission
-
-
-class _Taken(Exception):
-    """The content's duplicate marker is held (found before the body's last chunk)."""
-
-    def __init__(self, earlier: dict[str, Any]) -> None:
-        super().__init__(f"the same content is taken by job {earlier.get('job')}")
-        self.earlier = earlier
