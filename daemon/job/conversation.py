@@ -257,8 +257,9 @@ class Conversation:
     async def _settle(self, job: Job, inspection: Inspection, inspected: Inspected | None,
                       fence: Fence | None) -> None:
         """A body read whole, before its last chunk: its facts set, the caller's checks,
-        ``uploading`` saved once the job is seen to be still ours (never over a new
-        owner's record); the caller's fence runs again after the save."""
+        ``uploading`` saved; the job's ownership checked before each step that writes."""
+        if fence is not None:
+            await asyncio.to_thread(fence, job)
         _learn(job, inspection)
         if inspected is not None:
             await inspected(job)
