@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from daemon.inputs import FileFacts
-from daemon.spool import fs
+from daemon.spool import Job, Spool, fs
 from tests.support import (
     daemon_config,
     drop,
@@ -132,10 +132,37 @@ async def test_a_daily_budget_spent_at_the_last_chunk_sends_the_file_back(
 
 
 
+async def test_a_file_written_to_during_the_last_chunk_checks_is_not_sent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The producer writes again while the checks before the last chunk run (the marker is
+    # being set to "sending"): what was read is no longer the file, so nothing goes.
+    real = Spool.update_mark
+
+    def producer_writes_meanwhile(self: Spool, job: Job, *, sending: bool = False) -> None:
+        real(self, job, sending=sending)
+        if sending:
+            with self.input_path(job).open("ab") as fh:
+                fh.write(b"late@example.com\n")
+
+    monkeypatch.setattr(Spool, "update_mark", producer_writes_meanwhile)
+    async with sandbox_server(quick_settings(tmp_path)) as sandbox:
+        root = tmp_path / "spool"
+        drop(root, "email", "list.csv", emails(20_000))
+        assert await run_once(daemon_config(root, sandbox.api_base)) == 1  # it failed
+        assert sandbox.uploads() == []
+    failed = records(root, "failed")["list.csv"]
+    assert failed["reason"] == "invalid-input" and "changed" in failed["error"]
+    assert list((root / "markers").glob("*")) == []  # given back: nothing was sent
+    assert (root / "failed" / "email" / "list.csv").read_bytes().endswith(b"late@example.com\n")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("written_after", [False, True])
 async def test_a_daemon_killed_mid_body_sends_the_file_once_without_a_lookup(
-        tmp_path: Path) -> None:
+        tmp_path: Path, written_after: bool) -> None:
+    """Killed mid-body, the job is resumed as claimed and sent once; if its producer wrote
+    to it meanwhile, it is not the file claimed any more and is not sent at all."""
     settings = quick_settings(tmp_path)
     settings.faults.receive_kib_per_second = 8 * 1024  # a 24 MB body takes ~3 s
     data = emails(1_000_000)
@@ -157,18 +184,28 @@ async def test_a_daemon_killed_mid_body_sends_the_file_once_without_a_lookup(
             await first.wait()
         await wait_for(lambda: not list(incoming.glob("*.part")), what="the cut body dropped")
         assert sandbox.uploads() == []
+        if written_after:
+            [taken] = (root / "processing").glob("*/big.csv")
+            with taken.open("ab") as fh:
+                fh.write(b"late@example.com\n")
         second_log = tmp_path / "second.log"
         with second_log.open("wb") as err:
             second = await start_daemon(config, stderr=err)
+            outcome = "failed" if written_after else "done"
             try:
-                await wait_for(lambda: "big.csv" in records(root, "done"), timeout=90,
-                               what="the file done after the restart")
+                await wait_for(lambda: "big.csv" in records(root, outcome), timeout=90,
+                               what=f"the file {outcome} after the restart")
             finally:
                 second.send_signal(signal.SIGTERM)
                 await asyncio.wait_for(second.wait(), timeout=30)
-        assert [u["sha256"] for u in sandbox.uploads()] == [sha256(data)]
+        uploaded = [u["sha256"] for u in sandbox.uploads()]
     said = [json.loads(line)["event"] for line in second_log.read_text().splitlines()
             if line.startswith("{")]
     assert "job_resumed" in said
     assert "upload_not_found" not in said and "upload_adopted" not in said  # no lookup
-    assert records(root, "done")["big.csv"]["sha256"] == sha256(data)
+    if written_after:
+        assert uploaded == []
+        assert "changed after it was claimed" in records(root, "failed")["big.csv"]["error"]
+    else:
+        assert uploaded == [sha256(data)]
+        assert records(root, "done")["big.csv"]["sha256"] == sha256(data)

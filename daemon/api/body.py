@@ -115,7 +115,7 @@ class UploadFile(aiohttp.payload.Payload):
                 await self._fence()
                 # The fence may have taken a while (money, the marker, a save): the file
                 # must still be the one read, or IPQS would get its old bytes.
-                self._check_unchanged()
+                await asyncio.to_thread(self._check_unchanged)
                 self._last_handed = True
             if chunk:
                 await writer.write(chunk)
@@ -197,5 +197,5 @@ class FencedBytes(aiohttp.payload.Payload):
             except Exception as exc:
                 self.stopped = BodyStopped(exc)
                 raise self.stopped from None
+        self.finished = True  # handed over: from here IPQS may get it whole
         await writer.write(data[last:])
-        self.finished = True

@@ -282,6 +282,7 @@ class Conversation:
                 # connection), the checks still finish, or undo what they took.
                 settling = asyncio.ensure_future(
                     self._settle(job, inspection, inspected, fence))
+                settling.add_done_callback(_retrieve)
                 await asyncio.shield(settling)
             if fence is not None:
                 await asyncio.to_thread(fence, job)
@@ -543,6 +544,13 @@ class Conversation:
             log.info("results_downloaded", set=name, bytes=saved.bytes, lines=saved.lines)
             return answer, saved.bytes
         raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark ``task``'s exception as seen: the body it stopped, or :func:`_outcome`, acts on
+    it (at shutdown nobody may: the job is then resumed at the next start)."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _outcome(task: asyncio.Task[None] | None) -> BaseException | None:

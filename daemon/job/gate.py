@@ -3,9 +3,9 @@
 
 In this order, once its facts are known from the body itself: the per-file cap, the money
 (the daily budgets and the balance as last read, held until the answer), then the
-content's duplicate marker, taken and marked ``sending``. Each refusal is an exception
-that stops the body, so IPQS gets no whole file; whatever the gate took is given back
-first, also when it is interrupted.
+content's duplicate marker, taken and marked ``sending``; then the file must still be as
+claimed. Each refusal is an exception that stops the body, so IPQS gets no whole file;
+whatever the gate took is given back first, also when it is interrupted.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ class WaitsForMoney(Exception):
         self.admission = admission
 
 
+class Changed(Exception):
+    """The file changed (or went) while its body was read: what was read is not the file."""
+
+
 class Taken(Exception):
     """The content's duplicate marker is held by ``earlier`` (its marker)."""
 
@@ -39,8 +43,9 @@ class Taken(Exception):
 
 
 async def pass_last_chunk(purse: Purse, spool: Spool, job: Job, window_seconds: float) -> None:
-    """Let ``job``'s last chunk go, or raise :class:`TooLarge`, :class:`WaitsForMoney` or
-    :class:`Taken`. Taken again for the same job (a retried POST), it holds as before."""
+    """Let ``job``'s last chunk go, or raise :class:`TooLarge`, :class:`WaitsForMoney`,
+    :class:`Taken` or :class:`Changed`. Taken again for the same job (a retried POST), it
+    holds as before."""
     too_large = purse.too_large(job.rows)
     if too_large is not None:
         raise TooLarge(too_large)
@@ -56,6 +61,10 @@ async def pass_last_chunk(purse: Purse, spool: Spool, job: Job, window_seconds: 
             raise Taken(earlier)
         marked = True
         await asyncio.to_thread(spool.update_mark, job, sending=True)
+        # Last: the checks above may have taken a while, and what was read must still be
+        # the file as claimed (its size and mtime then), or nothing of it goes.
+        if await asyncio.to_thread(spool.changed, job):
+            raise Changed("the file changed while it was being sent")
     except BaseException:
         if marked:  # the body stops: nothing of it reaches IPQS
             await asyncio.to_thread(spool.unmark, job)

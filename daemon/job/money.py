@@ -17,6 +17,7 @@ accepts it (:meth:`Purse.accepted`). A day is the UTC calendar day of ``clock``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -95,26 +96,24 @@ class Purse:
         if job.job in self._held:
             return ALLOW
         day = self.today()
-        ledger, reserved, admission = self.ledger, False, None
+        ledger, admission = self.ledger, None
         try:
-            if ledger is not None:
-                reserved = await asyncio.to_thread(ledger.reserve, job.job, job.type,
-                                                   job.rows or 0, day)
-                if not reserved:
-                    return await self._over_budget(job.type, job.rows, day)
+            if ledger is not None and not await asyncio.to_thread(
+                    ledger.reserve, job.job, job.type, job.rows or 0, day):
+                return await self._over_budget(job.type, job.rows, day)
             admission = ALLOW if self.guard is None else await self.guard.admit(
                 job.rows, refresh=fresh)
         finally:
-            if ledger is not None and reserved and not (admission and admission.allowed):
+            if ledger is not None and not (admission and admission.allowed):
+                # Refused, or interrupted (even inside the reserve): give back whatever
+                # this job holds today (nothing, if the reserve never took).
                 await asyncio.shield(asyncio.to_thread(ledger.release, job.job, day))
         if not admission.allowed:
-            if ledger is not None:
-                await self._read_used(day)
+            await self._read_used_soon(day)
             return admission
         self._held[job.job] = _Held(job.rows, day)
         self._budget_wait.pop(job.type, None)
-        if ledger is not None:
-            await self._read_used(day)
+        await self._read_used_soon(day)
         return ALLOW
 
     async def would_admit(self, file_type: str, rows: int | None) -> Admission:
@@ -209,6 +208,13 @@ class Purse:
             if self._used_day is not None and self._used_day != today:  # a new day
                 await asyncio.to_thread(self.ledger.prune, today - KEEP_DAYS)
             await self._read_used(today)
+
+    async def _read_used_soon(self, day: date) -> None:
+        """Read today's rows for the gauges, if there is a ledger; a failed read is
+        left to the next one (it must not undo an admission)."""
+        if self.ledger is not None:
+            with contextlib.suppress(OSError):
+                await self._read_used(day)
 
     async def _read_used(self, day: date) -> None:
         assert self.ledger is not None

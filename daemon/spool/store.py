@@ -176,6 +176,10 @@ class Spool(Layout):
             return ("the file has other hard links and kept changing while it was copied: "
                     "drop a finished file")
         before = path.lstat()
+        if job.mtime_ns is not None and (before.st_size, before.st_mtime_ns) != (
+                job.bytes, job.mtime_ns):
+            # Its facts were taken at the claim (a resumed job): the file must still be so.
+            return "the file changed after it was claimed"
         job.mtime_ns = before.st_mtime_ns
         if not read:
             if not stat.S_ISREG(before.st_mode):

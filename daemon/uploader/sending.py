@@ -30,7 +30,7 @@ from daemon.inputs import first_row_is_header, json_rows, url_file_problem
 from daemon.job.breaker import Permit
 from daemon.job.conversation import NotSendable, Orphaned
 from daemon.job.duplicates import take_marker
-from daemon.job.gate import Taken, TooLarge, WaitsForMoney, pass_last_chunk
+from daemon.job.gate import Changed, Taken, TooLarge, WaitsForMoney, pass_last_chunk
 from daemon.job.state import JobState
 from daemon.pipeline import Pipeline
 from daemon.spool import Job
@@ -209,7 +209,7 @@ class Sender:
                                  fence=self._fence, inspected=functools.partial(
                                      pass_last_chunk, pipe.purse, pipe.spool,
                                      window_seconds=self._window))
-        except (NotSendable, TooLarge, Taken, WaitsForMoney) as exc:
+        except (NotSendable, TooLarge, Taken, WaitsForMoney, Changed) as exc:
             await self._stopped_before_end(job, exc, permit)
             return
         except Orphaned as exc:
@@ -319,7 +319,11 @@ class Sender:
         """The body of a file read as it went out was stopped before its last chunk: IPQS
         got no whole file, and the job is still ``claimed``, its facts now known."""
         log.info("upload_body_stopped", reason=str(exc))
-        if isinstance(exc, NotSendable):
+        if not await asyncio.to_thread(self.pipe.spool.still_ours, job):
+            # Taken over while its body went out: the new owner decides its fate.
+            log.warning("job_taken_over", owner_now="another daemon")
+            raise _Stop
+        if isinstance(exc, NotSendable | Changed):
             await self.pipe.finish(job, "failed", "invalid-input", str(exc))
         elif isinstance(exc, TooLarge):
             await self._fail_too_large(job, str(exc))
