@@ -88,7 +88,7 @@ class CreditGuard:
             await self._refresh_if_due()
         if self.balance is None:
             return ALLOW
-        if self.balance - self.held - need >= self._reserve:
+        if self._room_for(need):
             self.held += need
             self._resume()
             return ALLOW
@@ -97,7 +97,11 @@ class CreditGuard:
     async def fits(self, rows: int) -> bool:
         """Would an upload of ``rows`` be admitted now? Holds nothing, tells nobody."""
         await self._refresh_if_due()
-        return self.balance is None or self.balance - self.held - rows >= self._reserve
+        return self.balance is None or self._room_for(rows)
+
+    def _room_for(self, rows: int) -> bool:
+        assert self.balance is not None
+        return self.balance - self.held - rows >= self._reserve
 
     @property
     def free(self) -> int | None:

@@ -562,12 +562,16 @@ async def _outcome(task: asyncio.Task[None] | None) -> BaseException | None:
     return None if task.cancelled() else task.exception()
 
 
+def reads_as_sent(job: Job) -> bool:
+    """A multipart file not yet ``uploading``: for a caller that checks it once read (the
+    daemon), its body is the one read of it, and its money is admitted before its last
+    chunk. (Keyed by the state, not by unknown facts: a body stopped or cut off after its
+    facts were set is read, and checked, again.)"""
+    return job.method == "multipart" and job.state == JobState.CLAIMED
+
+
 def _read_as_sent(job: Job, inspected: Inspected | None) -> bool:
-    """A multipart file not yet ``uploading``, of a caller that checks it once read: its
-    body is the one read of it. (Keyed by the state, not by unknown facts: a body stopped
-    or cut off after its facts were set is read, and checked, again.)"""
-    return (inspected is not None and job.method == "multipart"
-            and job.state == JobState.CLAIMED)
+    return inspected is not None and reads_as_sent(job)
 
 
 def _learn(job: Job, inspection: Inspection) -> None:

@@ -28,7 +28,7 @@ from daemon.errors import (
 )
 from daemon.inputs import first_row_is_header, json_rows, url_file_problem
 from daemon.job.breaker import Permit
-from daemon.job.conversation import NotSendable, Orphaned
+from daemon.job.conversation import NotSendable, Orphaned, reads_as_sent
 from daemon.job.duplicates import take_marker
 from daemon.job.gate import Changed, Taken, TooLarge, WaitsForMoney, pass_last_chunk
 from daemon.job.state import JobState
@@ -284,9 +284,7 @@ class Sender:
         """Admit ``job``, or make it wait for money (raising _Stop). A file read as it goes
         out is admitted before its last chunk instead; here only whether a row would fit."""
         pipe = self.pipe
-        if job.state == JobState.CLAIMED and job.method == "multipart":
-            # Read as it goes out, and admitted before its last chunk (as the conversation
-            # decides, by the same rule): here only whether a row would fit.
+        if reads_as_sent(job):  # admitted before its last chunk: here, would a row fit?
             if await pipe.purse.fits(job.type, 1):
                 return
             # Not even a row would fit. Read it now, so that what it waits for is told in
