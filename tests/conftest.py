@@ -6,7 +6,9 @@ start a sandbox (tests that need one mid-test use that context manager directly)
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -14,9 +16,32 @@ import pytest
 
 from daemon import clocks
 from daemon.sandbox import SandboxSettings
-from tests.support import Sandbox, quick_settings, sandbox_server
+from tests.support import REPO, Sandbox, quick_settings, sandbox_server
 
 StartSandbox = Callable[..., Awaitable[Sandbox]]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_reachable_by_service_users() -> Iterator[None]:
+    """Tests run the daemon as unprivileged users, as the unit does. A checkout inside a
+    private folder (``mktemp -d`` makes it 0700) would hide the package from them, and the
+    as-deployed tests would fail or skip. As root, for the session: the checkout's own
+    folder may be listed and entered by others (its files already may be read; Python
+    lists a folder on ``sys.path`` to import from it), and each folder above it may be
+    passed through (x, never read). Modes are restored afterwards."""
+    opened: list[tuple[Path, int]] = []
+    if os.geteuid() == 0:
+        for folder, needed in ((REPO, stat.S_IROTH | stat.S_IXOTH),
+                               *((parent, stat.S_IXOTH) for parent in REPO.parents)):
+            mode = stat.S_IMODE(folder.stat().st_mode)
+            if mode & needed != needed:
+                folder.chmod(mode | needed)
+                opened.append((folder, mode))
+    try:
+        yield
+    finally:
+        for folder, mode in reversed(opened):
+            folder.chmod(mode)
 
 
 @pytest.fixture(autouse=True)
